@@ -1,0 +1,3 @@
+from vitc.compiler.cli import main
+
+raise SystemExit(main())

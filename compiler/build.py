@@ -1,0 +1,309 @@
+"""`vitc build`: load -> canonicalize/fuse -> annotate/plan -> calibrate -> migrate -> insert Q/DQ -> save.
+
+Everything is written into a temporary folder beside OUTDIR and renamed at the end, so a failed build leaves
+no OUTDIR and nothing else is written anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from vitc.compiler import data as D
+from vitc.compiler.calibration import CalibrationTable, ObserverConfig, calibrate
+from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
+from vitc.compiler.loader import LoadedModel, load_model
+from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
+from vitc.compiler.planner import resolve_plan
+from vitc.compiler.policy import Plan, Policy, default_policy
+from vitc.compiler.progress import progress
+from vitc.passes.annotate import AnnotatePass
+from vitc.passes.base import PassResult
+from vitc.passes.insert_qdq import InsertQDQPass
+from vitc.passes.migrate_scales import ScaleMigrationPass
+
+log = logging.getLogger(__name__)
+
+INT8_NAME = "model.int8.onnx"
+FP32_NAME = "model.fp32.onnx"
+REPORT_NAME = "build.json"
+
+
+class Precision(enum.Enum):
+    INT8 = "int8"
+    FP32 = "fp32"
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    source: Path | None = None  # None: the embedded default photo set; a folder of images; .npy/.npz tensors
+    samples: int = 32
+    seed: int = 0
+    observer: ObserverConfig = ObserverConfig()
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: Path
+    outdir: Path
+    target: Target = Target.ORT
+    precision: Precision = Precision.INT8
+    fuse: bool = True
+    batch: int = 1
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    calib: CalibConfig = CalibConfig()
+    policy: Policy | None = None
+    migrate: bool = True  # channel-scale migration (LayerNorm fold / Mul) before quantization
+    migrate_alpha: float = 0.5
+    force: bool = False
+    dump_after: frozenset[str] = frozenset()
+    show_progress: bool = True
+
+
+@dataclass
+class BuildResult:
+    outdir: Path
+    model_path: Path
+    report: dict
+
+
+# -- calibration inputs -----------------------------------------------------------------------------------------------
+def input_specs(model: onnx.ModelProto) -> list[D.InputSpec]:
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        specs.append(D.InputSpec(i.name, tuple(d.dim_value for d in tt.shape.dim),
+                                 np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+    return specs
+
+
+def preprocess_for(model: onnx.ModelProto, spec: D.InputSpec, cc: CalibConfig) -> D.Preprocess:
+    pre = D.Preprocess.from_model(model, spec.shape)
+    if cc.mean is not None or cc.std is not None:
+        pre = D.Preprocess(pre.height, pre.width, pre.crop_pct, cc.mean or pre.mean, cc.std or pre.std, pre.interpolation)
+    return pre
+
+
+def is_image_input(spec: D.InputSpec) -> bool:
+    return len(spec.shape) == 4 and spec.shape[1] == 3 and spec.dtype.kind == "f"
+
+
+def calibration_feeds(model: onnx.ModelProto, cc: CalibConfig) -> tuple[Iterator[dict[str, np.ndarray]], dict]:
+    """Feeds for calibration and a summary of where they come from."""
+    specs = input_specs(model)
+    src = cc.source
+    if src is not None and src.suffix in (".npz", ".npy") and src.is_file():
+        return D.tensor_file_feeds(src, specs, cc.samples), {"source": str(src), "kind": "tensors"}
+    if src is not None and not src.exists():
+        raise CalibrationDataError(f"{src}: calibration data not found", hint="give a folder of images or a .npz/.npy file")
+    if src is not None and src.is_file():
+        raise CalibrationDataError(f"{src}: unsupported calibration file", hint="use a folder of images, .npz or .npy")
+    if len(specs) != 1 or not is_image_input(specs[0]):
+        raise CalibrationDataError(
+            f"model inputs {[s.name for s in specs]} are not a single NCHW image",
+            hint="pass --calib FILE.npz with one array per input name")
+    pre = preprocess_for(model, specs[0], cc)
+    if src is None:
+        samples = D.embedded_samples(pre, cc.samples, cc.seed)
+        kind = "embedded scikit-image photos (random crops)"
+    else:
+        samples = D.folder_samples(src, pre, cc.samples)
+        kind = "image folder"
+    return D.batched(samples, specs[0]), {"source": str(src) if src else "embedded", "kind": kind,
+                                          "preprocess": pre.to_json()}
+
+
+def _digest(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_progress: bool,
+                    label: str = "calibrating") -> tuple[CalibrationTable, dict]:
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.ort import OrtRuntime
+
+    tensors = plan.activation_tensors()
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outs = list(model.graph.output)
+    del probe.graph.output[:]
+    probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(t) for t in tensors] + outs)
+    sess = OrtRuntime().session(probe.SerializeToString(), SessionOptions())
+    feeds, summary = calibration_feeds(model, cc)
+    n_out = len(tensors)
+
+    def run(feed):
+        vals = sess.run(feed)
+        for o, v in zip(outs, vals[n_out:]):
+            if v.dtype.kind == "f" and not np.isfinite(v).all():
+                raise CalibrationDataError(f"model output {o.name!r} is NaN/Inf on a calibration sample",
+                                           hint="check the calibration data and preprocessing")
+        return dict(zip(tensors, vals[:n_out]))
+
+    def prog(it):
+        return progress(it, cc.samples, label, show_progress)
+
+    table = calibrate(run, tensors, feeds, cc.observer, model_digest=_digest(model), progress=prog)
+    summary.update({"samples": table.samples, "observer": cc.observer.describe(), "tensors": len(tensors)})
+    return table, summary
+
+
+# -- output -------------------------------------------------------------------------------------------------------------
+def _prepare_outdir(outdir: Path, force: bool) -> Path:
+    outdir = outdir.absolute()
+    if outdir.exists() and not force:
+        raise OutputError(f"{outdir}: already exists", hint="choose another -o or pass --force to replace it")
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError(f"{outdir}: exists and is not a directory")
+    parent = outdir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.vitc-tmp-", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{outdir}: cannot write here ({exc.strerror})", hint="choose a writable -o") from None
+    return tmp
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    if model.ByteSize() > 1_900_000_000:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("vitc", "onnx", "onnx-graphsurgeon", "onnxruntime", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _check_runnable(path: Path, src: LoadedModel) -> None:
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.ort import OrtRuntime
+
+    onnx.checker.check_model(str(path))
+    sess = OrtRuntime().session(str(path), SessionOptions(threads=1))
+    if sess.input_names != src.input_names or sess.output_names != src.output_names:
+        raise VitcError(f"internal: built model changed the graph interface "
+                        f"({sess.input_names}->{sess.output_names} vs {src.input_names}->{src.output_names})")
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    from vitc.runtimes.ort import quiet
+
+    quiet()
+    t_all = time.perf_counter()
+    stages: dict[str, float] = {}
+    tmp = _prepare_outdir(cfg.outdir, cfg.force)
+    try:
+        t = time.perf_counter()
+        src = load_model(cfg.model, batch=cfg.batch, input_shapes=cfg.input_shapes)
+        stages["load"] = time.perf_counter() - t
+        graph = gs.import_onnx(src.model)
+        dump_dir = tmp / "dumps" if cfg.dump_after else None
+        t = time.perf_counter()
+        results: list[PassResult] = run_passes(graph, float_pipeline(PipelineConfig(cfg.target, cfg.fuse)),
+                                               dump_after=set(cfg.dump_after), dump_dir=dump_dir)
+        stages["float passes"] = time.perf_counter() - t
+        report: dict = {"source": str(cfg.model), "target": cfg.target.value, "precision": cfg.precision.value,
+                        "fuse": cfg.fuse, "batch": cfg.batch, "fixed_dims": src.fixed_dims, "opset": src.opset}
+        if cfg.precision is Precision.FP32:
+            out_name = FP32_NAME
+            model = export(graph)
+        else:
+            out_name = INT8_NAME
+            policy = cfg.policy or default_policy(cfg.calib.observer)
+            ann = AnnotatePass()
+            results.append(ann.run(graph))
+            plan = resolve_plan(graph, policy, ann.roles)
+            float_model = export(graph)
+            t = time.perf_counter()
+            table, calib_summary = run_calibration(float_model, plan, cfg.calib, cfg.show_progress)
+            stages["calibration"] = time.perf_counter() - t
+            if cfg.migrate:
+                t = time.perf_counter()
+                quantized = {n.node for n in plan.quantized()}
+                cam = {k: np.asarray(v.channel_absmax) for k, v in table.ranges.items() if v.channel_absmax}
+                mig = ScaleMigrationPass(cam, cfg.migrate_alpha, nodes=quantized)
+                results += run_passes(graph, [mig], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
+                if mig.applied:
+                    plan = resolve_plan(graph, policy, _roles(graph))
+                    table, calib_summary = run_calibration(export(graph), plan, cfg.calib, cfg.show_progress,
+                                                           label="recalibrating")
+                stages["migration + recalibration"] = time.perf_counter() - t
+            t = time.perf_counter()
+            results += run_passes(graph, [InsertQDQPass(plan, table)], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
+            stages["insert_qdq"] = time.perf_counter() - t
+            model = export(graph)
+            report["policy"] = plan.to_json()
+            report["calibration"] = calib_summary
+            report["calibration_table"] = table.to_json()["ranges"]
+        model.producer_name = "vitc"
+        from vitc import __version__
+        model.producer_version = __version__
+        t = time.perf_counter()
+        out_path = tmp / out_name
+        save_model(model, out_path)
+        _check_runnable(out_path, src)
+        stages["save + check"] = time.perf_counter() - t
+        stages["total"] = time.perf_counter() - t_all
+        report["passes"] = [r.to_json() for r in results]
+        report["versions"] = _versions()
+        report["seconds"] = {k: round(v, 3) for k, v in stages.items()}
+        report["outputs"] = [out_name]
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=False, default=_json_default))
+        final = cfg.outdir.absolute()
+        if final.exists():
+            shutil.rmtree(final)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary folder
+        os.replace(tmp, final)
+        return BuildResult(final, final / out_name, report)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _roles(graph: gs.Graph):
+    ann = AnnotatePass()
+    ann.run(graph)
+    return ann.roles
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, enum.Enum):
+        return o.value
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))

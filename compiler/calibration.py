@@ -1,0 +1,201 @@
+"""Calibration stage: stream activations through the float model, observe them, produce a serializable table.
+
+Memory does not grow with the number of samples: each tensor keeps a fixed-size histogram of |x| (its range grows
+by merging bin pairs), its min/max and a per-channel |x| maximum over the last axis.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from vitc.compiler.errors import CalibrationDataError
+
+log = logging.getLogger(__name__)
+
+NUM_BINS = 2048
+
+
+class Observer(enum.Enum):
+    PERCENTILE = "percentile"
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+@dataclass(frozen=True)
+class ObserverConfig:
+    kind: Observer = Observer.PERCENTILE
+    percentile: float = 99.99  # the research's choice; only used by PERCENTILE
+
+    def describe(self) -> str:
+        return f"percentile({self.percentile})" if self.kind is Observer.PERCENTILE else self.kind.value
+
+
+class TensorObserver:
+    """Streaming statistics of one tensor."""
+
+    def __init__(self, channel_axis: int = -1):
+        self.hist = np.zeros(NUM_BINS, dtype=np.int64)
+        self.hmax = 0.0  # upper edge of the histogram range [0, hmax]
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+        self.channel_axis = channel_axis
+        self.channel_absmax: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        if x.size == 0:
+            return
+        if not np.isfinite(x).all():
+            raise CalibrationDataError("non-finite activation (NaN/Inf) during calibration",
+                                       hint="check the calibration inputs and the model")
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        self.count += x.size
+        a = np.abs(x)
+        amax = float(a.max())
+        if x.ndim >= 1:
+            ch = a.reshape(-1, x.shape[-1]).max(axis=0) if self.channel_axis == -1 else a.max(axis=0)
+            self.channel_absmax = ch if self.channel_absmax is None or self.channel_absmax.shape != ch.shape \
+                else np.maximum(self.channel_absmax, ch)
+        if self.hmax == 0.0:
+            self.hmax = amax if amax > 0 else 1e-8
+        while amax > self.hmax:  # grow the range: merge neighbouring bins, double the width
+            self.hist = self.hist.reshape(-1, 2).sum(axis=1)
+            self.hist = np.concatenate([self.hist, np.zeros(NUM_BINS // 2, dtype=np.int64)])
+            self.hmax *= 2.0
+        h, _ = np.histogram(a, bins=NUM_BINS, range=(0.0, self.hmax))
+        self.hist += h
+
+    # -- thresholds -------------------------------------------------------------------------------------------
+    def amax(self, cfg: ObserverConfig, bits: int = 8) -> float:
+        """The clipping threshold T: values are quantized over [-T, T]."""
+        absmax = max(abs(self.min), abs(self.max))
+        if self.count == 0 or absmax == 0.0:
+            return 0.0
+        if cfg.kind is Observer.MINMAX:
+            return absmax
+        edges = np.linspace(0.0, self.hmax, NUM_BINS + 1)
+        if cfg.kind is Observer.PERCENTILE:
+            cdf = np.cumsum(self.hist) / self.hist.sum()
+            i = int(np.searchsorted(cdf, cfg.percentile / 100.0))
+            return float(min(edges[min(i + 1, NUM_BINS)], absmax))
+        if cfg.kind is Observer.ENTROPY:
+            return float(min(_kl_threshold(self.hist, edges, bits), absmax))
+        if cfg.kind is Observer.MSE:
+            return float(min(_mse_threshold(self.hist, edges, bits), absmax))
+        raise ValueError(cfg.kind)
+
+
+def _kl_threshold(hist: np.ndarray, edges: np.ndarray, bits: int) -> float:
+    """TensorRT-style entropy calibration on the |x| histogram."""
+    nq = 2 ** (bits - 1)
+    hist = hist.astype(np.float64)
+    nz = np.nonzero(hist)[0]
+    last = int(nz[-1]) + 1 if len(nz) else NUM_BINS
+    if last <= nq:
+        return float(edges[last])
+    best, best_i = math.inf, last
+    for i in range(nq, last + 1, max(1, (last - nq) // 256)):
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()
+        # quantize p into nq bins, expand back over its non-zero support
+        chunks = np.array_split(hist[:i], nq)
+        q = np.concatenate([np.where(c > 0, c.sum() / max(1, np.count_nonzero(c)), 0.0) for c in chunks])
+        ps, qs = p.sum(), q.sum()
+        if ps == 0 or qs == 0:
+            continue
+        p, q = p / ps, q / qs
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best:
+            best, best_i = kl, i
+    return float(edges[best_i])
+
+
+def _mse_threshold(hist: np.ndarray, edges: np.ndarray, bits: int) -> float:
+    """Threshold minimising expected squared error (clipping + uniform rounding) over the |x| histogram."""
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    qmax = 2 ** (bits - 1) - 1
+    nz = np.nonzero(hist)[0]
+    last = int(nz[-1]) + 1 if len(nz) else NUM_BINS
+    best, best_t = math.inf, float(edges[last])
+    for i in np.unique(np.linspace(max(1, last // 20), last, 200).astype(int)):
+        t = float(edges[i])
+        step = t / qmax
+        clip = np.clip(centers - t, 0, None)
+        err = float(np.sum(hist * (clip ** 2))) + float(hist[:i].sum()) * step * step / 12.0
+        if err < best:
+            best, best_t = err, t
+    return best_t
+
+
+@dataclass
+class TensorRange:
+    """Calibrated range of one tensor."""
+
+    amax: float
+    min: float
+    max: float
+    observer: str
+    channel_absmax: list[float] | None = None
+
+
+@dataclass
+class CalibrationTable:
+    """The calibration stage's product: tensor name -> range. JSON-serializable, keyed by the model's digest."""
+
+    model_digest: str
+    observer: str
+    samples: int
+    ranges: dict[str, TensorRange] = field(default_factory=dict)
+
+    def to_json(self, with_channels: bool = False) -> dict:
+        out = asdict(self)
+        if not with_channels:
+            for r in out["ranges"].values():
+                r.pop("channel_absmax", None)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CalibrationTable":
+        ranges = {k: TensorRange(**v) for k, v in data["ranges"].items()}
+        return cls(data["model_digest"], data["observer"], data["samples"], ranges)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(with_channels=True), sort_keys=True)
+
+
+def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], tensors: Iterable[str],
+              feeds: Iterable[dict[str, np.ndarray]], cfg: ObserverConfig, *, model_digest: str,
+              progress: Callable[[Iterator], Iterator] | None = None,
+              observer_overrides: dict[str, ObserverConfig] | None = None) -> CalibrationTable:
+    """Run ``run(feed) -> {tensor: value}`` over ``feeds`` and observe ``tensors``."""
+    names = list(dict.fromkeys(tensors))
+    observers = {n: TensorObserver() for n in names}
+    n = 0
+    it = iter(feeds)
+    if progress is not None:
+        it = progress(it)
+    for feed in it:
+        values = run(feed)
+        for name in names:
+            observers[name].update(values[name])
+        n += 1
+    if n == 0:
+        raise CalibrationDataError("calibration data is empty", hint="give at least one sample")
+    overrides = observer_overrides or {}
+    ranges = {}
+    for name, ob in observers.items():
+        c = overrides.get(name, cfg)
+        ranges[name] = TensorRange(amax=ob.amax(c), min=ob.min, max=ob.max, observer=c.describe(),
+                                   channel_absmax=None if ob.channel_absmax is None else ob.channel_absmax.tolist())
+    return CalibrationTable(model_digest=model_digest, observer=cfg.describe(), samples=n, ranges=ranges)

@@ -1,0 +1,151 @@
+"""Load and validate an ONNX model: format, opset, external data confinement, fixed input shapes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from vitc.compiler.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+MAX_OPSET = 23
+
+
+@dataclass
+class LoadedModel:
+    """A validated model with every graph input shape fixed."""
+
+    model: onnx.ModelProto
+    path: Path
+    opset: int
+    fixed_dims: dict[str, list[str]] = field(default_factory=dict)  # input -> ["dim 0: 'batch_size' -> 1", ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.model.graph.input if i.name not in _initializer_names(self.model)]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.model.graph.output]
+
+
+def _initializer_names(model: onnx.ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer}
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ModelLoadError("model declares no default-domain opset", hint="re-export it with opset >= 13")
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+    """Refuse external-data locations that leave the model's folder (absolute, '..', symlinks out)."""
+    root = base_dir.resolve()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        target = (base_dir / loc).resolve()
+        if os.path.isabs(loc) or ".." in Path(loc).parts or not target.is_relative_to(root):
+            raise ModelLoadError(
+                f"{path}: initializer {tensor.name!r} points to external data {loc!r} outside the model folder",
+                hint="refusing it; keep external data files next to the model",
+            )
+        if not target.is_file():
+            raise ModelLoadError(f"{path}: external data file {loc!r} for {tensor.name!r} is missing")
+
+
+def load_model(path: str | os.PathLike, *, batch: int = 1, input_shapes: dict[str, list[int]] | None = None) -> LoadedModel:
+    """Read ``path``, check it, fix dynamic input dims (batch -> ``batch``) and run shape inference."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file", hint="give the path of an .onnx model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, truncated files, random bytes
+        raise ModelLoadError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:120]})",
+            hint="check the file is a complete .onnx export",
+        ) from None
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes)", hint="check the file is a complete .onnx export")
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        raise ModelLoadError(
+            f"{path}: opset {opset} is not supported (need >= {MIN_OPSET})",
+            hint="re-export the model with a newer opset (torch.onnx.export(..., opset_version=17))",
+        )
+    if opset > MAX_OPSET:
+        raise ModelLoadError(f"{path}: opset {opset} is newer than vitc supports (<= {MAX_OPSET})")
+    _check_external_data(model, path.parent, path)
+    if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)):
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+
+    fixed = _fix_input_shapes(model, batch, input_shapes or {}, path)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: ONNX shape inference failed: {str(exc)[:200]}") from None
+    return LoadedModel(model=model, path=path, opset=opset, fixed_dims=fixed)
+
+
+def _fix_input_shapes(model: onnx.ModelProto, batch: int, overrides: dict[str, list[int]], path: Path) -> dict[str, list[str]]:
+    inits = _initializer_names(model)
+    fixed: dict[str, list[str]] = {}
+    symbols: dict[str, int] = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        if not tt.HasField("shape"):
+            raise ModelLoadError(f"{path}: input {inp.name!r} has no shape", hint="pass --input-shape NAME=1,3,224,224")
+        dims = tt.shape.dim
+        if inp.name in overrides:
+            want = overrides[inp.name]
+            if len(want) != len(dims):
+                raise ModelLoadError(f"{path}: --input-shape for {inp.name!r} has rank {len(want)}, model has {len(dims)}")
+            for i, (d, v) in enumerate(zip(dims, want)):
+                if d.HasField("dim_value") and d.dim_value != v:
+                    raise ModelLoadError(f"{path}: input {inp.name!r} dim {i} is fixed to {d.dim_value}, not {v}")
+                if not d.HasField("dim_value"):
+                    fixed.setdefault(inp.name, []).append(f"dim {i}: {d.dim_param or '?'!r} -> {v}")
+                    if d.dim_param:
+                        symbols[d.dim_param] = v
+                d.Clear()
+                d.dim_value = v
+            continue
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if i != 0:
+                raise ModelLoadError(
+                    f"{path}: input {inp.name!r} dim {i} ({d.dim_param or '?'}) is dynamic and is not the batch dim",
+                    hint=f"fix it with --input-shape {inp.name}=...",
+                )
+            name = d.dim_param
+            fixed.setdefault(inp.name, []).append(f"dim 0: {name or '?'!r} -> {batch}")
+            if name:
+                symbols[name] = batch
+            d.Clear()
+            d.dim_value = batch
+    # Propagate the fixed symbols into declared outputs, drop stale value_info so inference recomputes it.
+    for out in model.graph.output:
+        tt = out.type.tensor_type
+        if tt.HasField("shape"):
+            for d in tt.shape.dim:
+                if d.HasField("dim_param") and d.dim_param in symbols:
+                    v = symbols[d.dim_param]
+                    d.Clear()
+                    d.dim_value = v
+    del model.graph.value_info[:]
+    return fixed

@@ -1,0 +1,81 @@
+"""The pass pipeline, declared as data, with per-pass reports, timing and --dump-after."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from vitc.compiler.errors import PassError, VitcError
+from vitc.passes.base import GraphPass, PassResult
+from vitc.passes.canonicalize import CanonicalizePass
+from vitc.passes.fuse_gelu import GeluFusion, GeluOp
+from vitc.passes.fuse_layernorm import LayerNormFusion
+from vitc.passes.fuse_matmul_add import MatMulAddFusion
+
+log = logging.getLogger(__name__)
+
+
+class Target(enum.Enum):
+    ORT = "ort"
+    TRT = "trt"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    target: Target = Target.ORT
+    fuse: bool = True
+
+
+def float_pipeline(cfg: PipelineConfig) -> list[GraphPass]:
+    """canonicalize -> fusions. Fusions are off with ``fuse=False`` (the --no-fuse comparison)."""
+    passes: list[GraphPass] = [CanonicalizePass()]
+    if cfg.fuse:
+        gelu = GeluOp.ORT_CONTRIB if cfg.target is Target.ORT else GeluOp.ONNX20
+        passes += [LayerNormFusion(), GeluFusion(gelu), MatMulAddFusion()]
+    return passes
+
+
+def export(graph: gs.Graph) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    # graphsurgeon keeps the imported opset entries; make them agree with graph.opset (passes may raise it)
+    # and declare every domain a node uses.
+    imports = {imp.domain: imp.version for imp in model.opset_import}
+    imports[""] = max(graph.opset, imports.get("", 0))
+    imports.pop("ai.onnx", None)
+    for n in model.graph.node:
+        if n.domain and n.domain not in imports:
+            imports[n.domain] = 1
+    del model.opset_import[:]
+    for dom, ver in sorted(imports.items()):
+        model.opset_import.append(onnx.helper.make_opsetid(dom, ver))
+    return model
+
+
+def run_passes(graph: gs.Graph, passes: Sequence[GraphPass], *, dump_after: set[str] | None = None,
+               dump_dir: Path | None = None, on_result: Callable[[PassResult], None] | None = None) -> list[PassResult]:
+    results = []
+    for p in passes:
+        t0 = time.perf_counter()
+        try:
+            res = p.run(graph)
+        except VitcError:
+            raise
+        except Exception as exc:
+            raise PassError(p.name, f"{type(exc).__name__}: {exc}",
+                            hint="rerun with --log-level debug and --dump-after to inspect the graph") from exc
+        res.seconds = time.perf_counter() - t0
+        log.info("pass %-16s %s", p.name, ", ".join(f"{k}: {v}" for k, v in res.counts.items() if v))
+        results.append(res)
+        if on_result:
+            on_result(res)
+        if dump_after and dump_dir is not None and (p.name in dump_after or "all" in dump_after):
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            onnx.save(export(graph), str(dump_dir / f"after_{len(results):02d}_{p.name}.onnx"))
+    return results

@@ -1,0 +1,98 @@
+"""Canonicalize: fold every constant subgraph (shape chains, position-embedding Resize), drop Identity and dead nodes.
+
+Runs after the input shapes are fixed, so Shape/Gather/Unsqueeze/Concat chains feeding Reshape targets, the
+Expand of the class token and the position-embedding interpolation that HF-transformers exports recompute on every
+inference all become initializers. Later patterns then see a clean graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import ClassVar
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from vitc.passes.base import PassResult
+from vitc.passes.graphutil import finish, graph_output_names
+
+log = logging.getLogger(__name__)
+
+
+def refresh_shapes(graph: gs.Graph) -> None:
+    """Re-run ONNX shape inference and write the shapes back onto the graph's tensors (in place)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # inference is an aid here, never a reason to fail
+        log.debug("shape inference failed during canonicalize: %s", exc)
+        return
+    infos = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output)}
+    for name, t in graph.tensors().items():
+        vi = infos.get(name)
+        if vi is None or isinstance(t, gs.Constant) or not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        if tt.elem_type:
+            t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+
+
+class CanonicalizePass:
+    name: ClassVar[str] = "canonicalize"
+    max_rounds = 4
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        before = Counter(n.op for n in graph.nodes)
+        identities = self._drop_identities(graph)
+        finish(graph)
+        # graphsurgeon evaluates the constant partitions with ONNX Runtime; fold_shapes turns Shape of a tensor whose
+        # shape is known (we fixed the inputs) into a constant, which is what unlocks the reshape-target chains.
+        for _ in range(self.max_rounds):
+            n_before = len(graph.nodes)
+            refresh_shapes(graph)
+            graph.fold_constants(fold_shapes=True, recurse_subgraphs=False, partitioning=None, error_ok=True,
+                                 size_threshold=None)
+            finish(graph)
+            if len(graph.nodes) == n_before:
+                break
+        refresh_shapes(graph)
+        after = Counter(n.op for n in graph.nodes)
+        removed = {f"removed {op}": before[op] - after.get(op, 0) for op in sorted(before) if before[op] > after.get(op, 0)}
+        counts = {"nodes before": sum(before.values()), "nodes after": sum(after.values()),
+                  "Identity removed": identities, **removed}
+        return PassResult(self.name, sum(before.values()) != sum(after.values()), counts)
+
+    @staticmethod
+    def _drop_identities(graph: gs.Graph) -> int:
+        outs = graph_output_names(graph)
+        n = 0
+        for node in list(graph.nodes):
+            if node.op != "Identity" or len(node.inputs) != 1 or len(node.outputs) != 1:
+                continue
+            src, dst = node.inputs[0], node.outputs[0]
+            if dst.name in outs:
+                if src.name in outs or isinstance(src, gs.Constant) or not src.inputs:
+                    continue  # an Identity that exposes a constant/input as an output must stay
+                # move the output name onto the producer: its output tensor becomes the graph output tensor
+                prod = src.inputs[0]
+                idx = prod.outputs.index(src)
+                for c in list(src.outputs):
+                    if c is node:
+                        continue
+                    c.inputs[c.inputs.index(src)] = dst
+                prod.outputs[idx] = dst
+                node.outputs.clear()
+                node.inputs.clear()
+            else:
+                for c in list(dst.outputs):
+                    for i, t in enumerate(c.inputs):
+                        if t is dst:
+                            c.inputs[i] = src
+                node.outputs.clear()
+                node.inputs.clear()
+            n += 1
+        return n

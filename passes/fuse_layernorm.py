@@ -1,0 +1,133 @@
+"""Fuse the decomposed LayerNorm into one ``LayerNormalization`` (opset 17).
+
+Pattern (any exporter spelling of the square, constants on either side of Mul/Add):
+
+    m   = ReduceMean(x, axes=[-1])          d   = Sub(x, m)
+    sq  = Pow(d, 2) | Mul(d, d)             var = ReduceMean(sq, axes=[-1])
+    s   = Sqrt(Add(var, eps))               n   = Div(d, s)
+    y   = Add(Mul(n, gamma), beta)          (Mul/Add optional: gamma=1, beta=0)
+
+Check: both reductions over the last axis with keepdims, the same ``x`` in Sub and the first ReduceMean, the same
+``d`` in the square and Div, scalar constant eps, 1-D constant gamma/beta of size C, single-use intermediates.
+Anything else (another axis, exponent 3, non-constant gamma, ...) is a near-miss and is left untouched.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from vitc.passes.base import PassResult
+from vitc.passes.graphutil import const_value, finish, graph_output_names, is_scalar_const, other_input, single_consumer
+
+LN_OPSET = 17
+
+
+def _reduce_last_axis(node: gs.Node, rank: int | None) -> bool:
+    if node.op != "ReduceMean" or node.attrs.get("keepdims", 1) != 1:
+        return False
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        v = const_value(node.inputs[1])
+        axes = None if v is None else v.tolist()
+    if axes is None:
+        return False
+    axes = list(np.atleast_1d(axes))
+    if len(axes) != 1:
+        return False
+    ax = int(axes[0])
+    return ax == -1 or (rank is not None and ax == rank - 1)
+
+
+class LayerNormFusion:
+    name: ClassVar[str] = "fuse_layernorm"
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        outs = graph_output_names(graph)
+        fused = 0
+        for rm in list(graph.nodes):
+            m = self._match(rm, outs)
+            if m is None:
+                continue
+            x, eps, gamma, beta, last, name = m
+            dtype = x.dtype if x.dtype is not None else np.float32
+            ln = gs.Node("LayerNormalization", name=name,
+                         attrs={"axis": -1, "epsilon": float(eps)},
+                         inputs=[x, gs.Constant(f"{name}.gamma", gamma.astype(dtype)),
+                                 gs.Constant(f"{name}.beta", beta.astype(dtype))])
+            y = list(last.outputs)
+            last.outputs.clear()
+            ln.outputs = y
+            graph.nodes.append(ln)
+            fused += 1
+        if fused:
+            if graph.opset < LN_OPSET:
+                graph.opset = LN_OPSET  # 13..16 -> 17 changes no semantics of ops that exporters emit here
+            finish(graph)
+        return PassResult(self.name, fused > 0, {"LayerNorm fusions": fused})
+
+    @staticmethod
+    def _match(rm: gs.Node, outs: set[str]):
+        if rm.op != "ReduceMean" or not rm.inputs:
+            return None
+        x = rm.inputs[0]
+        rank = len(x.shape) if x.shape is not None else None
+        if not _reduce_last_axis(rm, rank):
+            return None
+        mean = rm.outputs[0]
+        # x feeds both ReduceMean and Sub(x, mean)
+        subs = [c for c in mean.outputs if c.op == "Sub" and c.inputs[0] is x and c.inputs[1] is mean]
+        if len(subs) != 1 or len(mean.outputs) != 1:
+            return None
+        sub = subs[0]
+        d = sub.outputs[0]
+        if d.name in outs:
+            return None
+        users = list({id(u): u for u in d.outputs}.values())  # Mul(d, d) lists its node twice
+        if len(users) != 2:
+            return None
+        sq = next((u for u in users if (u.op == "Pow" and u.inputs[0] is d and is_scalar_const(u.inputs[1], 2.0))
+                   or (u.op == "Mul" and u.inputs[0] is d and u.inputs[1] is d)), None)
+        div = next((u for u in users if u.op == "Div" and u.inputs[0] is d), None)
+        if sq is None or div is None:
+            return None
+        rm2 = single_consumer(sq.outputs[0], outs)
+        if rm2 is None or not _reduce_last_axis(rm2, rank):
+            return None
+        add_eps = single_consumer(rm2.outputs[0], outs)
+        if add_eps is None or add_eps.op != "Add":
+            return None
+        eps_t = other_input(add_eps, rm2.outputs[0])
+        eps = const_value(eps_t)
+        if eps is None or eps.size != 1:
+            return None
+        sqrt = single_consumer(add_eps.outputs[0], outs)
+        if sqrt is None or sqrt.op != "Sqrt" or div.inputs[1] is not sqrt.outputs[0]:
+            return None
+        if len(sqrt.outputs[0].outputs) != 1:
+            return None
+        channels = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+        last = div
+        gamma = beta = None
+        mul = single_consumer(div.outputs[0], outs)
+        if mul is not None and mul.op == "Mul":
+            g = const_value(other_input(mul, div.outputs[0]))
+            if g is not None and g.ndim <= 1 and g.dtype.kind == "f":
+                gamma, last = g, mul
+        if gamma is not None:
+            add = single_consumer(mul.outputs[0], outs)
+            if add is not None and add.op == "Add":
+                b = const_value(other_input(add, mul.outputs[0]))
+                if b is not None and b.ndim <= 1 and b.dtype.kind == "f":
+                    beta, last = b, add
+        if channels is None:
+            sizes = {a.size for a in (gamma, beta) if a is not None and a.size > 1}
+            if len(sizes) != 1:
+                return None
+            channels = sizes.pop()
+        gamma = np.broadcast_to(np.ones(1, np.float32) if gamma is None else gamma, (channels,)).copy()
+        beta = np.broadcast_to(np.zeros(1, np.float32) if beta is None else beta, (channels,)).copy()
+        name = (last.name or rm.name or "ln") + ".fused_ln"
+        return x, float(eps.reshape(())), gamma, beta, last, name

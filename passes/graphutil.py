@@ -1,0 +1,80 @@
+"""Small graphsurgeon helpers so passes never rewire edge lists by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def const_value(t: gs.Tensor | None) -> np.ndarray | None:
+    """The value of ``t`` if it is a constant (initializer or Constant-node output), else None."""
+    if t is None:
+        return None
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        node = t.inputs[0]
+        val = node.attrs.get("value")
+        if isinstance(val, gs.Constant):
+            return np.asarray(val.values)
+        for key in ("value_float", "value_int"):
+            if key in node.attrs:
+                return np.asarray(node.attrs[key])
+        for key in ("value_floats", "value_ints"):
+            if key in node.attrs:
+                return np.asarray(node.attrs[key])
+    return None
+
+
+def is_scalar_const(t: gs.Tensor | None, value: float, rtol: float = 1e-4) -> bool:
+    v = const_value(t)
+    return v is not None and v.size == 1 and bool(np.isclose(float(v.reshape(())), value, rtol=rtol, atol=0.0))
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if len(t.inputs) == 1 else None
+
+
+def consumers(t: gs.Tensor) -> list[gs.Node]:
+    return list(t.outputs)
+
+
+def single_consumer(t: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
+    """The only consumer of ``t``, or None when it has several or is a graph output (then it must survive)."""
+    if t.name in graph_outputs or len(t.outputs) != 1:
+        return None
+    return t.outputs[0]
+
+
+def other_input(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
+    """For a binary node, the input that is not ``t`` (None if ``t`` is not an input or both are ``t``)."""
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if a is t and b is not t:
+        return b
+    if b is t and a is not t:
+        return a
+    return None
+
+
+def replace_subgraph(first_nodes: Iterable[gs.Node], last: gs.Node, new_node: gs.Node, graph: gs.Graph) -> None:
+    """Make ``new_node`` produce ``last``'s outputs (same tensor objects, same names) and detach ``last``.
+
+    The now-dead nodes are removed by ``graph.cleanup()`` at the end of the pass.
+    """
+    outs = list(last.outputs)
+    last.outputs.clear()
+    new_node.outputs = outs
+    graph.nodes.append(new_node)
+
+
+def graph_output_names(graph: gs.Graph) -> set[str]:
+    return {t.name for t in graph.outputs}
+
+
+def finish(graph: gs.Graph) -> None:
+    """Restore validity after edits: drop dead nodes/tensors and sort topologically."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()

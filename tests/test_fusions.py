@@ -1,0 +1,193 @@
+"""Fusion passes: match counts, numerically equal outputs, near-misses left alone, idempotence."""
+
+import math
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from conftest import ort_run
+from onnx import TensorProto, helper, numpy_helper
+
+from vitc.compiler.loader import load_model
+from vitc.compiler.pipeline import export
+from vitc.passes.canonicalize import CanonicalizePass
+from vitc.passes.fuse_gelu import GeluFusion, GeluOp
+from vitc.passes.fuse_layernorm import LayerNormFusion
+from vitc.passes.fuse_matmul_add import MatMulAddFusion
+from vitc.tools.tiny_models import TinyConfig, tiny_bert, tiny_vit
+
+
+def _graph(model, tmp_path, batch=1):
+    p = tmp_path / "m.onnx"
+    onnx.save(model, p)
+    return gs.import_onnx(load_model(p, batch=batch).model)
+
+
+def ops(graph):
+    return Counter(n.op for n in graph.nodes)
+
+
+@pytest.mark.parametrize("cfg", [TinyConfig(), TinyConfig(gelu="erf_mul", ln_square="mul"),
+                                 TinyConfig(gelu="tanh", depth=3)])
+def test_vit_fusions_keep_outputs(cfg, tmp_path, image_batch):
+    model = tiny_vit(cfg)
+    ref = ort_run(model, {"input": image_batch}, optimize=False)[0]
+    g = _graph(model, tmp_path)
+    reports = [p.run(g) for p in (CanonicalizePass(), LayerNormFusion(), GeluFusion(), MatMulAddFusion())]
+    counts = {k: v for r in reports for k, v in r.counts.items()}
+    n_ln = 2 * cfg.depth + 1
+    assert counts["LayerNorm fusions"] == n_ln
+    assert counts["GELU(tanh) fusions" if cfg.gelu == "tanh" else "GELU(erf) fusions"] == cfg.depth
+    assert counts["MatMul+Add -> Gemm fusions"] == 6 * cfg.depth + 1  # q,k,v,proj,fc1,fc2 + head
+    o = ops(g)
+    assert o["LayerNormalization"] == n_ln and o["ReduceMean"] == 0 and o["Erf"] == 0 and o["Tanh"] == 0
+    assert o["Shape"] == 0 and o["Expand"] == 0, "canonicalize folds the class-token shape chain"
+    out = ort_run(export(g), {"input": image_batch}, optimize=False)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bert_fusions_keep_outputs(tmp_path):
+    model = tiny_bert()
+    ids = np.random.default_rng(0).integers(0, 100, (1, 16)).astype(np.int64)
+    ref = ort_run(model, {"input_ids": ids}, optimize=False)[0]
+    g = _graph(model, tmp_path)
+    r = [p.run(g) for p in (CanonicalizePass(), LayerNormFusion(), GeluFusion(), MatMulAddFusion())]
+    assert r[1].counts["LayerNorm fusions"] == 5
+    assert r[2].counts["GELU(tanh) fusions"] == 2
+    assert r[3].counts["MatMul+Add -> Gemm fusions"] == 12  # bias-first Add spelling included
+    out = ort_run(export(g), {"input_ids": ids}, optimize=False)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fusions_are_idempotent(vit_path):
+    g = gs.import_onnx(load_model(vit_path).model)
+    passes = (CanonicalizePass(), LayerNormFusion(), GeluFusion(), MatMulAddFusion())
+    for p in passes:
+        p.run(g)
+    again = [p.run(g) for p in passes[1:]]
+    assert not any(r.modified for r in again)
+
+
+def test_gelu_onnx20_needs_opset20(vit_path):
+    g = gs.import_onnx(load_model(vit_path).model)
+    r = GeluFusion(GeluOp.ONNX20).run(g)
+    assert not r.modified and "opset" in r.notes[0]
+
+
+# -- near-misses ---------------------------------------------------------------------------------------------------
+def _model(nodes, inits, x_shape=(1, 4, 8), out="y"):
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.asarray(v, np.float32) if not isinstance(v, np.ndarray) else v, k)
+                           for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    return m
+
+
+def _ln_nodes(axis_second=-1, exponent=2.0):
+    return [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]),
+        helper.make_node("Sub", ["x", "m"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["v"], axes=[axis_second]),
+        helper.make_node("Add", ["v", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["s"]),
+        helper.make_node("Div", ["d", "s"], ["n"]),
+        helper.make_node("Mul", ["gamma", "n"], ["g"]),  # constant first: any order must fuse
+        helper.make_node("Add", ["g", "beta"], ["y"]),
+    ], {"two": np.float32(exponent), "eps": np.float32(1e-5), "gamma": np.linspace(0.5, 2, 8).astype(np.float32),
+        "beta": np.linspace(-1, 1, 8).astype(np.float32)}
+
+
+def _fuse_ln(model, tmp_path):
+    g = _graph(model, tmp_path)
+    return LayerNormFusion().run(g), g
+
+
+def test_layernorm_exact_pattern_fuses(tmp_path):
+    nodes, inits = _ln_nodes()
+    m = _model(nodes, inits)
+    x = np.random.default_rng(1).standard_normal((1, 4, 8)).astype(np.float32) * 3 + 1
+    r, g = _fuse_ln(m, tmp_path)
+    assert r.counts["LayerNorm fusions"] == 1
+    np.testing.assert_allclose(ort_run(export(g), {"x": x})[0], ort_run(m, {"x": x}, optimize=False)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"axis_second": -2}, {"exponent": 3.0}])
+def test_layernorm_near_miss_not_fused(kw, tmp_path):
+    nodes, inits = _ln_nodes(**kw)
+    r, g = _fuse_ln(_model(nodes, inits), tmp_path)
+    assert r.counts["LayerNorm fusions"] == 0 and not r.modified
+
+
+def test_layernorm_with_nonconstant_gamma_keeps_mul(tmp_path):
+    nodes, inits = _ln_nodes()
+    nodes[7] = helper.make_node("Mul", ["n", "x"], ["g"])  # gamma is data, not a constant: only the core fuses
+    m = _model(nodes, inits)
+    x = np.random.default_rng(2).standard_normal((1, 4, 8)).astype(np.float32)
+    r, g = _fuse_ln(m, tmp_path)
+    assert r.counts["LayerNorm fusions"] == 1
+    assert ops(g)["Mul"] == 1 and ops(g)["Add"] == 1
+    np.testing.assert_allclose(ort_run(export(g), {"x": x})[0], ort_run(m, {"x": x}, optimize=False)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def _gelu_nodes(div=math.sqrt(2), one=1.0, half=0.5):
+    return [
+        helper.make_node("Div", ["x", "c_div"], ["s"]),
+        helper.make_node("Erf", ["s"], ["e"]),
+        helper.make_node("Add", ["c_one", "e"], ["a"]),
+        helper.make_node("Mul", ["a", "x"], ["m"]),
+        helper.make_node("Mul", ["c_half", "m"], ["y"]),
+    ], {"c_div": np.float32(div), "c_one": np.float32(one), "c_half": np.float32(half)}
+
+
+def test_gelu_any_constant_order_fuses(tmp_path):
+    nodes, inits = _gelu_nodes()
+    m = _model(nodes, inits)
+    x = np.linspace(-4, 4, 32, dtype=np.float32).reshape(1, 4, 8)
+    g = _graph(m, tmp_path)
+    r = GeluFusion().run(g)
+    assert r.counts["GELU(erf) fusions"] == 1 and [n.op for n in g.nodes] == ["Gelu"]
+    np.testing.assert_allclose(ort_run(export(g), {"x": x})[0], ort_run(m, {"x": x}, optimize=False)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{"div": 2.0}, {"one": 2.0}, {"half": 0.6}])
+def test_gelu_near_miss_not_fused(kw, tmp_path):
+    nodes, inits = _gelu_nodes(**kw)
+    g = _graph(_model(nodes, inits), tmp_path)
+    assert not GeluFusion().run(g).modified
+    assert ops(g)["Erf"] == 1
+
+
+def test_gelu_intermediate_used_elsewhere_not_fused(tmp_path):
+    nodes, inits = _gelu_nodes()
+    nodes.append(helper.make_node("Add", ["y", "e"], ["y2"]))  # the Erf output is also used: fusing would drop it
+    g = _graph(_model(nodes, inits, out="y2"), tmp_path)
+    assert not GeluFusion().run(g).modified
+
+
+def test_matmul_add_nonconstant_bias_not_fused(tmp_path):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "x2"], ["y"]),
+             helper.make_node("MatMul", ["x", "w"], ["x2"])]
+    m = _model(nodes, {"w": np.eye(8, dtype=np.float32)})
+    g = _graph(m, tmp_path)
+    assert not MatMulAddFusion().run(g).modified
+
+
+def test_matmul_add_3d_becomes_gemm_with_reshapes(tmp_path):
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["b", "mm"], ["y"])]
+    m = _model(nodes, {"w": rng.standard_normal((8, 5)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)})
+    x = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    g = _graph(m, tmp_path)
+    assert MatMulAddFusion().run(g).counts["MatMul+Add -> Gemm fusions"] == 1
+    assert ops(g) == Counter({"Reshape": 2, "Gemm": 1})
+    out = ort_run(export(g), {"x": x})[0]
+    assert out.shape == (1, 4, 5)
+    np.testing.assert_allclose(out, ort_run(m, {"x": x}, optimize=False)[0], rtol=1e-5, atol=1e-6)
