@@ -68,6 +68,10 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> 
 def load_model(path: str | os.PathLike, *, batch: int = 1, input_shapes: dict[str, list[int]] | None = None) -> LoadedModel:
     """Read ``path``, check it, fix dynamic input dims (batch -> ``batch``) and run shape inference."""
     path = Path(path)
+    if batch < 1:
+        raise ModelLoadError(f"batch size {batch} is not valid", hint="give --batch 1 or more")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, not a model file", hint="give the path of an .onnx model")
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file", hint="give the path of an .onnx model")
     try:
@@ -79,14 +83,18 @@ def load_model(path: str | os.PathLike, *, batch: int = 1, input_shapes: dict[st
         ) from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes)", hint="check the file is a complete .onnx export")
-    opset = default_opset(model)
+    try:
+        opset = default_opset(model)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc.message}", hint=exc.hint) from None
     if opset < MIN_OPSET:
         raise ModelLoadError(
             f"{path}: opset {opset} is not supported (need >= {MIN_OPSET})",
             hint="re-export the model with a newer opset (torch.onnx.export(..., opset_version=17))",
         )
     if opset > MAX_OPSET:
-        raise ModelLoadError(f"{path}: opset {opset} is newer than vitc supports (<= {MAX_OPSET})")
+        raise ModelLoadError(f"{path}: opset {opset} is newer than vitc supports (<= {MAX_OPSET})",
+                             hint=f"re-export the model with opset {MAX_OPSET} or lower")
     _check_external_data(model, path.parent, path)
     if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)):
         external_data_helper.load_external_data_for_model(model, str(path.parent))
@@ -103,6 +111,14 @@ def _fix_input_shapes(model: onnx.ModelProto, batch: int, overrides: dict[str, l
     inits = _initializer_names(model)
     fixed: dict[str, list[str]] = {}
     symbols: dict[str, int] = {}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    for name, want in overrides.items():
+        if name not in names:
+            raise ModelLoadError(f"{path}: --input-shape names {name!r}, which is not a model input",
+                                 hint=f"the model inputs are {names}")
+        if any(v < 1 for v in want):
+            raise ModelLoadError(f"{path}: --input-shape {name}={','.join(map(str, want))} has a dim < 1",
+                                 hint="every dim must be a positive integer")
     for inp in model.graph.input:
         if inp.name in inits:
             continue
@@ -128,9 +144,12 @@ def _fix_input_shapes(model: onnx.ModelProto, batch: int, overrides: dict[str, l
             if d.HasField("dim_value") and d.dim_value > 0:
                 continue
             if i != 0:
+                example = ",".join(str(batch) if j == 0 else
+                                   str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else
+                                   f"<{x.dim_param or f'dim{j}'}>" for j, x in enumerate(dims))
                 raise ModelLoadError(
                     f"{path}: input {inp.name!r} dim {i} ({d.dim_param or '?'}) is dynamic and is not the batch dim",
-                    hint=f"fix it with --input-shape {inp.name}=...",
+                    hint=f"fix its size with --input-shape {inp.name}={example}",
                 )
             name = d.dim_param
             fixed.setdefault(inp.name, []).append(f"dim 0: {name or '?'!r} -> {batch}")
