@@ -70,7 +70,9 @@ class BuildConfig:
     calib: CalibConfig = CalibConfig()
     policy: Policy | None = None
     migrate: bool = True  # channel-scale migration (LayerNorm fold / Mul) before quantization
-    migrate_alpha: float = 0.5
+    migrate_alpha: float = 0.5  # fixed strength when the search is off
+    search: bool = True  # pick migration strength and clipping per operator by its output error
+    search_samples: int = 4
     force: bool = False
     dump_after: frozenset[str] = frozenset()
     show_progress: bool = True
@@ -91,15 +93,29 @@ def input_specs(model: onnx.ModelProto) -> list[D.InputSpec]:
         if i.name in inits:
             continue
         tt = i.type.tensor_type
-        specs.append(D.InputSpec(i.name, tuple(d.dim_value for d in tt.shape.dim),
-                                 np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+        shape = tuple(d.dim_value for d in tt.shape.dim)
+        if any(d < 1 for d in shape):
+            raise CalibrationDataError(f"model input {i.name!r} has no fixed shape {list(shape)}",
+                                       hint=f"pass --input-shape {i.name}=D0,D1,...")
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise CalibrationDataError(f"model input {i.name!r} has an unsupported element type "
+                                       f"{onnx.TensorProto.DataType.Name(tt.elem_type) if tt.elem_type else 'undefined'}"
+                                       ) from None
+        specs.append(D.InputSpec(i.name, shape, dtype))
     return specs
 
 
 def preprocess_for(model: onnx.ModelProto, spec: D.InputSpec, cc: CalibConfig) -> D.Preprocess:
     pre = D.Preprocess.from_model(model, spec.shape)
     if cc.mean is not None or cc.std is not None:
-        pre = D.Preprocess(pre.height, pre.width, pre.crop_pct, cc.mean or pre.mean, cc.std or pre.std, pre.interpolation)
+        mean = tuple(cc.mean) if cc.mean is not None else pre.mean
+        std = tuple(cc.std) if cc.std is not None else pre.std
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise CalibrationDataError(f"normalization mean {mean} / std {std} is not valid",
+                                       hint="give three numbers each, std > 0 (e.g. --std 0.5,0.5,0.5)")
+        pre = D.Preprocess(pre.height, pre.width, pre.crop_pct, mean, std, pre.interpolation)  # type: ignore[arg-type]
     return pre
 
 
@@ -111,25 +127,49 @@ def calibration_feeds(model: onnx.ModelProto, cc: CalibConfig) -> tuple[Iterator
     """Feeds for calibration and a summary of where they come from."""
     specs = input_specs(model)
     src = cc.source
-    if src is not None and src.suffix in (".npz", ".npy") and src.is_file():
-        return D.tensor_file_feeds(src, specs, cc.samples), {"source": str(src), "kind": "tensors"}
-    if src is not None and not src.exists():
-        raise CalibrationDataError(f"{src}: calibration data not found", hint="give a folder of images or a .npz/.npy file")
-    if src is not None and src.is_file():
-        raise CalibrationDataError(f"{src}: unsupported calibration file", hint="use a folder of images, .npz or .npy")
+    if cc.samples < 1:
+        raise CalibrationDataError(f"{cc.samples} calibration samples requested", hint="give --calib-samples 1 or more")
+    if src is not None:
+        if not src.exists():
+            raise CalibrationDataError(f"{src}: calibration data not found",
+                                       hint="give a folder of images or a .npz/.npy file")
+        if src.is_file():
+            if src.suffix.lower() not in (".npz", ".npy"):
+                raise CalibrationDataError(f"{src}: unsupported calibration file",
+                                           hint="use a folder of images, .npz or .npy")
+            return D.tensor_file_feeds(src, specs, cc.samples), {"source": str(src), "kind": "tensors"}
+        if not src.is_dir():
+            raise CalibrationDataError(f"{src}: not a file or folder", hint="give a folder of images or a .npz/.npy file")
     if len(specs) != 1 or not is_image_input(specs[0]):
+        what = f"{src}: an image folder" if src is not None else "the embedded default photo set"
         raise CalibrationDataError(
-            f"model inputs {[s.name for s in specs]} are not a single NCHW image",
+            f"{what} cannot calibrate this model: its inputs "
+            f"{[f'{s.name} {list(s.shape)} {s.dtype}' for s in specs]} are not a single NCHW float image",
             hint="pass --calib FILE.npz with one array per input name")
-    pre = preprocess_for(model, specs[0], cc)
+    spec = specs[0]
+    bs = spec.shape[0]
+    if cc.samples < bs:
+        raise CalibrationDataError(f"{cc.samples} calibration samples are fewer than one batch of {bs}",
+                                   hint="raise --calib-samples or lower --batch")
+    pre = preprocess_for(model, spec, cc)
     if src is None:
         samples = D.embedded_samples(pre, cc.samples, cc.seed)
         kind = "embedded scikit-image photos (random crops)"
     else:
-        samples = D.folder_samples(src, pre, cc.samples)
+        samples = D.folder_samples(src, pre, cc.samples)  # lists the folder now: raises if it holds no images
+
+        def counted(it):
+            n = 0
+            for s in it:
+                n += 1
+                yield s
+            if n < bs:
+                raise CalibrationDataError(f"{src}: {n} decodable images, fewer than the batch size {bs}",
+                                           hint="add images or lower --batch")
+        samples = counted(samples)
         kind = "image folder"
-    return D.batched(samples, specs[0]), {"source": str(src) if src else "embedded", "kind": kind,
-                                          "preprocess": pre.to_json()}
+    return D.batched(samples, spec), {"source": str(src) if src else "embedded", "kind": kind,
+                                      "preprocess": pre.to_json()}
 
 
 def _digest(model: onnx.ModelProto) -> str:
@@ -137,7 +177,8 @@ def _digest(model: onnx.ModelProto) -> str:
 
 
 def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_progress: bool,
-                    label: str = "calibrating") -> tuple[CalibrationTable, dict]:
+                    label: str = "calibrating", reservoir: dict | None = None,
+                    keep: int = 0) -> tuple[CalibrationTable, dict]:
     from vitc.runtimes.base import SessionOptions
     from vitc.runtimes.ort import OrtRuntime
 
@@ -162,24 +203,39 @@ def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_pr
     def prog(it):
         return progress(it, cc.samples, label, show_progress)
 
-    table = calibrate(run, tensors, feeds, cc.observer, model_digest=_digest(model), progress=prog)
+    table = calibrate(run, tensors, feeds, cc.observer, model_digest=_digest(model), progress=prog,
+                      reservoir=reservoir, keep=keep)
     summary.update({"samples": table.samples, "observer": cc.observer.describe(), "tensors": len(tensors)})
     return table, summary
 
 
 # -- output -------------------------------------------------------------------------------------------------------------
 def _prepare_outdir(outdir: Path, force: bool) -> Path:
+    """Check OUTDIR can be (re)placed and make the private temporary folder beside it that the build writes into."""
     outdir = outdir.absolute()
+    real = outdir.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise OutputError(f"{outdir}: is the current folder or one of its parents",
+                          hint="choose a new folder for -o, e.g. -o build/model")
+    if outdir.is_symlink():
+        raise OutputError(f"{outdir}: is a symbolic link", hint="give the real folder path for -o")
     if outdir.exists() and not force:
         raise OutputError(f"{outdir}: already exists", hint="choose another -o or pass --force to replace it")
     if outdir.exists() and not outdir.is_dir():
-        raise OutputError(f"{outdir}: exists and is not a directory")
+        raise OutputError(f"{outdir}: exists and is not a directory", hint="choose another -o or remove that file")
     parent = outdir.parent
+    for p in (parent, *parent.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise OutputError(f"{outdir}: cannot create it, {p} is not a folder", hint="choose another -o")
+            break
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.vitc-tmp-", dir=parent))
     except OSError as exc:
-        raise OutputError(f"{outdir}: cannot write here ({exc.strerror})", hint="choose a writable -o") from None
+        raise OutputError(f"{outdir}: cannot write in {parent} ({exc.strerror})",
+                          hint="choose a writable -o") from None
     return tmp
 
 
@@ -238,25 +294,33 @@ def build(cfg: BuildConfig) -> BuildResult:
             model = export(graph)
         else:
             out_name = INT8_NAME
-            policy = cfg.policy or default_policy(cfg.calib.observer)
+            policy = cfg.policy or default_policy(cfg.calib.observer, symmetric=cfg.target is Target.TRT)
             ann = AnnotatePass()
             results.append(ann.run(graph))
             plan = resolve_plan(graph, policy, ann.roles)
             float_model = export(graph)
             t = time.perf_counter()
-            table, calib_summary = run_calibration(float_model, plan, cfg.calib, cfg.show_progress)
+            reservoir: dict[str, list[np.ndarray]] = {}
+            table, calib_summary = run_calibration(float_model, plan, cfg.calib, cfg.show_progress,
+                                                   reservoir=reservoir, keep=cfg.search_samples if cfg.search else 0)
             stages["calibration"] = time.perf_counter() - t
-            if cfg.migrate:
-                t = time.perf_counter()
+            t = time.perf_counter()
+            if cfg.search:
+                graph, plan, table, search_report, mig_res = refine_ranges(graph, plan, table, reservoir, policy, cfg)
+                results.append(mig_res)
+                report["search"] = search_report
+                stages["range search + migration"] = time.perf_counter() - t
+            elif cfg.migrate:
                 quantized = {n.node for n in plan.quantized()}
                 cam = {k: np.asarray(v.channel_absmax) for k, v in table.ranges.items() if v.channel_absmax}
-                mig = ScaleMigrationPass(cam, cfg.migrate_alpha, nodes=quantized)
+                mig = ScaleMigrationPass.from_alpha(cam, graph, cfg.migrate_alpha, nodes=quantized)
                 results += run_passes(graph, [mig], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
                 if mig.applied:
                     plan = resolve_plan(graph, policy, _roles(graph))
                     table, calib_summary = run_calibration(export(graph), plan, cfg.calib, cfg.show_progress,
                                                            label="recalibrating")
                 stages["migration + recalibration"] = time.perf_counter() - t
+            del reservoir
             t = time.perf_counter()
             results += run_passes(graph, [InsertQDQPass(plan, table)], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
             stages["insert_qdq"] = time.perf_counter() - t
@@ -289,6 +353,73 @@ def build(cfg: BuildConfig) -> BuildResult:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoir: dict, policy: Policy,
+                  cfg: BuildConfig):
+    """Search migration strength / clipping per operator, apply the migration, return the final plan and table."""
+    from vitc.compiler.calibration import TensorRange
+    from vitc.compiler.search import search_linear
+    from vitc.passes.graphutil import const_value
+
+    nodes = {n.name: n for n in graph.nodes}
+    report: dict = {"linear": {}}
+    factors: dict[str, np.ndarray] = {}
+    ratio: dict[str, float] = {}
+    # linear sites, grouped by their shared input tensor
+    groups: dict[str, list] = {}
+    for np_ in plan.quantized():
+        node = nodes[np_.node]
+        if node.op == "Gemm" and np_.weight is not None and not node.attrs.get("transB", 0) \
+                and not node.attrs.get("transA", 0) and np_.activations and np_.activations[0] in reservoir:
+            groups.setdefault(np_.activations[0], []).append((np_, node))
+    for x_name, members in groups.items():
+        rng = table.ranges[x_name]
+        if rng.channel_absmax is None:
+            continue
+        ws = [const_value(node.inputs[1]) for _, node in members]
+        spec = members[0][0].spec
+        choice, s = search_linear(reservoir[x_name], ws, np.asarray(rng.channel_min, np.float32),
+                                  np.asarray(rng.channel_max, np.float32), bits=spec.bits, symmetric=spec.symmetric,
+                                  per_channel_weight=spec.weight.value == "per-channel",
+                                  alphas=(None, 0.3, 0.5, 0.65, 0.8) if cfg.migrate else (None,))
+        report["linear"][x_name] = {"nodes": [n.name for _, n in members], **choice.to_json()}
+        ratio[x_name] = choice.ratio
+        if s is not None:
+            factors[x_name] = s
+    mig = ScaleMigrationPass(factors, nodes={n.node for n in plan.quantized()})
+    mig_res = mig.run(graph)
+    new_plan = resolve_plan(graph, policy, _roles(graph))
+    ranges = dict(table.ranges)
+    for new_name, old in mig.renamed.items():
+        ranges[new_name] = ranges[old]
+    final: dict[str, TensorRange] = {}
+    for np_ in new_plan.quantized():
+        if np_.op == "MatMul" and len(np_.activations) == 2:  # attention matmuls: the full calibrated range
+            for name in np_.activations:
+                src = table.ranges[name]
+                final[name] = TensorRange(_absmax(src), src.min, src.max, "minmax", src.channel_absmax)
+            continue
+        for name in np_.activations:
+            orig = mig.renamed.get(name, name)
+            src = ranges[name]
+            if orig in factors:
+                inv = 1.0 / factors[orig]
+                lo = float(np.min(np.asarray(src.channel_min, np.float32) * inv))
+                hi = float(np.max(np.asarray(src.channel_max, np.float32) * inv))
+                r = ratio[orig]
+                final[name] = TensorRange(max(-lo, hi) * r, lo * r, hi * r, f"minmax after migration x{r}")
+            elif orig in ratio:
+                r = ratio[orig]
+                final[name] = TensorRange(_absmax(src) * r, src.min * r, src.max * r, f"minmax x{r}")
+            elif name not in final:
+                final[name] = src
+    new_table = CalibrationTable(table.model_digest, table.observer + " + output-error search", table.samples, final)
+    return graph, new_plan, new_table, report, mig_res
+
+
+def _absmax(r) -> float:
+    return float(max(abs(r.min), abs(r.max)))
 
 
 def _roles(graph: gs.Graph):

@@ -49,6 +49,8 @@ class TensorObserver:
         self.count = 0
         self.channel_axis = channel_axis
         self.channel_absmax: np.ndarray | None = None
+        self.channel_min: np.ndarray | None = None
+        self.channel_max: np.ndarray | None = None
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -63,9 +65,14 @@ class TensorObserver:
         a = np.abs(x)
         amax = float(a.max())
         if x.ndim >= 1:
-            ch = a.reshape(-1, x.shape[-1]).max(axis=0) if self.channel_axis == -1 else a.max(axis=0)
-            self.channel_absmax = ch if self.channel_absmax is None or self.channel_absmax.shape != ch.shape \
-                else np.maximum(self.channel_absmax, ch)
+            flat = x.reshape(-1, x.shape[-1])
+            lo, hi = flat.min(axis=0), flat.max(axis=0)
+            if self.channel_min is None or self.channel_min.shape != lo.shape:
+                self.channel_min, self.channel_max = lo, hi
+            else:
+                self.channel_min = np.minimum(self.channel_min, lo)
+                self.channel_max = np.maximum(self.channel_max, hi)
+            self.channel_absmax = np.maximum(np.abs(self.channel_min), np.abs(self.channel_max))
         if self.hmax == 0.0:
             self.hmax = amax if amax > 0 else 1e-8
         while amax > self.hmax:  # grow the range: merge neighbouring bins, double the width
@@ -147,6 +154,8 @@ class TensorRange:
     max: float
     observer: str
     channel_absmax: list[float] | None = None
+    channel_min: list[float] | None = None
+    channel_max: list[float] | None = None
 
 
 @dataclass
@@ -162,7 +171,8 @@ class CalibrationTable:
         out = asdict(self)
         if not with_channels:
             for r in out["ranges"].values():
-                r.pop("channel_absmax", None)
+                for k in ("channel_absmax", "channel_min", "channel_max"):
+                    r.pop(k, None)
         return out
 
     @classmethod
@@ -177,8 +187,13 @@ class CalibrationTable:
 def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], tensors: Iterable[str],
               feeds: Iterable[dict[str, np.ndarray]], cfg: ObserverConfig, *, model_digest: str,
               progress: Callable[[Iterator], Iterator] | None = None,
-              observer_overrides: dict[str, ObserverConfig] | None = None) -> CalibrationTable:
-    """Run ``run(feed) -> {tensor: value}`` over ``feeds`` and observe ``tensors``."""
+              observer_overrides: dict[str, ObserverConfig] | None = None,
+              reservoir: dict[str, list[np.ndarray]] | None = None, keep: int = 0) -> CalibrationTable:
+    """Run ``run(feed) -> {tensor: value}`` over ``feeds`` and observe ``tensors``.
+
+    With ``reservoir`` and ``keep`` > 0, the first ``keep`` values of every tensor are also kept there (for the
+    output-error search); memory stays bounded by ``keep``.
+    """
     names = list(dict.fromkeys(tensors))
     observers = {n: TensorObserver() for n in names}
     n = 0
@@ -189,6 +204,8 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
         values = run(feed)
         for name in names:
             observers[name].update(values[name])
+            if reservoir is not None and n < keep:
+                reservoir.setdefault(name, []).append(np.array(values[name], copy=True))
         n += 1
     if n == 0:
         raise CalibrationDataError("calibration data is empty", hint="give at least one sample")
@@ -197,5 +214,7 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
     for name, ob in observers.items():
         c = overrides.get(name, cfg)
         ranges[name] = TensorRange(amax=ob.amax(c), min=ob.min, max=ob.max, observer=c.describe(),
-                                   channel_absmax=None if ob.channel_absmax is None else ob.channel_absmax.tolist())
+                                   channel_absmax=None if ob.channel_absmax is None else ob.channel_absmax.tolist(),
+                                   channel_min=None if ob.channel_min is None else ob.channel_min.tolist(),
+                                   channel_max=None if ob.channel_max is None else ob.channel_max.tolist())
     return CalibrationTable(model_digest=model_digest, observer=cfg.describe(), samples=n, ranges=ranges)

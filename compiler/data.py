@@ -20,11 +20,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".g
 PREPROCESS_KEY = "vitc.preprocess"
 
 # Real photographs shipped inside scikit-image (no download). Split so that default calibration and held-out
-# evaluation never share a photo.
-CALIB_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
-                "motorcycle_left.png", "ihc.png", "immunohistochemistry.png", "retina.jpg", "camera.png")
-EVAL_PHOTOS = ("brick.png", "grass.png", "gravel.png", "moon.png", "coins.png", "page.png", "cell.png",
-               "motorcycle_right.png", "color.png", "microaneurysms.png", "text.png", "horse.png")
+# evaluation never share a photo, and each side has natural photos, grayscale, scans and microscopy.
+CALIB_PHOTOS = ("astronaut.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "ihc.png", "camera.png",
+                "page.png", "cell.png", "color.png", "motorcycle_left.png")
+EVAL_PHOTOS = ("chelsea.png", "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png", "text.png",
+               "motorcycle_right.png", "microaneurysms.png", "retina.jpg", "horse.png")
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,14 @@ class Preprocess:
         if PREPROCESS_KEY in meta:
             try:
                 d = json.loads(meta[PREPROCESS_KEY])
-                return cls(height=h, width=w, crop_pct=float(d.get("crop_pct", 0.875)),
-                           mean=tuple(d.get("mean", IMAGENET_MEAN)), std=tuple(d.get("std", IMAGENET_STD)),
+                mean = tuple(float(x) for x in d.get("mean", IMAGENET_MEAN))
+                std = tuple(float(x) for x in d.get("std", IMAGENET_STD))
+                crop = float(d.get("crop_pct", 0.875))
+                if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not 0 < crop <= 1:
+                    raise ValueError(f"need 3 means, 3 positive stds and 0 < crop_pct <= 1, got {d}")
+                return cls(height=h, width=w, crop_pct=crop, mean=mean, std=std,  # type: ignore[arg-type]
                            interpolation=str(d.get("interpolation", "bicubic")))
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, AttributeError) as exc:
                 log.warning("ignoring malformed %s metadata: %s", PREPROCESS_KEY, exc)
         return cls(height=h, width=w)
 
@@ -105,14 +109,31 @@ def photo_paths(names: Sequence[str]) -> list[Path]:
     return [d / n for n in names if (d / n).is_file()]
 
 
+# Skipped files already warned about, so that recalibration (a second pass over the same folder) does not repeat
+# every warning. Keyed by file identity so that a changed file is reported again.
+_warned: set[tuple] = set()
+
+
+def _warn_once(path: Path, why: str) -> None:
+    try:
+        st = path.stat()
+        key: tuple = (str(path.resolve()), st.st_size, st.st_mtime_ns, why)
+    except OSError:
+        key = (str(path), why)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("skipping %s: %s", path, why)
+
+
 def open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
     try:
-        img = Image.open(path)
-        img.load()
+        with Image.open(path) as f:
+            f.load()
+            img = f.copy()  # detached from the file, which is closed here
         return img
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        log.warning("skipping %s: not a decodable image (%s)", path, type(exc).__name__)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        _warn_once(path, f"not a decodable image ({type(exc).__name__})")
         return None
 
 
@@ -128,22 +149,42 @@ def embedded_samples(pre: Preprocess, n: int, seed: int, photos: Sequence[str] =
         yield pre.random_crop(images[i % len(images)], rng)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursive, sorted); other files are skipped with a warning.
+
+    Raises if there are none, so an empty folder is reported before any work is done.
+    """
+    if not folder.is_dir():
+        raise CalibrationDataError(f"{folder}: not a folder", hint="give a folder of images or a .npz/.npy file")
+    all_files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = [p for p in all_files if p.suffix.lower() in IMAGE_SUFFIXES]
+    for p in all_files:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            _warn_once(p, "not an image file type")
+    if not files:
+        raise CalibrationDataError(f"{folder}: no image files in the calibration folder",
+                                   hint=f"put images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
+    return files
+
+
 def folder_samples(folder: Path, pre: Preprocess, limit: int | None) -> Iterator[np.ndarray]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    others = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES)
-    for p in others:
-        log.warning("skipping %s: not an image file type", p)
-    produced = 0
-    for p in files:
-        if limit is not None and produced >= limit:
-            return
-        img = open_image(p)
-        if img is None:
-            continue
-        produced += 1
-        yield pre.to_array(img)
-    if produced == 0:
-        raise CalibrationDataError(f"{folder}: no decodable images", hint="put .jpg/.png images in the folder")
+    """Preprocessed images from ``folder``; undecodable files are skipped with a warning (raises if all are)."""
+    files = image_files(folder)
+
+    def gen():
+        produced = 0
+        for p in files:
+            if limit is not None and produced >= limit:
+                return
+            img = open_image(p)
+            if img is None:
+                continue
+            produced += 1
+            yield pre.to_array(img)
+        if produced == 0:
+            raise CalibrationDataError(f"{folder}: none of the {len(files)} image files could be decoded",
+                                       hint="put valid .jpg/.png images in the folder")
+    return gen()
 
 
 @dataclass(frozen=True)
@@ -168,7 +209,16 @@ def batched(samples: Iterator[np.ndarray], spec: InputSpec) -> Iterator[dict[str
 def tensor_file_feeds(path: Path, specs: Sequence[InputSpec], limit: int | None) -> Iterator[dict[str, np.ndarray]]:
     """Feeds from ``.npz`` (one array per input name, samples on axis 0) or ``.npy`` (single-input models)."""
     try:
-        if path.suffix == ".npy":
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise CalibrationDataError(f"{path}: cannot read calibration tensors ({exc.strerror})") from None
+    is_npy = magic == b"\x93NUMPY"
+    if not (is_npy or magic[:4] == b"PK\x03\x04" or magic[:4] == b"PK\x05\x06"):
+        raise CalibrationDataError(f"{path}: not a NumPy .npz/.npy file",
+                                   hint="write it with numpy.savez(path, **{input_name: array}) or numpy.save")
+    try:
+        if is_npy:
             if len(specs) != 1:
                 raise CalibrationDataError(f"{path}: .npy holds one array but the model has {len(specs)} inputs",
                                            hint="use .npz with one array per input name")
@@ -194,17 +244,24 @@ def tensor_file_feeds(path: Path, specs: Sequence[InputSpec], limit: int | None)
             raise CalibrationDataError(f"{path}: input {spec.name!r} has sample shape {tuple(a.shape[1:])}, "
                                        f"model wants {tuple(want)}")
         if a.dtype.kind != np.dtype(spec.dtype).kind:
-            raise CalibrationDataError(f"{path}: input {spec.name!r} has dtype {a.dtype}, model wants {np.dtype(spec.dtype)}")
+            raise CalibrationDataError(f"{path}: input {spec.name!r} has dtype {a.dtype}, model wants {np.dtype(spec.dtype)}",
+                                       hint=f"save the array as {np.dtype(spec.dtype)}")
+        if a.dtype != spec.dtype:
+            with np.errstate(over="ignore", invalid="ignore"):
+                a = a.astype(spec.dtype)  # e.g. float64 -> float32; overflow shows up as Inf below
         if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise CalibrationDataError(f"{path}: input {spec.name!r} contains NaN or Inf", hint="clean the data")
+            bad = int(np.count_nonzero((~np.isfinite(a)).reshape(len(a), -1).any(axis=1)))
+            raise CalibrationDataError(f"{path}: input {spec.name!r} contains NaN or Inf ({bad} of {len(a)} samples)",
+                                       hint="remove or fix those samples")
         arrays[spec.name] = a
         n = a.shape[0] if n is None else min(n, a.shape[0])
     if not n:
-        raise CalibrationDataError(f"{path}: calibration data is empty")
+        raise CalibrationDataError(f"{path}: calibration data is empty (0 samples)", hint="give at least one sample")
     bs = specs[0].shape[0]
     total = n if limit is None else min(n, limit)
     if total < bs:
-        raise CalibrationDataError(f"{path}: {total} samples, fewer than the batch size {bs}")
+        raise CalibrationDataError(f"{path}: {total} samples, fewer than the batch size {bs}",
+                                   hint="give more samples (and --calib-samples) or a smaller --batch")
 
     def gen():
         for i in range(0, total - bs + 1, bs):

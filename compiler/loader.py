@@ -62,7 +62,11 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> 
                 hint="refusing it; keep external data files next to the model",
             )
         if not target.is_file():
-            raise ModelLoadError(f"{path}: external data file {loc!r} for {tensor.name!r} is missing")
+            raise ModelLoadError(f"{path}: external data file {loc!r} for {tensor.name!r} is missing",
+                                 hint="copy it next to the model")
+        if (base_dir / loc).is_symlink():  # onnx refuses to read through links, even ones that stay inside
+            raise ModelLoadError(f"{path}: external data file {loc!r} for {tensor.name!r} is a symbolic link",
+                                 hint="replace the link with the file itself")
 
 
 def load_model(path: str | os.PathLike, *, batch: int = 1, input_shapes: dict[str, list[int]] | None = None) -> LoadedModel:
@@ -97,7 +101,12 @@ def load_model(path: str | os.PathLike, *, batch: int = 1, input_shapes: dict[st
                              hint=f"re-export the model with opset {MAX_OPSET} or lower")
     _check_external_data(model, path.parent, path)
     if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)):
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # offsets past the end of the file, unreadable files, onnx's own checks
+            raise ModelLoadError(f"{path}: cannot read its external data ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]})",
+                                 hint="re-save the model with its external data next to it") from None
 
     fixed = _fix_input_shapes(model, batch, input_shapes or {}, path)
     try:

@@ -68,14 +68,24 @@ class Policy:
                           "end the policy with a default rule")
 
 
-def default_policy(observer: ObserverConfig | None = None) -> Policy:
-    """int8 symmetric, per-channel weights, per-tensor activations on every GEMM/Conv input; LN/Softmax/GELU float.
+def default_policy(observer: ObserverConfig | None = None, symmetric: bool = True) -> Policy:
+    """8-bit, per-channel symmetric int8 weights, per-tensor activations on every GEMM/Conv input;
+    LayerNorm/Softmax/GELU in float.
+
+    Activations are symmetric int8 (zero-point 0, what TensorRT requires) or, with ``symmetric=False``, asymmetric
+    uint8 (ORT's fastest x86 kernels are U8S8 anyway, and post-GELU / post-softmax ranges are one-sided, so
+    the zero-point buys a bit of resolution).
 
     Convolutions after the transformer (decoders, heads on spatial maps) are quantized too; the attention matmuls
     get Q/DQ on both inputs.
     """
     ob = observer or ObserverConfig()
-    return Policy("default", (Rule("default", QuantSpec(observer=ob)),))
+    return Policy("default", (
+        # softmax probabilities (~1/T each) lose most of their information on a linear 8-bit grid; the
+        # attention x V matmul is ~5% of a ViT's GEMM work, so it stays float by default
+        Rule("attention-probabilities-float", QuantSpec(skip=True), roles=frozenset({"attn_av"})),
+        Rule("default", QuantSpec(observer=ob, symmetric=symmetric)),
+    ))
 
 
 # -- the plan -------------------------------------------------------------------------------------------------------

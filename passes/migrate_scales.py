@@ -37,24 +37,39 @@ def smoothing_factors(act_absmax: np.ndarray, w_rowmax: np.ndarray, alpha: float
 class ScaleMigrationPass:
     name: ClassVar[str] = "migrate_scales"
 
-    def __init__(self, channel_absmax: Mapping[str, np.ndarray], alpha: float | Mapping[str, float] = 0.5,
-                 nodes: set[str] | None = None, fold_layernorm: bool = True, insert_mul: bool = True):
-        self.channel_absmax = channel_absmax
-        self.alpha = alpha
+    def __init__(self, factors: Mapping[str, np.ndarray], nodes: set[str] | None = None,
+                 fold_layernorm: bool = True, insert_mul: bool = True):
+        self.factors = factors  # Gemm input tensor -> s (one factor per input channel)
         self.nodes = nodes  # restrict to these Gemm nodes (None: every eligible Gemm)
         self.fold_layernorm = fold_layernorm
         self.insert_mul = insert_mul
         self.applied: dict[str, np.ndarray] = {}  # tensor -> s
+        self.renamed: dict[str, str] = {}  # new Gemm-input tensor -> original tensor (when a Mul was inserted)
 
-    def _alpha(self, tensor: str) -> float:
-        return self.alpha if isinstance(self.alpha, (int, float)) else float(self.alpha.get(tensor, 0.5))
+    @classmethod
+    def from_alpha(cls, channel_absmax: Mapping[str, np.ndarray], graph: gs.Graph, alpha: float,
+                   nodes: set[str] | None = None) -> "ScaleMigrationPass":
+        """Factors from one fixed strength for every site (the search in vitc.compiler.search picks per site)."""
+        factors = {}
+        for name, x in graph.tensors().items():
+            gemms = [u for u in x.outputs if u.op == "Gemm" and u.inputs[0] is x and (nodes is None or u.name in nodes)]
+            if name not in channel_absmax or not gemms:
+                continue
+            ws = [const_value(g.inputs[1]) for g in gemms]
+            if any(w is None or w.ndim != 2 for w in ws):
+                continue
+            w_rowmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
+            a = np.asarray(channel_absmax[name], np.float32)
+            if a.shape == w_rowmax.shape:
+                factors[name] = smoothing_factors(a, w_rowmax, alpha)
+        return cls(factors, nodes)
 
     def run(self, graph: gs.Graph) -> PassResult:
         counts = {"LayerNorm folds": 0, "Mul inserted": 0, "Gemms rescaled": 0, "sites skipped": 0}
         notes: list[str] = []
         outs = {t.name for t in graph.outputs}
         for name, x in list(graph.tensors().items()):
-            if name not in self.channel_absmax or isinstance(x, gs.Constant) or name in outs:
+            if name not in self.factors or isinstance(x, gs.Constant) or name in outs:
                 continue
             users = list(x.outputs)
             gemms = [u for u in users if u.op == "Gemm" and u.inputs[0] is x]
@@ -67,24 +82,22 @@ class ScaleMigrationPass:
                 counts["sites skipped"] += 1
                 notes.append(f"{gemms[0].name}: {why}; left as is")
                 continue
-            a = np.asarray(self.channel_absmax[name], np.float32)
             ws = [const_value(g.inputs[1]) for g in gemms]
-            w_rowmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
-            if a.shape != w_rowmax.shape or not np.isfinite(a).all() or (a <= 0).all():
+            s = np.asarray(self.factors[name], np.float32)
+            if s.shape != (ws[0].shape[0],) or not np.isfinite(s).all() or (s <= 0).any():
                 counts["sites skipped"] += 1
-                notes.append(f"{gemms[0].name}: unusable channel statistics for {name}; left as is")
+                notes.append(f"{gemms[0].name}: unusable scale factors for {name} (zero, NaN or wrong size); left as is")
                 continue
-            s = smoothing_factors(a, w_rowmax, self._alpha(name))
             src = x.inputs[0] if len(x.inputs) == 1 else None
-            if (src is not None and src.op == "Reshape" and len(users) == len(gemms)
+            only_gemms = len(users) == len(gemms)
+            if (src is not None and src.op == "Reshape" and only_gemms
                     and x.shape is not None and src.inputs[0].shape is not None
                     and src.inputs[0].shape[-1] == x.shape[-1] and len(src.inputs[0].outputs) == 1
-                    and len(src.inputs[0].inputs) == 1):
-                users = list(src.inputs[0].outputs)  # look through the 3-D -> 2-D reshape (last axis kept)
-                src = src.inputs[0].inputs[0]
-            ln_ok = (self.fold_layernorm and src is not None and src.op == "LayerNormalization"
-                     and len(users) == len(gemms) and all(const_value(t) is not None for t in src.inputs[1:3])
-                     and len(src.inputs) >= 3)
+                    and len(src.inputs[0].inputs) == 1 and src.inputs[0].name not in outs):
+                src = src.inputs[0].inputs[0]  # look through the 3-D -> 2-D reshape (last axis kept)
+            ln_ok = (self.fold_layernorm and src is not None and src.op == "LayerNormalization" and only_gemms
+                     and len(src.inputs) >= 3 and all(const_value(t) is not None for t in src.inputs[1:3])
+                     and src.outputs[0].name not in outs)
             if ln_ok:
                 gamma, beta = const_value(src.inputs[1]), const_value(src.inputs[2])
                 if len(src.inputs[1].outputs) > 1 or len(src.inputs[2].outputs) > 1:
@@ -100,6 +113,7 @@ class ScaleMigrationPass:
                                            outputs=[xs]))
                 for g in gemms:
                     g.inputs[0] = xs
+                self.renamed[xs.name] = name
                 counts["Mul inserted"] += 1
             else:
                 counts["sites skipped"] += 1

@@ -1,0 +1,87 @@
+"""Output-error-aware choice of migration strength and clipping range, per quantized operator.
+
+For each site we simulate the int8 operator in NumPy on a small reservoir of calibration activations and keep the
+candidate with the smallest error of the operator's *output* against float:
+- linear sites (Gemm with constant weight): migration strength alpha (SmoothQuant factor s = a^alpha / w^(1-alpha),
+  or no migration) x clipping ratio r of the activation range; weights quantized per output channel;
+The clipping candidates include the full range (minmax), so the search never does worse on the reservoir than
+minmax; it replaces a fixed percentile where dropping outliers would hurt (trained ViTs carry signal in them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vitc.passes.migrate_scales import smoothing_factors
+
+ALPHAS: tuple[float | None, ...] = (None, 0.3, 0.5, 0.65, 0.8)  # None: no migration
+RATIOS: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+
+
+def fake_quant(x: np.ndarray, amax: float | np.ndarray, bits: int = 8) -> np.ndarray:
+    qmax = 2 ** (bits - 1) - 1
+    step = np.maximum(np.asarray(amax, np.float32), 1e-12) / qmax
+    return np.clip(np.rint(x / step), -qmax - 1, qmax) * step
+
+
+def fake_quant_asym(x: np.ndarray, lo: float, hi: float, bits: int = 8) -> np.ndarray:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    step = max(hi - lo, 1e-12) / (2 ** bits - 1)
+    zp = np.clip(np.rint(-lo / step), 0, 2 ** bits - 1)
+    return (np.clip(np.rint(x / step) + zp, 0, 2 ** bits - 1) - zp) * step
+
+
+def fake_quant_weight(w: np.ndarray, bits: int = 8, per_channel: bool = True) -> np.ndarray:
+    """W[K, N], one scale per output column N (or one for the whole tensor)."""
+    amax = np.abs(w).max(axis=0, keepdims=True) if per_channel else np.abs(w).max()
+    return fake_quant(w, amax, bits)
+
+
+@dataclass(frozen=True)
+class LinearChoice:
+    alpha: float | None
+    ratio: float
+    error: float  # relative output error sum||y - yq||^2 / sum||y||^2 at the choice
+    baseline_error: float  # same, with no migration and minmax range
+
+    def to_json(self) -> dict:
+        return {"alpha": self.alpha, "clip_ratio": self.ratio, "rel_error": self.error,
+                "rel_error_minmax_no_migration": self.baseline_error}
+
+
+def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], channel_min: np.ndarray,
+                  channel_max: np.ndarray, *, bits: int = 8, symmetric: bool = True, per_channel_weight: bool = True,
+                  alphas: Sequence[float | None] = ALPHAS,
+                  ratios: Sequence[float] = (1.0,)) -> tuple[LinearChoice, np.ndarray | None]:
+    """Pick (alpha, r) for a group of Gemms sharing the input X (rows: tokens). Returns the choice and s.
+
+    The activation range is the full calibration range (per-channel min/max over *all* samples, divided by s),
+    times r; the reservoir only scores the candidates. Ratios below 1 fit the reservoir but clip unseen inputs,
+    so the default grid is (1.0,).
+    """
+    x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in xs]).astype(np.float32)
+    ys = [x @ w for w in weights]
+    ref = sum(float((y ** 2).sum()) for y in ys) or 1.0
+    w_rowmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    absmax = np.maximum(np.abs(channel_min), np.abs(channel_max))
+    best: tuple[float, float | None, float, np.ndarray | None] | None = None
+    baseline = None
+    for alpha in alphas:
+        s = None if alpha is None else smoothing_factors(absmax, w_rowmax, alpha)
+        inv = 1.0 if s is None else 1.0 / s
+        xm = x * inv
+        wq = [fake_quant_weight(w if s is None else w * s[:, None], bits, per_channel_weight) for w in weights]
+        lo, hi = float(np.min(channel_min * inv)), float(np.max(channel_max * inv))
+        for r in ratios:
+            xq = fake_quant(xm, max(-lo, hi) * r, bits) if symmetric else fake_quant_asym(xm, lo * r, hi * r, bits)
+            err = sum(float(((y - xq @ q) ** 2).sum()) for y, q in zip(ys, wq)) / ref
+            if alpha is None and r == 1.0:
+                baseline = err
+            if best is None or err < best[0]:
+                best = (err, alpha, r, s)
+    assert best is not None
+    err, alpha, r, s = best
+    return LinearChoice(alpha, r, err, baseline if baseline is not None else err), s

@@ -1,0 +1,148 @@
+"""Q/DQ insertion, scale migration and the ORT lowering, on the tiny ViT and BERT fixtures."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from conftest import ort_run, sqnr_db
+
+from vitc.compiler.build import BuildConfig, CalibConfig, build
+from vitc.compiler.loader import load_model
+from vitc.compiler.pipeline import PipelineConfig, export, float_pipeline, run_passes
+from vitc.passes.graphutil import const_value
+from vitc.passes.insert_qdq import quantize_weight
+from vitc.passes.migrate_scales import ScaleMigrationPass
+from vitc.tools.tiny_models import TinyConfig, tiny_vit
+
+
+@pytest.fixture(scope="module")
+def vit_build(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vb")
+    src = d / "vit.onnx"
+    onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2)), src)
+    res = build(BuildConfig(model=src, outdir=d / "out", calib=CalibConfig(samples=16), show_progress=False))
+    return src, res
+
+
+def _eval_feeds(n=8):
+    from vitc.compiler.data import EVAL_PHOTOS, Preprocess, embedded_samples
+
+    return [{"input": x[None]} for x in embedded_samples(Preprocess(32, 32), n, 5, EVAL_PHOTOS)]
+
+
+def _sqnr(src, model):
+    num = den = 0.0
+    for f in _eval_feeds():
+        a = ort_run(src, f)[0]
+        b = ort_run(model, f)[0]
+        num += (a ** 2).sum()
+        den += ((a - b) ** 2).sum()
+    return 10 * np.log10(num / den)
+
+
+def test_int8_build_is_faithful_to_fp32(vit_build):
+    src, res = vit_build
+    assert _sqnr(src, res.model_path) > 20.0  # measured 23.7 dB on held-out photos (random weights, outliers)
+
+
+def test_migration_and_search_beat_plain_per_tensor(vit_build, tmp_path):
+    src, res = vit_build
+    plain = build(BuildConfig(model=src, outdir=tmp_path / "plain", calib=CalibConfig(samples=16),
+                              search=False, migrate=False, show_progress=False))
+    # the fixture's outlier LayerNorm channels wreck per-tensor ranges; migration moves them into the weights
+    assert _sqnr(src, res.model_path) > _sqnr(src, plain.model_path) + 5.0
+
+
+def test_every_gemm_input_is_dequantized_and_weights_are_int8_per_channel(vit_build):
+    _, res = vit_build
+    m = onnx.load(res.model_path)
+    prod = {o: n for n in m.graph.node for o in n.output}
+    inits = {t.name: t for t in m.graph.initializer}
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 6 * 2 + 1
+    for n in gemms:
+        x_dq, w_dq = prod[n.input[0]], prod[n.input[1]]
+        assert x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear", n.name
+        w = onnx.numpy_helper.to_array(inits[w_dq.input[0]])
+        scale = onnx.numpy_helper.to_array(inits[w_dq.input[1]])
+        assert w.dtype == np.int8 and scale.shape == (w.shape[1],)
+        assert [a.i for a in w_dq.attribute if a.name == "axis"] == [1]
+        x_scale = onnx.numpy_helper.to_array(inits[x_dq.input[1]])
+        assert x_scale.ndim == 0, "activations are per-tensor"
+        zp = onnx.numpy_helper.to_array(inits[x_dq.input[2]])
+        assert zp.dtype == np.uint8, "ORT target: asymmetric uint8 activations (U8S8 kernels)"
+    # attention QK^T gets Q/DQ on both inputs; attention x V stays float by default; LayerNorm/GELU/Softmax float
+    mm = [n for n in m.graph.node if n.op_type == "MatMul"]
+    dq_inputs = [sum(prod.get(i) is not None and prod[i].op_type == "DequantizeLinear" for i in n.input) for n in mm]
+    assert sorted(dq_inputs) == [0, 0, 2, 2]
+    for op in ("LayerNormalization", "Gelu", "Softmax"):
+        for n in (n for n in m.graph.node if n.op_type == op):
+            assert prod.get(n.input[0]) is None or prod[n.input[0]].op_type != "DequantizeLinear"
+
+
+def test_ort_runs_int8_kernels_not_float_gemms(vit_build, tmp_path):
+    import onnxruntime as ort
+
+    _, res = vit_build
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(res.model_path), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
+    assert ops["QGemm"] == 13, ops
+    assert ops["Gemm"] == 0 and ops["FusedGemm"] == 0, "a quantized linear fell back to float"
+    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == 2, ops  # the two QK^T matmuls
+    # ORT has no integer-to-float Conv: the patch-embedding Conv (1 of 16 GEMM-like ops) runs its DQs in float
+    assert ops["DequantizeLinear"] == 3 and ops["Conv"] == 1
+
+
+def test_build_report_lists_passes_plan_and_calibration(vit_build):
+    _, res = vit_build
+    r = res.report
+    counts = {k: v for p in r["passes"] for k, v in p["counts"].items()}
+    assert counts["LayerNorm fusions"] == 5 and counts["GELU(erf) fusions"] == 2
+    assert counts["MatMul+Add -> Gemm fusions"] == 13
+    roles = Counter(n["role"] for n in r["policy"]["nodes"])
+    assert roles["qkv"] == 6 and roles["fc1"] == 2 and roles["fc2"] == 2 and roles["proj"] == 2
+    assert roles["attn_qk"] == 2 and roles["attn_av"] == 2 and roles["patch_embed"] == 1 and roles["head"] == 1
+    assert r["calibration"]["samples"] == 16 and "percentile" in r["calibration"]["observer"]
+    assert set(r["seconds"]) >= {"load", "float passes", "calibration", "total"}
+
+
+def test_migration_is_exact_in_float(tmp_path, image_batch):
+    p = tmp_path / "v.onnx"
+    onnx.save(tiny_vit(), p)
+    g = gs.import_onnx(load_model(p).model)
+    run_passes(g, float_pipeline(PipelineConfig()))
+    before = export(g)
+    rng = np.random.default_rng(0)
+    factors = {n.inputs[0].name: rng.uniform(0.2, 5.0, n.inputs[0].shape[-1]).astype(np.float32)
+               for n in g.nodes if n.op == "Gemm"}
+    mig = ScaleMigrationPass(factors)
+    r = mig.run(g)
+    assert r.counts["LayerNorm folds"] == 5 - 1  # every LayerNorm feeding Gemms only; not the final one (-> Gather)
+    assert r.counts["Mul inserted"] >= 4  # fc2 (after GELU), proj, head
+    np.testing.assert_allclose(ort_run(export(g), {"input": image_batch})[0],
+                               ort_run(before, {"input": image_batch})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_migration_skips_bad_factors_with_a_note(tmp_path):
+    p = tmp_path / "v.onnx"
+    onnx.save(tiny_vit(), p)
+    g = gs.import_onnx(load_model(p).model)
+    run_passes(g, float_pipeline(PipelineConfig()))
+    gemm = next(n for n in g.nodes if n.op == "Gemm")
+    bad = np.ones(gemm.inputs[0].shape[-1], np.float32)
+    bad[0] = np.nan
+    r = ScaleMigrationPass({gemm.inputs[0].name: bad}).run(g)
+    assert not r.modified and r.counts["sites skipped"] == 1 and gemm.name in r.notes[0]
+
+
+def test_weight_quantization_round_half_even_per_channel():
+    w = np.array([[1.0, -0.5], [0.5, 0.25], [-1.0, 0.125]], np.float32)
+    q, s = quantize_weight(w, axis=1, bits=8)
+    np.testing.assert_allclose(s, [1 / 127, 0.5 / 127])
+    assert q.dtype == np.int8 and q[0, 0] == 127 and q[2, 0] == -127 and q[0, 1] == -127
+    np.testing.assert_allclose(q * s, w, atol=s.max() / 2 + 1e-7)
