@@ -294,7 +294,8 @@ def build(cfg: BuildConfig) -> BuildResult:
             model = export(graph)
         else:
             out_name = INT8_NAME
-            policy = cfg.policy or default_policy(cfg.calib.observer, symmetric=cfg.target is Target.TRT)
+            trt = cfg.target is Target.TRT
+            policy = cfg.policy or default_policy(cfg.calib.observer, symmetric=trt, quantize_conv=trt)
             ann = AnnotatePass()
             results.append(ann.run(graph))
             plan = resolve_plan(graph, policy, ann.roles)

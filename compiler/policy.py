@@ -68,7 +68,8 @@ class Policy:
                           "end the policy with a default rule")
 
 
-def default_policy(observer: ObserverConfig | None = None, symmetric: bool = True) -> Policy:
+def default_policy(observer: ObserverConfig | None = None, symmetric: bool = True,
+                   quantize_conv: bool = True) -> Policy:
     """8-bit, per-channel symmetric int8 weights, per-tensor activations on every GEMM/Conv input;
     LayerNorm/Softmax/GELU in float.
 
@@ -80,7 +81,11 @@ def default_policy(observer: ObserverConfig | None = None, symmetric: bool = Tru
     get Q/DQ on both inputs.
     """
     ob = observer or ObserverConfig()
-    return Policy("default", (
+    conv_rule = () if quantize_conv else (
+        # ONNX Runtime has no int8 Conv with a float output (QLinearConv needs a quantized output), so a Q/DQ'd
+        # Conv still runs in float there: quantizing it would cost accuracy and buy no speed.
+        Rule("conv-float-on-ort", QuantSpec(skip=True), roles=frozenset({"patch_embed", "conv"})),)
+    return Policy("default", conv_rule + (
         # softmax probabilities (~1/T each) lose most of their information on a linear 8-bit grid; the
         # attention x V matmul is ~5% of a ViT's GEMM work, so it stays float by default
         Rule("attention-probabilities-float", QuantSpec(skip=True), roles=frozenset({"attn_av"})),

@@ -31,7 +31,9 @@ def smoothing_factors(act_absmax: np.ndarray, w_rowmax: np.ndarray, alpha: float
     w = np.maximum(w_rowmax.astype(np.float64), 1e-5)
     s = a ** alpha / w ** (1.0 - alpha)
     s = s / np.exp(np.mean(np.log(s)))  # geometric mean 1: keeps magnitudes near the original
-    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+    # Never amplify a channel (s < 1): a channel that was quiet on the calibration set but spikes on another input
+    # would then overflow the per-tensor range. Only the loud channels are divided down.
+    return np.clip(s, 1.0, 1e4).astype(np.float32)
 
 
 class ScaleMigrationPass:
