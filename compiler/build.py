@@ -287,8 +287,12 @@ def build(cfg: BuildConfig) -> BuildResult:
         results: list[PassResult] = run_passes(graph, float_pipeline(PipelineConfig(cfg.target, cfg.fuse)),
                                                dump_after=set(cfg.dump_after), dump_dir=dump_dir)
         stages["float passes"] = time.perf_counter() - t
+        t = time.perf_counter()
+        report_check = _verify_float(src.model, export(graph), cfg.calib)
+        stages["float check"] = time.perf_counter() - t
         report: dict = {"source": str(cfg.model), "target": cfg.target.value, "precision": cfg.precision.value,
-                        "fuse": cfg.fuse, "batch": cfg.batch, "fixed_dims": src.fixed_dims, "opset": src.opset}
+                        "fuse": cfg.fuse, "batch": cfg.batch, "fixed_dims": src.fixed_dims, "opset": src.opset,
+                        "float_check": report_check}
         if cfg.precision is Precision.FP32:
             out_name = FP32_NAME
             model = export(graph)
@@ -421,6 +425,30 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
 
 def _absmax(r) -> float:
     return float(max(abs(r.min), abs(r.max)))
+
+
+def _verify_float(source: onnx.ModelProto, rewritten: onnx.ModelProto, cc: CalibConfig) -> dict:
+    """The float passes must not change the outputs: compare both models on the first calibration input."""
+    from vitc.compiler.errors import PassError
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.ort import OrtRuntime
+
+    feeds, _ = calibration_feeds(source, cc)  # lazy: only the first batch is read
+    feed = next(iter(feeds))
+    rt = OrtRuntime()
+    ref = rt.session(source.SerializeToString(), SessionOptions(graph_optimizations=False)).run(feed)
+    out = rt.session(rewritten.SerializeToString(), SessionOptions(graph_optimizations=False)).run(feed)
+    worst = 0.0
+    for r, o in zip(ref, out):
+        if r.shape != o.shape:
+            raise PassError("float passes", f"output shape changed {r.shape} -> {o.shape}",
+                            hint="report this model; rerun with --no-fuse to bypass the fusions")
+        scale = max(1.0, float(np.abs(r).max()))
+        worst = max(worst, float(np.abs(r.astype(np.float64) - o).max()) / scale)
+    if not worst <= 1e-3:
+        raise PassError("float passes", f"outputs changed by {worst:.2e} (relative to the output range)",
+                        hint="rerun with --dump-after all to find the pass; --no-fuse bypasses the fusions")
+    return {"max_abs_diff_relative": worst}
 
 
 def _roles(graph: gs.Graph):

@@ -47,7 +47,7 @@ def _source(t: gs.Tensor, depth: int = 8) -> gs.Node | None:
     return None
 
 
-def _sinks(t: gs.Tensor, depth: int = 6) -> list[gs.Node]:
+def _sinks(t: gs.Tensor, depth: int = 8) -> list[gs.Node]:
     """Consumers of ``t`` looking through a bias Add and layout ops."""
     out, frontier = [], list(t.outputs)
     for _ in range(depth):
@@ -55,9 +55,9 @@ def _sinks(t: gs.Tensor, depth: int = 6) -> list[gs.Node]:
         for n in frontier:
             if n.op == "Add" and any(const_value(i) is not None for i in n.inputs):
                 nxt.extend(n.outputs[0].outputs)
-            elif n.op in ("Reshape", "Transpose", "Cast") or (
+            elif n.op in ("Reshape", "Transpose", "Cast", "Split", "Gather", "Squeeze", "Unsqueeze", "Slice") or (
                     n.op in ("Mul", "Div") and any(_is_scalar(i) for i in n.inputs)):
-                nxt.extend(n.outputs[0].outputs)
+                nxt.extend(c for o in n.outputs for c in o.outputs)
             else:
                 out.append(n)
         frontier = nxt

@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from typing import ClassVar
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -51,10 +52,14 @@ class CanonicalizePass:
         finish(graph)
         # graphsurgeon evaluates the constant partitions with ONNX Runtime; fold_shapes turns Shape of a tensor whose
         # shape is known (we fixed the inputs) into a constant, which is what unlocks the reshape-target chains.
+        shapes_folded = 0
         for _ in range(self.max_rounds):
             n_before = len(graph.nodes)
             refresh_shapes(graph)
-            graph.fold_constants(fold_shapes=True, recurse_subgraphs=False, partitioning=None, error_ok=True,
+            shapes_folded += self._fold_static_shapes(graph)
+            # graphsurgeon's own shape folding ignores Shape-15's start/end attributes (it folds the full shape),
+            # so Shape nodes are folded above, honouring them, and graphsurgeon only evaluates constant partitions.
+            graph.fold_constants(fold_shapes=False, recurse_subgraphs=False, partitioning=None, error_ok=True,
                                  size_threshold=None)
             finish(graph)
             if len(graph.nodes) == n_before:
@@ -63,8 +68,36 @@ class CanonicalizePass:
         after = Counter(n.op for n in graph.nodes)
         removed = {f"removed {op}": before[op] - after.get(op, 0) for op in sorted(before) if before[op] > after.get(op, 0)}
         counts = {"nodes before": sum(before.values()), "nodes after": sum(after.values()),
-                  "Identity removed": identities, **removed}
+                  "Identity removed": identities, "Shape folded": shapes_folded, **removed}
         return PassResult(self.name, sum(before.values()) != sum(after.values()), counts)
+
+    @staticmethod
+    def _fold_static_shapes(graph: gs.Graph) -> int:
+        """Replace Shape(x) by a constant when x's shape is fully static (honours start/end of Shape-15)."""
+        n = 0
+        for node in list(graph.nodes):
+            if node.op != "Shape" or not node.inputs or not node.outputs:
+                continue
+            shape = node.inputs[0].shape
+            if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+                continue
+            rank = len(shape)
+            start = int(node.attrs.get("start", 0))
+            end = node.attrs.get("end")
+            start = max(0, min(rank, start + rank if start < 0 else start))
+            end = rank if end is None else int(end)
+            end = max(0, min(rank, end + rank if end < 0 else end))
+            out = node.outputs[0]
+            value = gs.Constant(f"{out.name}.folded", np.array(shape[start:end], dtype=np.int64))
+            for c in list(out.outputs):
+                for i, t in enumerate(c.inputs):
+                    if t is out:
+                        c.inputs[i] = value
+            if out.name in {t.name for t in graph.outputs}:
+                continue
+            node.outputs.clear()
+            n += 1
+        return n
 
     @staticmethod
     def _drop_identities(graph: gs.Graph) -> int:

@@ -191,3 +191,22 @@ def test_matmul_add_3d_becomes_gemm_with_reshapes(tmp_path):
     out = ort_run(export(g), {"x": x})[0]
     assert out.shape == (1, 4, 5)
     np.testing.assert_allclose(out, ort_run(m, {"x": x}, optimize=False)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_canonicalize_honours_shape_start_end(tmp_path):
+    """Shape-15 with start/end (dynamo exports) must fold to the slice, not the full shape."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+             helper.make_node("Concat", ["s", "one", "one"], ["tgt"], axis=0),
+             helper.make_node("Expand", ["cls", "tgt"], ["e"]),
+             helper.make_node("Concat", ["e", "x"], ["y"], axis=1)]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array([1], np.int64), "one"),
+                           numpy_helper.from_array(np.ones((1, 1, 8), np.float32), "cls")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    graph = _graph(m, tmp_path, batch=2)
+    r = CanonicalizePass().run(graph)
+    assert r.counts["Shape folded"] == 1 and ops(graph)["Expand"] == 0
+    x = np.random.default_rng(0).standard_normal((2, 4, 8)).astype(np.float32)
+    np.testing.assert_array_equal(ort_run(export(graph), {"x": x})[0], ort_run(m, {"x": x}, optimize=False)[0])
