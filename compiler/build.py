@@ -29,7 +29,7 @@ from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputErr
 from vitc.compiler.loader import LoadedModel, load_model
 from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
 from vitc.compiler.planner import resolve_plan
-from vitc.compiler.policy import Plan, Policy, default_policy
+from vitc.compiler.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
 from vitc.compiler.progress import progress
 from vitc.passes.annotate import AnnotatePass
 from vitc.passes.base import PassResult
@@ -73,6 +73,9 @@ class BuildConfig:
     migrate_alpha: float = 0.5  # fixed strength when the search is off
     search: bool = True  # pick migration strength and clipping per operator by its output error
     search_samples: int = 4
+    bias_correction: bool = True  # subtract each quantized linear's mean output error from its bias
+    weight_mse_clip: bool = False  # per-channel weight range by squared-error-optimal clipping instead of max
+    dynamic_roles: frozenset[str] = frozenset()  # ORT only: roles whose input range is computed per inference
     force: bool = False
     dump_after: frozenset[str] = frozenset()
     show_progress: bool = True
@@ -204,7 +207,7 @@ def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_pr
         return progress(it, cc.samples, label, show_progress)
 
     table = calibrate(run, tensors, feeds, cc.observer, model_digest=_digest(model), progress=prog,
-                      reservoir=reservoir, keep=keep)
+                      observer_overrides=plan.observer_overrides(), reservoir=reservoir, keep=keep)
     summary.update({"samples": table.samples, "observer": cc.observer.describe(), "tensors": len(tensors)})
     return table, summary
 
@@ -274,6 +277,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     from vitc.runtimes.ort import quiet
 
     quiet()
+    _silence_graphsurgeon()
     t_all = time.perf_counter()
     stages: dict[str, float] = {}
     tmp = _prepare_outdir(cfg.outdir, cfg.force)
@@ -298,11 +302,11 @@ def build(cfg: BuildConfig) -> BuildResult:
             model = export(graph)
         else:
             out_name = INT8_NAME
-            trt = cfg.target is Target.TRT
-            policy = cfg.policy or default_policy(cfg.calib.observer, symmetric=trt, quantize_conv=trt)
+            # the same default `vitc explain` shows (policy.target_default_policy: trt_policy / ORT default_policy)
+            policy = cfg.policy or target_default_policy(cfg.target.value, cfg.calib.observer)
             ann = AnnotatePass()
             results.append(ann.run(graph))
-            plan = resolve_plan(graph, policy, ann.roles)
+            plan = _plan_for(graph, policy, ann.roles, cfg.target)
             float_model = export(graph)
             t = time.perf_counter()
             reservoir: dict[str, list[np.ndarray]] = {}
@@ -321,16 +325,21 @@ def build(cfg: BuildConfig) -> BuildResult:
                 mig = ScaleMigrationPass.from_alpha(cam, graph, cfg.migrate_alpha, nodes=quantized)
                 results += run_passes(graph, [mig], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
                 if mig.applied:
-                    plan = resolve_plan(graph, policy, _roles(graph))
+                    plan = _plan_for(graph, policy, _roles(graph), cfg.target)
                     table, calib_summary = run_calibration(export(graph), plan, cfg.calib, cfg.show_progress,
                                                            label="recalibrating")
                 stages["migration + recalibration"] = time.perf_counter() - t
             del reservoir
             t = time.perf_counter()
-            results += run_passes(graph, [InsertQDQPass(plan, table)], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
+            dyn = frozenset(n.node for n in plan.quantized() if n.role in cfg.dynamic_roles and n.op == "Gemm")
+            qdq = InsertQDQPass(plan, table, dynamic_nodes=dyn, weight_mse_clip=cfg.weight_mse_clip)
+            results += run_passes(graph, [qdq, *_target_passes(cfg.target)], dump_after=set(cfg.dump_after),
+                                  dump_dir=dump_dir)
             stages["insert_qdq"] = time.perf_counter() - t
             model = export(graph)
             report["policy"] = plan.to_json()
+            for entry in report["policy"]["nodes"]:
+                entry["qparams"] = qdq.params.get(entry["node"])
             report["calibration"] = calib_summary
             report["calibration_table"] = table.to_json()["ranges"]
         model.producer_name = "vitc"
@@ -373,10 +382,13 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
     ratio: dict[str, float] = {}
     # linear sites, grouped by their shared input tensor
     groups: dict[str, list] = {}
+    # per-channel (simulated) activations keep their calibrated channel ranges: no migration/clipping search
+    per_channel = {t for n in plan.quantized() if n.spec.activation.value == "per-channel" for t in n.activations}
     for np_ in plan.quantized():
         node = nodes[np_.node]
         if node.op == "Gemm" and np_.weight is not None and not node.attrs.get("transB", 0) \
-                and not node.attrs.get("transA", 0) and np_.activations and np_.activations[0] in reservoir:
+                and not node.attrs.get("transA", 0) and np_.activations and np_.activations[0] in reservoir \
+                and np_.activations[0] not in per_channel:
             groups.setdefault(np_.activations[0], []).append((np_, node))
     for x_name, members in groups.items():
         rng = table.ranges[x_name]
@@ -387,14 +399,15 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
         choice, s = search_linear(reservoir[x_name], ws, np.asarray(rng.channel_min, np.float32),
                                   np.asarray(rng.channel_max, np.float32), bits=spec.bits, symmetric=spec.symmetric,
                                   per_channel_weight=spec.weight.value == "per-channel",
-                                  alphas=(None, 0.3, 0.5, 0.65, 0.8) if cfg.migrate else (None,))
+                                  alphas=(None, 0.3, 0.5, 0.65, 0.8) if cfg.migrate else (None,),
+                                  weight_mse_clip=cfg.weight_mse_clip)
         report["linear"][x_name] = {"nodes": [n.name for _, n in members], **choice.to_json()}
         ratio[x_name] = choice.ratio
         if s is not None:
             factors[x_name] = s
     mig = ScaleMigrationPass(factors, nodes={n.node for n in plan.quantized()})
     mig_res = mig.run(graph)
-    new_plan = resolve_plan(graph, policy, _roles(graph))
+    new_plan = _plan_for(graph, policy, _roles(graph), cfg.target)
     ranges = dict(table.ranges)
     for new_name, old in mig.renamed.items():
         ranges[new_name] = ranges[old]
@@ -419,12 +432,56 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
                 final[name] = TensorRange(_absmax(src) * r, src.min * r, src.max * r, f"minmax x{r}")
             elif name not in final:
                 final[name] = src
+    if cfg.bias_correction:
+        report["bias_correction"] = _correct_biases(graph, groups, factors, reservoir, final, cfg)
     new_table = CalibrationTable(table.model_digest, table.observer + " + output-error search", table.samples, final)
     return graph, new_plan, new_table, report, mig_res
 
 
+def _correct_biases(graph: gs.Graph, groups: dict, factors: dict, reservoir: dict, final: dict,
+                    cfg: BuildConfig) -> dict:
+    """Empirical bias correction: subtract each quantized linear's mean output error (over the reservoir tokens)
+    from its bias, so quantization leaves no systematic per-channel shift."""
+    from vitc.compiler.search import fake_quant, fake_quant_asym, fake_quant_weight
+    from vitc.passes.graphutil import const_value
+
+    out = {"corrected": 0, "mean_abs_shift": 0.0}
+    shifts = []
+    dynamic = {np_.node for members in groups.values() for np_, _ in members if np_.role in cfg.dynamic_roles}
+    for x_name, members in groups.items():
+        x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in reservoir[x_name]]).astype(np.float32)
+        if x_name in factors:
+            x = x / factors[x_name]
+        for np_, node in members:
+            if len(node.inputs) < 3 or const_value(node.inputs[2]) is None or np_.node in dynamic:
+                continue
+            rng = final.get(node.inputs[0].name)
+            if rng is None:
+                continue
+            w = const_value(node.inputs[1])
+            b = const_value(node.inputs[2])
+            spec = np_.spec
+            xq = fake_quant(x, rng.amax, spec.bits) if spec.symmetric else \
+                fake_quant_asym(x, rng.min, rng.max, spec.bits)
+            wq = fake_quant_weight(w, spec.bits, spec.weight.value == "per-channel", cfg.weight_mse_clip)
+            err = (xq @ wq - x @ w).mean(axis=0)
+            node.inputs[2] = gs.Constant(f"{node.name}.bias.corrected", (b.reshape(-1) - err).astype(b.dtype))
+            shifts.append(float(np.abs(err).mean() / max(float(np.abs(b).mean()), 1e-12)))
+            out["corrected"] += 1
+    out["mean_abs_shift"] = float(np.mean(shifts)) if shifts else 0.0
+    return out
+
+
 def _absmax(r) -> float:
     return float(max(abs(r.min), abs(r.max)))
+
+
+def _silence_graphsurgeon() -> None:
+    """graphsurgeon's logger prints warnings (e.g. about large folded constants) straight to stdout."""
+    try:
+        gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    except AttributeError:  # pragma: no cover - older graphsurgeon
+        pass
 
 
 def _verify_float(source: onnx.ModelProto, rewritten: onnx.ModelProto, cc: CalibConfig) -> dict:
@@ -455,6 +512,22 @@ def _roles(graph: gs.Graph):
     ann = AnnotatePass()
     ann.run(graph)
     return ann.roles
+
+
+def _plan_for(graph: gs.Graph, policy: Policy, roles, target: Target) -> Plan:
+    """The policy's plan; for TensorRT plus the residual Adds (passes/trt_residual_qdq.py)."""
+    from vitc.compiler.planner import make_plan
+
+    return make_plan(graph, policy, roles, target.value)
+
+
+def _target_passes(target: Target) -> list:
+    """Lowering after Q/DQ insertion: TensorRT takes no int32 bias DQ (passes/trt_lower.py)."""
+    if target is Target.TRT:
+        from vitc.passes.trt_lower import TrtLoweringPass
+
+        return [TrtLoweringPass()]
+    return []
 
 
 def _json_default(o):

@@ -1,4 +1,4 @@
-"""The `vitc` command line: build, explain, bench, export."""
+"""The `vitc` command line: build, explain, bench, eval, export."""
 
 from __future__ import annotations
 
@@ -53,6 +53,28 @@ def _std3(s: str) -> tuple[float, float, float]:
     return v
 
 
+def _preset_names() -> list[str]:
+    from vitc.compiler.policy import preset_names
+
+    return preset_names()
+
+
+def _expand_roles(roles: list[str]) -> frozenset[str]:
+    """Role names with groups expanded (``qkv`` also means separate q/k/v projections), as policy rules match."""
+    from vitc.compiler.policy import expand_roles
+
+    return expand_roles(frozenset(roles)) if roles else frozenset()
+
+
+def _load_policy(a, observer: ObserverConfig):
+    """The policy named by --policy (None: the build's default for the target), loaded for --target."""
+    from vitc.compiler.policy import DEFAULT_PRESET, PolicyDefaults, load_policy
+
+    if a.policy is None or (a.policy == DEFAULT_PRESET and not Path(a.policy).is_file()):
+        return None
+    return load_policy(a.policy, PolicyDefaults.for_target(a.target, observer, simulate=a.simulate))
+
+
 def get_parser() -> argparse.ArgumentParser:
     from vitc.compiler.build import Precision
     from vitc.compiler.pipeline import Target
@@ -78,26 +100,43 @@ def get_parser() -> argparse.ArgumentParser:
                    help="fixed migration strength with --no-search (0: none, 1: all into the weights)")
     b.add_argument("--no-search", action="store_true",
                    help="use the observer's ranges as they are instead of searching migration/clipping per operator")
+    b.add_argument("--no-bias-correction", action="store_true",
+                   help="keep biases as they are (default: subtract each quantized linear's mean output error)")
+    b.add_argument("--weight-mse-clip", action="store_true",
+                   help="per-channel weight ranges by squared-error-optimal clipping (always on below 8 bits)")
+    b.add_argument("--dynamic", action="append", default=[], metavar="ROLE",
+                   help="ORT target: compute this role's input range per inference (e.g. fc2); repeatable")
     b.add_argument("--batch", type=_positive, default=1, help="fix a dynamic batch dim to this size")
     b.add_argument("--input-shape", type=_shape, action="append", default=[], metavar="NAME=D0,D1,...")
     b.add_argument("--mean", type=_floats3, default=None, help="override normalization mean, e.g. 0.5,0.5,0.5")
     b.add_argument("--std", type=_std3, default=None)
     b.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
+    b.add_argument("--require-engine", action="store_true",
+                   help="--target trt: fail (exit 4, no OUTDIR) unless the TensorRT engine can be built here")
+    b.add_argument("--policy", default=None, metavar="FILE|PRESET",
+                   help="per-layer quantization policy: a TOML file or a preset (see `vitc explain --help`)")
+    b.add_argument("--simulate", action="store_true",
+                   help="allow simulation-only policy settings (bits 4/6): an accuracy model, not an engine")
     b.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="also write the graph after PASS into OUTDIR/dumps (repeatable; 'all')")
 
-    e = sub.add_parser("explain", help="print the per-layer quantization plan")
+    e = sub.add_parser("explain", help="print the per-layer quantization plan",
+                       epilog="presets: " + ", ".join(_preset_names()))
     e.add_argument("model", type=Path)
     e.add_argument("--target", choices=[t.value for t in Target], default=Target.ORT.value)
     e.add_argument("--batch", type=_positive, default=1)
+    e.add_argument("--policy", default=None, metavar="FILE|PRESET", help="a TOML policy file or a preset name")
+    e.add_argument("--simulate", action="store_true", help="allow simulation-only policy settings (bits 4/6)")
+    e.add_argument("--observer", choices=[o.value for o in Observer], default=Observer.PERCENTILE.value)
+    e.add_argument("--percentile", type=float, default=99.99)
 
-    be = sub.add_parser("bench", help="time models side by side (ms per image, ratios against the first)")
-    be.add_argument("models", type=Path, nargs="+")
-    be.add_argument("--batch", type=_positive, default=1)
-    be.add_argument("--threads", type=_positive, default=2)
-    be.add_argument("--rounds", type=_positive, default=5)
-    be.add_argument("--block", type=_positive, default=10)
-    be.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    from vitc.compiler import bench as _bench, eval_folder as _eval_folder
+
+    be = sub.add_parser("bench", help="time models side by side (ms per image, ratios against a baseline)")
+    _bench.add_arguments(be)
+
+    ev = sub.add_parser("eval", help="top-1/top-5 on an ImageFolder, fidelity against a reference model")
+    _eval_folder.add_arguments(ev, _shape, _floats3, _std3)
 
     x = sub.add_parser("export", help="export a timm model to ONNX (needs vitc[export])")
     x.add_argument("model_name")
@@ -106,6 +145,20 @@ def get_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter")
     x.add_argument("--force", action="store_true")
+
+    c = sub.add_parser("check", help="list every violation of TensorRT's explicit-quantization rules (exit 1 if any)")
+    c.add_argument("model", type=Path)
+    c.add_argument("--target", choices=["trt"], default="trt")
+    c.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+
+    g = sub.add_parser("engine", help="build OUTDIR/model.engine from a `--target trt` build (GPU host, TensorRT)")
+    g.add_argument("outdir", type=Path)
+    g.add_argument("--no-fp16", action="store_true", help="float regions in fp32 (= trtexec --stronglyTyped)")
+    g.add_argument("--workspace-mb", type=_positive, default=4096, help="TensorRT workspace memory limit")
+    g.add_argument("--timing-cache", type=Path, default=None,
+                   help="timing cache file reused between builds (default: one per TensorRT version and GPU "
+                        "under ~/.cache/vitc)")
+    g.add_argument("--force", action="store_true", help="replace an existing model.engine")
     return p
 
 
@@ -119,6 +172,7 @@ def _cmd_build(a) -> int:
         raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a value in (0, 100], e.g. 99.99")
     if not 0 <= a.alpha <= 1:
         raise VitcError(f"--alpha {a.alpha} is out of range", hint="give a value in [0, 1]")
+    policy = _load_policy(a, ob)
     # Cheap checks first, so a typo fails before minutes of graph work.
     if not a.model.exists():
         raise ModelLoadError(f"{a.model}: no such file", hint="give the path of an .onnx model")
@@ -137,7 +191,16 @@ def _cmd_build(a) -> int:
         model=a.model, outdir=outdir, target=Target(a.target), precision=Precision(a.precision),
         fuse=not a.no_fuse, batch=a.batch, input_shapes=dict(a.input_shape),
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
-        migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after))
+        migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
+        policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip,
+        dynamic_roles=_expand_roles(a.dynamic))
+    if cfg.dynamic_roles and cfg.target is not Target.ORT:
+        raise VitcError("--dynamic needs --target ort", hint="TensorRT runs only static int8 activation scales")
+    trt_engine = a.target == "trt" and cfg.precision is Precision.INT8
+    if trt_engine and a.require_engine:  # before any work: no OUTDIR when the engine cannot be built
+        from vitc.runtimes.tensorrt import require_available
+
+        require_available("--require-engine")
     try:
         res = build(cfg)
     except BaseException:
@@ -150,10 +213,77 @@ def _cmd_build(a) -> int:
     counts = {k: v for r in res.report["passes"] for k, v in r["counts"].items()
               if v and any(w in k for w in ("fusions", "nodes quantized", "folds", "Mul inserted"))}
     log.info("wrote %s (%s)", res.model_path, ", ".join(f"{k}: {v}" for k, v in counts.items()))
-    if a.target == "trt":
-        log.warning("TensorRT engine not built: the TensorRT target is not implemented yet; "
-                    "model.int8.onnx is the Q/DQ graph")
+    _log_plan_notes(res.report.get("policy", {}))
+    if trt_engine:
+        _trt_engine_step(a, res)
     return 0
+
+
+def _trt_engine_step(a, res) -> None:
+    """After a `--target trt` build: build the engine if TensorRT and a GPU are here, else say how (one line)."""
+    import shutil
+
+    from vitc.runtimes.tensorrt import (ENGINE_NAME, EngineConfig, availability, build_commands, engine_in_outdir,
+                                        not_built_message, record_engine)
+
+    av = availability()
+    if not av.ok:
+        record_engine(res.outdir, {"built": False, "reason": av.reason, "commands": list(build_commands(a.outdir))})
+        log.warning("%s", not_built_message(str(a.outdir), av.reason))
+        return
+    try:
+        sc = engine_in_outdir(res.outdir, EngineConfig(force=True))
+    except VitcError:
+        if a.require_engine:  # the engine was required: leave nothing behind
+            shutil.rmtree(res.outdir, ignore_errors=True)
+        else:
+            log.error("the engine build failed; %s and build.json are written, retry with `vitc engine %s`",
+                      res.model_path.name, a.outdir)
+        raise
+    log.info("wrote %s (TensorRT %s, %s)", res.outdir / ENGINE_NAME, sc.tensorrt_version, sc.gpu_name)
+
+
+def _cmd_check(a) -> int:
+    from vitc.compiler.trt_check import check_file
+
+    rep = check_file(a.model)
+    for v in rep.violations:
+        sys.stdout.write(f"{v}\n")
+    for n in rep.notes:
+        sys.stdout.write(f"note: {n}\n")
+    if a.json is not None:
+        try:
+            a.json.write_text(json.dumps(rep.to_json(), indent=2))
+        except OSError as exc:
+            raise VitcError(f"{a.json}: cannot write ({exc.strerror})", hint="choose another --json") from None
+    seen = ", ".join(f"{k}: {v}" for k, v in rep.counts.items())
+    warned = f"; {len(rep.warnings)} missed fusion warning(s)" if rep.warnings else ""
+    if rep.ok:
+        log.info("%s follows TensorRT's explicit-quantization rules (%s)%s", a.model, seen, warned)
+        return 0
+    rules = ", ".join(f"{k} x{v}" for k, v in rep.by_rule().items())
+    log.error("%s: %d violation(s) of TensorRT's explicit-quantization rules (%s)%s", a.model, len(rep.errors),
+              rules, warned)
+    return 1
+
+
+def _cmd_engine(a) -> int:
+    from vitc.runtimes.tensorrt import ENGINE_NAME, EngineConfig, engine_in_outdir
+
+    sc = engine_in_outdir(a.outdir, EngineConfig(fp16=not a.no_fp16, workspace_mb=a.workspace_mb,
+                                                 timing_cache=a.timing_cache, force=a.force))
+    log.info("wrote %s (TensorRT %s, %s, compute capability %s)", a.outdir / ENGINE_NAME, sc.tensorrt_version,
+             sc.gpu_name, sc.compute_capability)
+    return 0
+
+
+def _log_plan_notes(plan: dict) -> None:
+    for w in plan.get("warnings", []):
+        log.warning("policy: %s", w)
+    sim = plan.get("simulated", [])
+    if sim:
+        log.warning("%d node(s) use simulated quantization (per-channel activations or 4/6 bits): no int8 kernel "
+                    "runs them, they run as Q/DQ around a float op (an accuracy model, not a speed-up)", len(sim))
 
 
 def _cmd_explain(a) -> int:
@@ -161,57 +291,72 @@ def _cmd_explain(a) -> int:
 
     from vitc.compiler.loader import load_model
     from vitc.compiler.pipeline import PipelineConfig, Target, float_pipeline, run_passes
-    from vitc.compiler.planner import resolve_plan
-    from vitc.compiler.policy import default_policy
+    from vitc.compiler.planner import make_plan
+    from vitc.compiler.policy import target_default_policy
     from vitc.passes.annotate import AnnotatePass
     from vitc.runtimes.ort import quiet
 
+    if not 0 < a.percentile <= 100:
+        raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a value in (0, 100], e.g. 99.99")
+    ob = ObserverConfig(Observer(a.observer), a.percentile)
+    policy = _load_policy(a, ob) or target_default_policy(a.target, ob)
     quiet()
     lm = load_model(a.model, batch=a.batch)
     g = gs.import_onnx(lm.model)
     run_passes(g, float_pipeline(PipelineConfig(Target(a.target))))
     ann = AnnotatePass()
     ann.run(g)
-    plan = resolve_plan(g, default_policy(), ann.roles)
-    out = sys.stdout
-    out.write(f"{'node':70s} {'op':7s} {'role':12s} {'block':>5s}  {'quantization':60s} rule\n")
-    for n in plan.nodes:
-        out.write(f"{n.node[-70:]:70s} {n.op:7s} {n.role:12s} {'' if n.block is None else n.block:>5}  "
-                  f"{n.spec.describe():60s} {n.rule}\n")
+    plan = make_plan(g, policy, ann.roles, a.target)
+    sys.stdout.write(format_plan(plan, ann.roles, g) + "\n")
+    _log_plan_notes(plan.to_json())
     return 0
+
+
+def format_plan(plan, roles: dict, graph) -> str:
+    """The `vitc explain` table: one row per annotated node in graph order (float ops included, marked float)."""
+    planned = {n.node: n for n in plan.nodes}
+    order = [n.name for n in graph.nodes]
+    ops = {n.name: n.op for n in graph.nodes}
+    rows = [("node", "op", "role", "block", "act", "weight", "observer", "bits", "sym", "rule", "note")]
+    for name in order + [n for n in planned if n not in set(order)]:
+        n = planned.get(name)
+        r = roles.get(name)
+        if n is None and r is None:
+            continue
+        block = (n.block if n is not None else r.block)
+        block_s = "-" if block is None else str(block)
+        if n is None:  # an annotated float op (LayerNorm, Softmax, GELU, residual Add): never quantized
+            rows.append((name, ops.get(name, "?"), r.role, block_s, "float", "-", "-", "-", "-", "-", "float op"))
+            continue
+        if n.spec.skip:
+            rows.append((name, n.op, n.role, block_s, "float", "-", "-", "-", "-", n.rule, "kept float"))
+            continue
+        sp = n.spec
+        rows.append((name, n.op, n.role, block_s, sp.activation.value, sp.weight.value if n.weight else "-",
+                     sp.observer.describe(), str(sp.bits), "sym" if sp.symmetric else "asym", n.rule,
+                     "simulated: " + ", ".join(n.simulation) if n.simulated else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    widths[0] = min(widths[0], 60)
+    out = []
+    for r in rows:
+        cells = [(c if len(c) <= widths[i] else "..." + c[-(widths[i] - 3):]).ljust(widths[i]) for i, c in enumerate(r)]
+        out.append(" ".join(cells).rstrip())
+    q = plan.quantized()
+    out.append(f"# policy {plan.policy}: {len(q)} quantized, {len(plan.nodes) - len(q)} kept float, "
+               f"{len(plan.simulated())} simulated")
+    return "\n".join(out)
 
 
 def _cmd_bench(a) -> int:
-    import onnx
+    from vitc.compiler.bench import run_command
 
-    from vitc.compiler.bench import BenchConfig, bench, format_table
+    return run_command(a)
 
-    for m in a.models:
-        if not m.is_file():
-            raise VitcError(f"{m}: no such model file", hint="give the paths of .onnx models")
-        try:
-            onnx.load(str(m), load_external_data=False)
-        except Exception as exc:
-            raise VitcError(f"{m}: not a readable ONNX model ({type(exc).__name__})",
-                            hint="check the file is a complete .onnx export") from None
-    if a.json is not None and not a.json.absolute().parent.is_dir():
-        raise VitcError(f"{a.json}: folder {a.json.absolute().parent} does not exist", hint="choose another --json")
-    try:
-        rows = bench(list(a.models), BenchConfig(batch=a.batch, threads=a.threads, rounds=a.rounds, block=a.block))
-    except VitcError:
-        raise
-    except Exception as exc:
-        if type(exc).__module__.startswith("onnxruntime"):  # a model ORT cannot load or run
-            raise VitcError(f"onnxruntime cannot run the models: {exc}",
-                            hint="check each model loads in onnxruntime") from None
-        raise
-    sys.stdout.write(format_table(rows) + "\n")
-    if a.json:
-        try:
-            a.json.write_text(json.dumps([r.to_json() for r in rows], indent=2))
-        except OSError as exc:
-            raise VitcError(f"{a.json}: cannot write ({exc.strerror})", hint="choose another --json") from None
-    return 0
+
+def _cmd_eval(a) -> int:
+    from vitc.compiler.eval_folder import run_command
+
+    return run_command(a)
 
 
 def _cmd_export(a) -> int:
@@ -259,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(a.log_level)
     logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
     _silence_graphsurgeon()
-    handlers = {"build": _cmd_build, "explain": _cmd_explain, "bench": _cmd_bench, "export": _cmd_export}
+    handlers = {"build": _cmd_build, "explain": _cmd_explain, "bench": _cmd_bench, "eval": _cmd_eval, "export": _cmd_export,
+                "check": _cmd_check, "engine": _cmd_engine}
     try:
         return handlers[a.cmd](a)
     except VitcError as exc:

@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from dataclasses import replace
+
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.policy import Granularity, NodePlan, Plan, Policy
-from vitc.passes.annotate import Role, has_const_weight
+from vitc.compiler.calibration import Observer, ObserverConfig
+from vitc.compiler.errors import PolicyError
+from vitc.compiler.policy import Granularity, NodePlan, Plan, Policy, QuantSpec, simulation_reasons
+from vitc.passes.annotate import Role, block_count, has_const_weight
 from vitc.passes.graphutil import const_value
+
+log = logging.getLogger(__name__)
+
+
+def check_blocks(policy: Policy, roles: dict[str, Role]) -> None:
+    """Every block range of the policy must lie inside the model (a typo'd range would silently match nothing)."""
+    n = block_count(roles)
+    for r in policy.rules:
+        if r.blocks is None:
+            continue
+        lo, hi = r.blocks
+        if n == 0 or hi >= n:
+            have = "no transformer blocks" if n == 0 else f"{n} blocks (0-{n - 1})"
+            raise PolicyError(f"{r.where(policy.source)}: rule {r.name!r} names blocks {lo}-{hi}, outside the model: "
+                              f"it has {have}", hint="blocks are 0-based; `vitc explain MODEL` lists them")
 
 
 def resolve_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role]) -> Plan:
+    """One :class:`NodePlan` per quantizable node (MatMul/Gemm/Conv with a role), with the first rule that matches.
+
+    Raises :class:`PolicyError` for a block range outside the model. Rules that match no node and per-channel
+    activations that cannot apply (Conv inputs are NCHW: there is no token-channel last axis) are reported in
+    ``plan.warnings``.
+    """
+    check_blocks(policy, roles)
     nodes: list[NodePlan] = []
     tensors = graph.tensors()
+    conv_fallback: Counter[str] = Counter()
     for node in graph.nodes:
         r = roles.get(node.name)
         if r is None:
             continue
-        rule = policy.lookup(node.name, r.role, r.block)
-        spec = rule.spec
         acts: list[str] = []
         weight = axis = None
         if node.op == "MatMul":
@@ -37,8 +64,52 @@ def resolve_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role]) -> Pla
             acts, weight, axis = [node.inputs[0].name], node.inputs[1].name, 0
         else:
             continue
+        rule = policy.lookup(node.name, r.role, r.block, r.inputs)
+        spec = rule.spec
+        if node.op == "Conv" and not spec.skip and spec.activation is Granularity.PER_CHANNEL:
+            spec = replace(spec, activation=Granularity.PER_TENSOR)
+            conv_fallback[rule.name] += 1
+        spec = _effective(spec)
         acts = [a for a in acts if const_value(tensors[a]) is None]
-        simulated = not spec.skip and spec.activation is Granularity.PER_CHANNEL
+        why = simulation_reasons(spec)
         nodes.append(NodePlan(node=node.name, op=node.op, role=r.role, block=r.block, spec=spec, rule=rule.name,
-                              activations=acts, weight=weight, weight_axis=axis, simulated=simulated))
-    return Plan(policy=policy.name, nodes=nodes)
+                              activations=acts, weight=weight, weight_axis=axis, simulated=bool(why),
+                              simulation=why))
+    warnings = [f"rule {name!r}: per-channel activations on {k} Conv input(s) quantized per-tensor instead (an NCHW "
+                "input has no token-channel last axis)" for name, k in conv_fallback.items()]
+    return Plan(policy=policy.name, nodes=nodes, warnings=_unused(policy, nodes) + warnings)
+
+
+def _effective(spec: QuantSpec) -> QuantSpec:
+    """Per-channel activations are quantized by insert_qdq symmetric, one scale per channel from the calibrated
+    channel min/max (the observer applies to per-tensor ranges): say so in the plan."""
+    if not spec.skip and spec.activation is Granularity.PER_CHANNEL:
+        return replace(spec, symmetric=True, observer=ObserverConfig(Observer.MINMAX))
+    return spec
+
+
+def _unused(policy: Policy, nodes: list[NodePlan]) -> list[str]:
+    """Rules of a policy file that match nothing (presets are written for any model: not reported)."""
+    if policy.source is None or policy.source.startswith("preset "):
+        return []
+    used = {n.rule for n in nodes}
+    return [f"{r.where(policy.source)}: rule {r.name!r} matches no node of this model"
+            for r in policy.rules if r.name not in used and not r.is_default]
+
+
+def make_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role], target: str = "ort") -> Plan:
+    """The plan a build for ``target`` quantizes: :func:`resolve_plan`, plus for TensorRT one entry per residual Add
+    (passes/trt_residual_qdq.py)."""
+    plan = resolve_plan(graph, policy, roles)
+    if target == "trt":
+        from vitc.passes.trt_residual_qdq import extend_plan
+
+        extended = extend_plan(graph, plan, policy)
+        extended.warnings = _unused(policy, extended.nodes) + [w for w in plan.warnings if "matches no node" not in w]
+        plan = extended
+        for n in plan.nodes:
+            n.spec = _effective(n.spec)
+            why = simulation_reasons(n.spec)
+            if why and not n.simulated:
+                n.simulated, n.simulation = True, why
+    return plan

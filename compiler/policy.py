@@ -1,15 +1,48 @@
 """Per-layer quantization policy (ordered rules, first match wins) and its resolution into a plan.
 
 The plan is computed before the graph is touched: node -> role, block, spec and the rule that matched.
+Policies are Python objects (:func:`default_policy`, :func:`trt_policy`) or TOML files / shipped presets
+(:func:`load_policy`, format in the README section "Policies" and in ``compiler/presets/*.toml``).
 """
 
 from __future__ import annotations
 
+import difflib
 import enum
 import fnmatch
-from dataclasses import dataclass, field
+import functools
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
 
 from vitc.compiler.calibration import Observer, ObserverConfig
+from vitc.compiler.errors import PolicyError
+from vitc.passes.annotate import FLOAT_ROLES, QUANTIZABLE_ROLES, ROLES
+
+# Roles a rule can name. ``residual`` is the skip input of a residual Add that the TensorRT target quantizes
+# (passes/trt_residual_qdq.py); everything else comes from passes/annotate.py.
+RULE_ROLES: tuple[str, ...] = QUANTIZABLE_ROLES + ("residual", "residual_add")
+# A group name in a rule matches each of its members: ``qkv`` covers separate q/k/v projections too (so one rule
+# serves timm's fused projection and HF's separate ones), ``residual_add`` covers TensorRT's ``residual`` entries,
+# ``layernorm`` (in ``input_from``) every LayerNorm role.
+ROLE_GROUPS: dict[str, frozenset[str]] = {
+    "qkv": frozenset({"qkv", "q", "k", "v"}),
+    "residual_add": frozenset({"residual_add", "residual"}),
+    "layernorm": frozenset({"norm1", "norm2", "final_norm", "norm"}),
+}
+INPUT_ROLES: tuple[str, ...] = ROLES + ("layernorm",)
+SIMULATION_BITS = (4, 6)  # allowed only when a policy is loaded for simulation
+
+
+@functools.lru_cache(maxsize=None)
+def expand_roles(roles: frozenset[str]) -> frozenset[str]:
+    """``roles`` with every group name replaced by its members (and kept itself)."""
+    out = set(roles)
+    for r in roles:
+        out |= ROLE_GROUPS.get(r, frozenset())
+    return frozenset(out)
 
 
 class Granularity(enum.Enum):
@@ -37,32 +70,48 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class Rule:
-    """Matches on role, block range and/or node-name glob (all given must match)."""
+    """Matches on role, block range, node-name glob and/or the roles of the nodes producing the node's activation
+    inputs (all given must match; a rule with none of them is a catch-all default). Group names in ``roles`` and
+    ``input_from`` match their members (:data:`ROLE_GROUPS`)."""
 
     name: str
     spec: QuantSpec
     roles: frozenset[str] | None = None
     blocks: tuple[int, int] | None = None  # inclusive range
     name_glob: str | None = None
+    input_from: frozenset[str] | None = None
+    line: int | None = None  # where the rule starts in its policy file
 
-    def matches(self, node_name: str, role: str, block: int | None) -> bool:
-        if self.roles is not None and role not in self.roles:
+    def matches(self, node_name: str, role: str, block: int | None, inputs: tuple[str | None, ...] = ()) -> bool:
+        if self.roles is not None and role not in expand_roles(self.roles):
             return False
         if self.blocks is not None and (block is None or not self.blocks[0] <= block <= self.blocks[1]):
             return False
         if self.name_glob is not None and not fnmatch.fnmatchcase(node_name, self.name_glob):
             return False
+        if self.input_from is not None and not expand_roles(self.input_from).intersection(inputs):
+            return False
         return True
+
+    @property
+    def is_default(self) -> bool:
+        return self.roles is None and self.blocks is None and self.name_glob is None and self.input_from is None
+
+    def where(self, source: str | None) -> str:
+        """``FILE:LINE`` (or the rule name) for messages."""
+        return f"{source}:{self.line}" if source and self.line else f"rule {self.name!r}"
 
 
 @dataclass(frozen=True)
 class Policy:
     name: str
     rules: tuple[Rule, ...]
+    source: str | None = None  # the policy file or "preset NAME"; None for policies built in Python
+    description: str = ""
 
-    def lookup(self, node_name: str, role: str, block: int | None) -> Rule:
+    def lookup(self, node_name: str, role: str, block: int | None, inputs: tuple[str | None, ...] = ()) -> Rule:
         for r in self.rules:
-            if r.matches(node_name, role, block):
+            if r.matches(node_name, role, block, inputs):
                 return r
         raise LookupError(f"policy {self.name!r} has no rule for node {node_name!r} (role {role}); "
                           "end the policy with a default rule")
@@ -93,6 +142,33 @@ def default_policy(observer: ObserverConfig | None = None, symmetric: bool = Tru
     ))
 
 
+class TrtAttention(enum.Enum):
+    """How the TensorRT policy treats the two attention matmuls (always both the same way)."""
+
+    INT8 = "int8"  # Q/DQ on both inputs of QK^T and of attention x V: TensorRT's fused int8 MHA
+    FLOAT = "float"  # no Q/DQ on either: TensorRT's fused fp16 MHA (a half-quantized attention fuses neither way)
+
+
+def trt_policy(observer: ObserverConfig | None = None, attention: TrtAttention = TrtAttention.INT8,
+               quantize_residual: bool = True) -> Policy:
+    """TensorRT explicit quantization (strongly typed Q/DQ): symmetric int8 with zero-point 0, per-tensor
+    activations, per-channel weights, Q/DQ on every input of every Conv/Gemm/MatMul.
+
+    Unlike the ORT policy, the attention x V matmul is quantized too by default: TensorRT's fused int8 MHA needs
+    Q/DQ after the softmax and on V. ``attention=TrtAttention.FLOAT`` keeps both attention matmuls float instead.
+    Role ``residual`` is the skip input of an Add that follows a quantized linear (found by the TRT-only
+    ``passes/trt_residual_qdq.py``); quantizing it lets TensorRT fuse the Add into the GEMM epilogue.
+    ``vitc check --target trt`` reports a residual left float as a lost fusion.
+    """
+    ob = observer or ObserverConfig()
+    rules: tuple[Rule, ...] = ()
+    if attention is TrtAttention.FLOAT:
+        rules += (Rule("attention-float", QuantSpec(skip=True), roles=frozenset({"attn_qk", "attn_av"})),)
+    if not quantize_residual:
+        rules += (Rule("residual-float", QuantSpec(skip=True), roles=frozenset({"residual"})),)
+    return Policy("trt", rules + (Rule("default", QuantSpec(observer=ob, symmetric=True)),))
+
+
 # -- the plan -------------------------------------------------------------------------------------------------------
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
 
@@ -108,28 +184,324 @@ class NodePlan:
     activations: list[str] = field(default_factory=list)  # tensor names quantized as activations
     weight: str | None = None  # constant weight tensor name (quantized per spec.weight)
     weight_axis: int | None = None
-    simulated: bool = False  # per-channel activations: no int8 kernel runs them
+    simulated: bool = False  # settings no int8 kernel runs (see ``simulation`` for which)
+    simulation: tuple[str, ...] = ()  # e.g. ("per-channel activations", "int4"): why it is simulated
 
     def to_json(self) -> dict:
         return {"node": self.node, "op": self.op, "role": self.role, "block": self.block, "rule": self.rule,
                 "quant": self.spec.describe(), "activations": self.activations, "weight": self.weight,
-                "weight_axis": self.weight_axis, "simulated": self.simulated}
+                "weight_axis": self.weight_axis, "simulated": self.simulated, "simulation": list(self.simulation)}
+
+
+def simulation_reasons(spec: QuantSpec) -> tuple[str, ...]:
+    """Why a spec cannot run on an int8 engine kernel (TensorRT or ORT): per-channel activation scales (every
+    int8 GEMM kernel takes one activation scale) and bit widths other than 8. Such nodes still run, as Q/DQ
+    around a float op: an accuracy simulation, not a deployable speed-up."""
+    if spec.skip:
+        return ()
+    out = []
+    if spec.activation is Granularity.PER_CHANNEL:
+        out.append("per-channel activations")
+    if spec.bits != 8:
+        out.append(f"int{spec.bits}")
+    return tuple(out)
 
 
 @dataclass
 class Plan:
     policy: str
     nodes: list[NodePlan]
+    warnings: list[str] = field(default_factory=list)  # e.g. a rule that matched nothing
 
     def quantized(self) -> list[NodePlan]:
         return [n for n in self.nodes if not n.spec.skip]
 
+    def simulated(self) -> list[NodePlan]:
+        return [n for n in self.quantized() if n.simulated]
+
     def activation_tensors(self) -> list[str]:
         return list(dict.fromkeys(t for n in self.quantized() for t in n.activations))
 
+    def observer_overrides(self) -> dict[str, ObserverConfig]:
+        """Activation tensor -> the observer of the rule that quantizes it (the first consumer's, if several)."""
+        out: dict[str, ObserverConfig] = {}
+        for n in self.quantized():
+            for t in n.activations:
+                out.setdefault(t, n.spec.observer)
+        return out
+
     def to_json(self) -> dict:
-        return {"policy": self.policy, "nodes": [n.to_json() for n in self.nodes]}
+        return {"policy": self.policy, "nodes": [n.to_json() for n in self.nodes],
+                "simulated": [n.node for n in self.simulated()], "warnings": list(self.warnings)}
 
 
-__all__ = ["Granularity", "QuantSpec", "Rule", "Policy", "default_policy", "NodePlan", "Plan", "Observer",
-           "ObserverConfig", "QUANTIZABLE_OPS"]
+# -- policy files and presets -----------------------------------------------------------------------------------------
+DEFAULT_PRESET = "default"
+RULE_KEYS = ("name", "roles", "role", "blocks", "node", "input_from", "activation", "weight", "observer", "percentile",
+             "bits", "symmetric", "skip")
+MATCH_KEYS = ("roles", "role", "blocks", "node", "input_from")
+SPEC_KEYS = ("activation", "weight", "observer", "percentile", "bits", "symmetric")
+TOP_KEYS = ("name", "description", "rule")
+
+
+@dataclass(frozen=True)
+class PolicyDefaults:
+    """What a loaded policy is resolved against: values for keys its default rule leaves out, the target (for the
+    preset "default") and whether simulation-only settings (bits 4 and 6) are allowed."""
+
+    observer: ObserverConfig = ObserverConfig()
+    symmetric: bool = True  # activations; the ORT target's default is asymmetric uint8 (False)
+    target: str = "ort"  # "ort" | "trt"
+    simulate: bool = False
+
+    @classmethod
+    def for_target(cls, target: str, observer: ObserverConfig | None = None, simulate: bool = False) -> "PolicyDefaults":
+        """The build's defaults: symmetric int8 activations for TensorRT, asymmetric uint8 for ORT."""
+        return cls(observer or ObserverConfig(), symmetric=target == "trt", target=target, simulate=simulate)
+
+
+def target_default_policy(target: str, observer: ObserverConfig | None = None) -> Policy:
+    """The policy `vitc build` uses without ``--policy`` (and the preset "default")."""
+    if target == "trt":
+        return trt_policy(observer)
+    return default_policy(observer, symmetric=False, quantize_conv=False)
+
+
+def preset_names() -> list[str]:
+    """The shipped presets (``compiler/presets/*.toml``) plus "default"."""
+    d = resources.files("vitc.compiler").joinpath("presets")
+    names = {f.name[:-5] for f in d.iterdir() if f.name.endswith(".toml")} if d.is_dir() else set()
+    order = [n for n in _PRESET_ORDER if n in names] + sorted(names - set(_PRESET_ORDER))
+    return [DEFAULT_PRESET] + [n for n in order if n != DEFAULT_PRESET]
+
+
+# the research's ablation order (vit-ptq-report Table 3 / Table 5)
+_PRESET_ORDER = ("all-per-tensor", "ln-per-channel", "ln-fc2-per-channel", "ln-fc2-b5-6-per-channel", "all-per-channel")
+
+
+def load_policy(spec: str | Path, defaults: PolicyDefaults = PolicyDefaults()) -> Policy:
+    """A policy from a TOML file or a preset name (a path that exists wins over a preset of the same name)."""
+    s = str(spec)
+    path = Path(s)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"{path}: cannot read the policy file ({exc})", hint="give a UTF-8 TOML file") from None
+        return parse_policy(text, str(path), defaults, name=path.stem)
+    presets = preset_names()
+    if s == DEFAULT_PRESET:
+        return replace(target_default_policy(defaults.target, defaults.observer), source=f"preset {s}")
+    if s in presets:
+        text = resources.files("vitc.compiler").joinpath("presets", f"{s}.toml").read_text(encoding="utf-8")
+        return parse_policy(text, f"preset {s}", defaults, name=s)
+    if path.exists():
+        raise PolicyError(f"{path}: not a file", hint="give a policy TOML file or a preset name")
+    if path.suffix or "/" in s or "\\" in s:
+        raise PolicyError(f"{path}: no such policy file", hint=f"give a TOML file or a preset: {', '.join(presets)}")
+    close = difflib.get_close_matches(s, presets, n=1)
+    raise PolicyError(f"{s!r} is neither a policy file nor a preset",
+                      hint=(f"did you mean {close[0]!r}? " if close else "") + f"presets: {', '.join(presets)}")
+
+
+class _Lines:
+    """Line numbers of tables and keys in a TOML text (tomllib does not report them)."""
+
+    _HEADER = re.compile(r"\s*(\[\[?)\s*([A-Za-z0-9_.\"' -]+?)\s*\]\]?\s*(#.*)?$")
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+        self.headers: list[tuple[int, str]] = []  # (line, "[[name]]" or "[name]")
+        for i, ln in enumerate(self.lines, 1):
+            m = self._HEADER.match(ln)
+            if m:
+                self.headers.append((i, f"{m.group(1)}{m.group(2).strip()}{']' * len(m.group(1))}"))
+        self.rules = [i for i, h in self.headers if h == "[[rule]]"]
+
+    def region(self, rule: int | None) -> tuple[int, int]:
+        """Lines [start, end) of rule ``rule`` (0-based), or of the top level."""
+        if rule is None or rule >= len(self.rules):
+            start = 1
+            end = self.headers[0][0] if self.headers else len(self.lines) + 1
+            return start, end
+        start = self.rules[rule]
+        end = next((i for i, _ in self.headers if i > start), len(self.lines) + 1)
+        return start, end
+
+    def key(self, key: str, rule: int | None = None) -> int:
+        start, end = self.region(rule)
+        pat = re.compile(rf"\s*(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*=")
+        for i in range(start, min(end, len(self.lines) + 1)):
+            if pat.match(self.lines[i - 1]):
+                return i
+        return start
+
+    def table(self, name: str) -> int | None:
+        return next((i for i, h in self.headers if h.strip("[]") == name), None)
+
+
+def _choices(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _suggest(word: str, valid) -> str:
+    close = difflib.get_close_matches(str(word), [str(v) for v in valid], n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def parse_policy(text: str, source: str, defaults: PolicyDefaults = PolicyDefaults(), name: str | None = None) -> Policy:
+    """Parse and validate a TOML policy; every error is a :class:`PolicyError` naming ``source:LINE``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{source}: not valid TOML: {exc}", hint="fix the syntax at that line and column") from None
+    lines = _Lines(text)
+
+    def err(line: int | None, msg: str, hint: str | None = None) -> PolicyError:
+        return PolicyError(f"{source}:{line}: {msg}" if line else f"{source}: {msg}", hint=hint)
+
+    for k in data:
+        if k not in TOP_KEYS:
+            line = lines.table(k) or lines.key(k)
+            raise err(line, f"unknown top-level key {k!r}",
+                      f"{_suggest(k, TOP_KEYS)}valid keys: {_choices(TOP_KEYS)}; rules are [[rule]] tables")
+    for k in ("name", "description"):
+        if k in data and not isinstance(data[k], str):
+            raise err(lines.key(k), f"{k} must be a string")
+    raw = data.get("rule")
+    if raw is None or raw == []:
+        raise err(1, "the policy has no rules",
+                  "add [[rule]] tables, the last one a default with no roles/blocks/node/input_from")
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise err(lines.key("rule"), "'rule' must be an array of tables ([[rule]])")
+
+    parsed = [_parse_rule(r, i, lines, err, defaults) for i, r in enumerate(raw)]
+    # the default: a catch-all, last, and only last
+    for i, (rule_kw, _, _, line) in enumerate(parsed[:-1]):
+        if all(rule_kw.get(k) is None for k in ("roles", "blocks", "name_glob", "input_from")):
+            raise err(line, f"rule {rule_kw['name']!r} matches every node, so the rules after it never apply",
+                      "only the last rule may be a default (no roles/blocks/node/input_from); move it last")
+    last_kw, last_over, last_skip, last_line = parsed[-1]
+    if any(last_kw.get(k) is not None for k in ("roles", "blocks", "name_glob", "input_from")):
+        raise err(last_line, f"the last rule {last_kw['name']!r} is not a default: nodes it does not match would "
+                  "have no rule", "end the policy with a [[rule]] that has no roles/blocks/node/input_from keys")
+    base = QuantSpec(skip=last_skip, activation=Granularity.PER_TENSOR, weight=Granularity.PER_CHANNEL,
+                     observer=defaults.observer, bits=8, symmetric=defaults.symmetric)
+    base = replace(base, **last_over)
+    rules = []
+    for rule_kw, over, skip, line in parsed[:-1]:
+        rules.append(Rule(spec=replace(base, skip=skip, **over), line=line, **rule_kw))
+    last_kw = dict(last_kw)
+    if last_kw["name"] == f"rule{len(parsed)}":
+        last_kw["name"] = "default"
+    rules.append(Rule(spec=base, line=last_line, **last_kw))
+    return Policy(data.get("name") or name or source, tuple(rules), source=source,
+                  description=data.get("description", ""))
+
+
+def _parse_rule(r: dict, i: int, lines: _Lines, err, defaults: PolicyDefaults):
+    """(Rule keyword arguments, spec overrides, skip, line) of the ``i``-th rule."""
+    line = lines.rules[i] if i < len(lines.rules) else lines.key("rule")
+
+    def at(key: str) -> int:
+        return lines.key(key, i) if i < len(lines.rules) else line
+
+    for k in r:
+        if k not in RULE_KEYS:
+            raise err(at(k), f"unknown key {k!r} in rule {i + 1}", f"{_suggest(k, RULE_KEYS)}valid keys: "
+                      f"{_choices(RULE_KEYS)}")
+    name = r.get("name", f"rule{i + 1}")
+    if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
+        raise err(at("name"), f"rule name {name!r} must be a non-empty string without spaces")
+
+    def role_list(key: str, valid: tuple[str, ...]) -> frozenset[str] | None:
+        if key not in r:
+            return None
+        v = r[key]
+        vals = [v] if isinstance(v, str) else v
+        if not isinstance(vals, list) or not vals or not all(isinstance(x, str) for x in vals):
+            raise err(at(key), f"{key} must be a role or a non-empty list of roles")
+        for x in vals:
+            if x in valid:
+                continue
+            if key != "input_from" and x in FLOAT_ROLES + ("layernorm",):
+                raise err(at(key), f"role {x!r} is a float op, never quantized itself",
+                          f"to set how its output is quantized where the next layer reads it, match the reader: "
+                          f"input_from = [{x!r}]")
+            raise err(at(key), f"unknown role {x!r} in rule {name!r}",
+                      f"{_suggest(x, valid)}valid roles: {_choices(valid)}")
+        return frozenset(vals)
+
+    if "role" in r and "roles" in r:
+        raise err(at("role"), f"rule {name!r} has both 'role' and 'roles'", "use one of them")
+    roles = role_list("roles", RULE_ROLES) if "roles" in r else role_list("role", RULE_ROLES)
+    input_from = role_list("input_from", INPUT_ROLES)
+    blocks = None
+    if "blocks" in r:
+        b = r["blocks"]
+        if isinstance(b, int) and not isinstance(b, bool):
+            b = [b, b]
+        if not (isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in b)
+                and 0 <= b[0] <= b[1]):
+            raise err(at("blocks"), f"blocks = {r['blocks']!r} is not a block index or an inclusive range",
+                      "write blocks = 5 or blocks = [5, 6] (0-based, first <= last)")
+        blocks = (b[0], b[1])
+    glob = r.get("node")
+    if glob is not None and (not isinstance(glob, str) or not glob):
+        raise err(at("node"), "node must be a node-name glob string, e.g. node = \"*/blocks.5/*\"")
+
+    over: dict = {}
+    for key, field_ in (("activation", "activation"), ("weight", "weight")):
+        if key in r:
+            v = r[key]
+            try:
+                over[field_] = Granularity(v)
+            except (ValueError, TypeError):
+                raise err(at(key), f"{key} = {v!r} is not a granularity",
+                          f"{_suggest(v, [g.value for g in Granularity])}valid: "
+                          f"{_choices(g.value for g in Granularity)}") from None
+    if "observer" in r or "percentile" in r:
+        kind = Observer.PERCENTILE
+        if "observer" in r:
+            try:
+                kind = Observer(r["observer"])
+            except (ValueError, TypeError):
+                raise err(at("observer"), f"unknown observer {r['observer']!r}",
+                          f"{_suggest(r['observer'], [o.value for o in Observer])}valid observers: "
+                          f"{_choices(o.value for o in Observer)}") from None
+        p = defaults.observer.percentile
+        if "percentile" in r:
+            p = r["percentile"]
+            if kind is not Observer.PERCENTILE:
+                raise err(at("percentile"), f"percentile applies to observer = 'percentile', not {kind.value!r}",
+                          "remove percentile or set observer = \"percentile\"")
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 100:
+                raise err(at("percentile"), f"percentile = {p!r} is out of range", "give a number in (0, 100]")
+        over["observer"] = ObserverConfig(kind, float(p))
+    if "bits" in r:
+        bits = r["bits"]
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits not in (8,) + SIMULATION_BITS:
+            raise err(at("bits"), f"bits = {bits!r} is not supported", "valid: 8 (engines); 4, 6 (simulation only)")
+        if bits != 8 and not defaults.simulate:
+            raise err(at("bits"), f"bits = {bits} is simulation-only; the {defaults.target} target runs int8 kernels",
+                      "use bits = 8, or load the policy for simulation (vitc build/explain --simulate)")
+        over["bits"] = bits
+    if "symmetric" in r:
+        if not isinstance(r["symmetric"], bool):
+            raise err(at("symmetric"), "symmetric must be true or false")
+        over["symmetric"] = r["symmetric"]
+    skip = r.get("skip", False)
+    if not isinstance(skip, bool):
+        raise err(at("skip"), "skip must be true or false")
+    if skip and any(k in r for k in SPEC_KEYS):
+        extra = [k for k in SPEC_KEYS if k in r]
+        raise err(at(extra[0]), f"rule {name!r} has skip = true (keep float) and also sets {', '.join(extra)}",
+                  "remove those keys or the skip")
+    kw = {"name": name, "roles": roles, "blocks": blocks, "name_glob": glob, "input_from": input_from}
+    return kw, over, skip, line
+
+
+__all__ = ["Granularity", "QuantSpec", "Rule", "Policy", "default_policy", "trt_policy", "TrtAttention", "NodePlan",
+           "Plan", "Observer", "ObserverConfig", "QUANTIZABLE_OPS", "PolicyDefaults", "load_policy", "parse_policy",
+           "preset_names", "target_default_policy", "expand_roles", "simulation_reasons", "RULE_ROLES",
+           "ROLE_GROUPS", "INPUT_ROLES"]

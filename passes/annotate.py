@@ -1,147 +1,370 @@
-"""Annotate: label every quantizable node with a role and a transformer block index, from graph structure.
+"""Annotate: label transformer nodes with a role and a block index, from graph structure only.
 
-Roles: patch_embed, qkv (or q/k/v), attn_qk, attn_av, proj, fc1, fc2, head, conv, linear. Exporter node names
-are not used. The pass does not change the graph; its report counts the roles it found.
+Exporter node names are never read: the roles come from how tensors flow, so timm (legacy and dynamo exporters),
+HF-transformers and BERT-like (post-norm) graphs get the same labels, fused (the default pipeline) or not
+(``--no-fuse``: decomposed LayerNorm and GELU are recognised too).
+
+Quantizable nodes (MatMul/Gemm/Conv, the rows of a plan):
+
+- ``patch_embed``: a Conv reading the graph input; ``conv``: any other Conv.
+- ``q``, ``k``, ``v``: separate projections (HF exports) feeding the query / key side of Q K^T or the value side of
+  attention x V; ``qkv``: one fused projection feeding several of them (timm).
+- ``attn_qk``: the activation x activation MatMul whose result goes to the softmax; ``attn_av``: softmax x V.
+- ``proj``: the linear after attention x V; ``fc1``: the linear feeding the MLP activation; ``fc2``: the linear
+  reading it; ``head``: a linear reading the final norm; ``linear``/``matmul``: anything else.
+
+Float nodes (never quantized themselves; policies refer to them with ``input_from``):
+
+- ``norm1``: the LayerNorm whose output is the input of block i's attention projections; ``norm2``: the one feeding
+  block i's fc1. (Pre-norm ViT: the block's two norms. Post-norm BERT: the embedding norm is block 0's ``norm1``,
+  the norm after block i's attention residual is block i's ``norm2``, the norm after its MLP residual is block
+  i+1's ``norm1``.) ``final_norm``: a LayerNorm after the last attention that feeds no block (block None);
+  ``norm``: any other LayerNorm.
+- ``softmax``, ``gelu`` (the MLP activation: GELU in any form, or ReLU/QuickGELU/SiLU), ``residual_add`` (the Add
+  of a skip connection and a ``proj``/``fc2`` output).
+
+Blocks are numbered from 0 in attention order: a node's block is the attention it feeds (q/k/v, norm1) or the one
+it follows (everything else). Nodes after the final norm (head, a convolutional decoder) and before the first
+attention (patch embedding) have block None.
+
+The pass does not change the graph (apart from sorting it); its report counts the roles it found.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import const_value
 
-PASSTHROUGH = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Slice", "Split",
-               "Gather", "Mul", "Div", "QuantizeLinear", "DequantizeLinear"}
 QUANTIZABLE = {"MatMul", "Gemm", "Conv"}
+# data-movement ops a role-carrying tensor may pass through (first input is the data)
+LAYOUT = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Slice", "Split", "Gather",
+          "Dropout", "QuantizeLinear", "DequantizeLinear"}
+ACTIVATION_FNS = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Relu"}
+GATES = {"Erf", "Tanh", "Sigmoid"}
+
+# roles of quantizable nodes, and of the float nodes that are annotated for policy matching
+QUANTIZABLE_ROLES = ("patch_embed", "conv", "qkv", "q", "k", "v", "attn_qk", "attn_av", "proj", "fc1", "fc2",
+                     "head", "linear", "matmul")
+FLOAT_ROLES = ("norm1", "norm2", "final_norm", "norm", "softmax", "gelu", "residual_add")
+ROLES = QUANTIZABLE_ROLES + FLOAT_ROLES
 
 
 @dataclass(frozen=True)
 class Role:
     role: str
     block: int | None
+    # roles of the nodes producing this node's activation inputs (looking through layout ops and constant
+    # scaling); None for an input that comes from the graph input or an unlabelled node
+    inputs: tuple[str | None, ...] = ()
 
 
-def _source(t: gs.Tensor, depth: int = 8) -> gs.Node | None:
-    """The first producer of ``t`` that is not a layout/scaling op."""
+# -- small structural helpers -----------------------------------------------------------------------------------------
+def _is_const(t: gs.Tensor) -> bool:
+    """Constant without loading its values (weights can be large)."""
+    return isinstance(t, gs.Constant) or (len(t.inputs) == 1 and t.inputs[0].op == "Constant")
+
+
+def _acts(n: gs.Node) -> list[gs.Tensor]:
+    """Non-constant, non-empty inputs."""
+    return [t for t in n.inputs if t.name and not _is_const(t)]
+
+
+def has_const_weight(node: gs.Node) -> bool:
+    return len(node.inputs) >= 2 and _is_const(node.inputs[1])
+
+
+def _is_scaling(n: gs.Node) -> bool:
+    """x * c, c * x, x / c (attention 1/sqrt(d), layer scale, migration factors, GELU's 0.5)."""
+    if n.op == "Mul":
+        return len(n.inputs) == 2 and sum(_is_const(t) for t in n.inputs) == 1
+    if n.op == "Div":
+        return len(n.inputs) == 2 and not _is_const(n.inputs[0]) and _is_const(n.inputs[1])
+    return False
+
+
+def _is_bias_add(n: gs.Node) -> bool:
+    return n.op == "Add" and len(n.inputs) == 2 and sum(_is_const(t) for t in n.inputs) == 1
+
+
+def _passes_through(n: gs.Node) -> bool:
+    return n.op in LAYOUT or _is_scaling(n) or _is_bias_add(n)
+
+
+def _upstream(t: gs.Tensor, stop: set[str], depth: int = 24) -> gs.Node | None:
+    """The node producing ``t``, looking through layout ops, constant scaling and bias Adds (but not through the
+    nodes named in ``stop``). None if ``t`` comes from a graph input or an initializer."""
     for _ in range(depth):
         if len(t.inputs) != 1:
             return None
         p = t.inputs[0]
-        if p.op in PASSTHROUGH and p.op not in ("Mul", "Div"):
-            acts = [i for i in p.inputs if const_value(i) is None]
-            if not acts:
-                return None
-            t = acts[0]
-            continue
-        if p.op in ("Mul", "Div"):
-            acts = [i for i in p.inputs if const_value(i) is None]
-            if len(acts) == 1:  # scaling by a constant (attention 1/sqrt(d))
-                t = acts[0]
-                continue
-        return p
+        if p.name in stop or not _passes_through(p):
+            return p
+        acts = _acts(p)
+        if not acts:
+            return None
+        t = acts[0]
     return None
 
 
-def _sinks(t: gs.Tensor, depth: int = 8) -> list[gs.Node]:
-    """Consumers of ``t`` looking through a bias Add and layout ops."""
-    out, frontier = [], list(t.outputs)
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            if n.op == "Add" and any(const_value(i) is not None for i in n.inputs):
-                nxt.extend(n.outputs[0].outputs)
-            elif n.op in ("Reshape", "Transpose", "Cast", "Split", "Gather", "Squeeze", "Unsqueeze", "Slice") or (
-                    n.op in ("Mul", "Div") and any(_is_scalar(i) for i in n.inputs)):
-                nxt.extend(c for o in n.outputs for c in o.outputs)
-            else:
-                out.append(n)
-        frontier = nxt
-        if not frontier:
-            break
+def _downstream(t: gs.Tensor, stop: set[str], limit: int = 256) -> list[tuple[gs.Node, int]]:
+    """The consumers of ``t`` (node, input index), looking through layout ops, constant scaling and bias Adds."""
+    out: list[tuple[gs.Node, int]] = []
+    seen: set[tuple[str, int]] = set()
+    frontier = [t]
+    while frontier and len(seen) < limit:
+        cur = frontier.pop()
+        for c in cur.outputs:
+            for i, inp in enumerate(c.inputs):
+                if inp is not cur or (c.name, i) in seen:
+                    continue
+                seen.add((c.name, i))
+                data_in = i == 0 if c.op in LAYOUT else not _is_const(inp)
+                if c.name not in stop and _passes_through(c) and data_in:
+                    frontier.extend(c.outputs)
+                else:
+                    out.append((c, i))
     return out
 
 
-def _is_activation_fn(n: gs.Node) -> bool:
-    """GELU (fused or decomposed: x/sqrt2 -> Erf, tanh form), ReLU."""
-    if n.op in ("Gelu", "FastGelu", "Relu", "BiasGelu"):
-        return True
-    if n.op in ("Div", "Mul", "Pow"):
-        return any(c.op in ("Erf", "Tanh", "Mul") and any(cc.op in ("Erf", "Tanh") for o in c.outputs for cc in o.outputs)
-                   or c.op in ("Erf", "Tanh") for c in n.outputs[0].outputs)
-    return False
-
-
-def _is_scalar(t: gs.Tensor) -> bool:
-    v = const_value(t)
-    return v is not None and v.size == 1
+def _find_up(t: gs.Tensor, pred: Callable[[gs.Node], bool], depth: int = 8) -> gs.Node | None:
+    """Like :func:`_upstream`, but also through Adds of two activations (an attention mask), trying each input."""
+    if depth == 0:
+        return None
+    p = _upstream(t, set())
+    if p is None:
+        return None
+    if pred(p):
+        return p
+    if p.op == "Add" and len(_acts(p)) == 2:
+        for a in _acts(p):
+            hit = _find_up(a, pred, depth - 1)
+            if hit is not None:
+                return hit
+    return None
 
 
 def _from_graph_input(t: gs.Tensor, graph_inputs: set[str]) -> bool:
-    for _ in range(4):
+    for _ in range(6):
         if t.name in graph_inputs:
             return True
-        if len(t.inputs) != 1 or t.inputs[0].op not in ("Cast", "Identity", "Reshape", "Transpose"):
+        if len(t.inputs) != 1 or t.inputs[0].op not in ("Cast", "Identity", "Reshape", "Transpose", "Pad"):
             return False
         t = t.inputs[0].inputs[0]
     return False
 
 
-def has_const_weight(node: gs.Node) -> bool:
-    return len(node.inputs) >= 2 and const_value(node.inputs[1]) is not None
+def _layernorm_output(n: gs.Node) -> gs.Node | None:
+    """For the core of a decomposed LayerNorm, ``(x - mean(x)) / sqrt(var + eps)`` (Div, or Mul by a Reciprocal),
+    the node producing the normalized output after the optional gamma/beta; None if ``n`` is not such a core."""
+    if n.op not in ("Div", "Mul") or len(n.inputs) != 2:
+        return None
+    d, s = n.inputs
+    sub = d.inputs[0] if len(d.inputs) == 1 else None
+    if sub is None or sub.op != "Sub" or len(sub.inputs) != 2:
+        return None
+    mean = sub.inputs[1].inputs[0] if len(sub.inputs[1].inputs) == 1 else None
+    if mean is None or mean.op != "ReduceMean" or mean.inputs[0] is not sub.inputs[0]:
+        return None
+    root = s.inputs[0] if len(s.inputs) == 1 else None
+    if root is None:
+        return None
+    if n.op == "Mul":
+        if root.op != "Reciprocal" or not root.inputs[0].inputs:
+            return None
+        root = root.inputs[0].inputs[0]
+    if root.op != "Sqrt":
+        return None
+    last = n
+    for _ in range(2):  # gamma, beta
+        outs = last.outputs[0].outputs
+        if len(outs) != 1 or outs[0].op not in ("Mul", "Add") or not (_is_scaling(outs[0]) or _is_bias_add(outs[0])):
+            break
+        last = outs[0]
+    return last
 
 
+def _is_activation_fn(n: gs.Node) -> bool:
+    """GELU fused (Gelu/FastGelu/...) or decomposed (x * (1 + erf(x/sqrt2)), tanh form, x * sigmoid(a x)), ReLU."""
+    if n.op in ACTIVATION_FNS:
+        return True
+    if n.op != "Mul" or len(_acts(n)) != 2:
+        return False
+    for a in _acts(n):
+        t = a
+        for _ in range(3):
+            if len(t.inputs) != 1:
+                break
+            p = t.inputs[0]
+            if p.op in GATES:
+                return True
+            if not (_is_scaling(p) or _is_bias_add(p)):
+                break
+            t = _acts(p)[0]
+    return False
+
+
+@dataclass
+class _Core:
+    """One attention: Q K^T -> softmax -> x V."""
+
+    qk: gs.Node
+    softmax: gs.Node
+    av: list[gs.Node]
+    block: int = -1
+
+
+# -- the pass ---------------------------------------------------------------------------------------------------------
 def annotate(graph: gs.Graph) -> dict[str, Role]:
+    """Node name -> role for every node this pass recognises (quantizable nodes always get one)."""
     graph.toposort()
-    roles: dict[str, Role] = {}
-    attn_seen = 0
+    nodes = list(graph.nodes)
+    pos = {n.name: i for i, n in enumerate(nodes)}
     graph_inputs = {t.name for t in graph.inputs}
-    ln_after_last_block = False
-    for node in graph.nodes:
-        if node.op == "LayerNormalization" and attn_seen:
-            ln_after_last_block = True
-        if node.op not in QUANTIZABLE:
-            continue
-        name = node.name
-        if node.op == "Conv":
-            src = node.inputs[0]
-            roles[name] = Role("patch_embed" if _from_graph_input(src, graph_inputs) else "conv",
-                               None if attn_seen == 0 else attn_seen - 1)
-            continue
-        if not has_const_weight(node):
-            a, b = (_source(i) for i in node.inputs[:2])
-            if (a is not None and a.op == "Softmax") or (b is not None and b.op == "Softmax"):
-                roles[name] = Role("attn_av", attn_seen - 1 if attn_seen else None)
-            else:
-                roles[name] = Role("attn_qk", attn_seen)
-                attn_seen += 1
-                ln_after_last_block = False
-            continue
-        src = _source(node.inputs[0])
-        sinks = _sinks(node.outputs[0])
-        block = attn_seen - 1 if attn_seen else None
-        if src is not None and src.op in ("Gelu", "FastGelu", "Relu", "Erf", "Sigmoid", "Tanh"):
-            role = "fc2"
-        elif any(_is_activation_fn(s) for s in sinks):
-            role = "fc1"
-        elif src is not None and src.op == "MatMul" and not has_const_weight(src):
-            role = "proj"
-        elif src is not None and src.op == "LayerNormalization":
-            # qkv projections feed reshape/transpose into the attention matmul of the *next* block index
-            if any(s.op == "MatMul" and not has_const_weight(s) for s in sinks):
-                role, block = "qkv", attn_seen
-            elif ln_after_last_block and attn_seen:
-                role = "head"
-            else:
-                role = "linear"
+    labels: dict[str, tuple[str, int | None]] = {}
+
+    # 1. LayerNorms (fused, or the output node of a decomposed one) and activation functions
+    norms: list[gs.Node] = []
+    for n in nodes:
+        if n.op == "LayerNormalization":
+            norms.append(n)
         else:
-            role = "linear"
-        roles[name] = Role(role, block)
+            out = _layernorm_output(n)
+            if out is not None:
+                norms.append(out)
+    act_fns = [n for n in nodes if _is_activation_fn(n)]
+    stop = {n.name for n in norms} | {n.name for n in act_fns}
+
+    # 2. attention cores, numbered in graph order
+    cores: list[_Core] = []
+    for n in nodes:
+        if n.op != "Softmax":
+            continue
+        qk = _find_up(n.inputs[0], lambda p: p.op == "MatMul" and len(_acts(p)) == 2)
+        if qk is None:
+            continue
+        av = [c for c, i in _downstream(n.outputs[0], set()) if c.op == "MatMul" and len(_acts(c)) == 2]
+        cores.append(_Core(qk, n, av))
+    cores.sort(key=lambda c: pos[c.qk.name])
+    for b, c in enumerate(cores):
+        c.block = b
+        labels[c.qk.name] = ("attn_qk", b)
+        labels[c.softmax.name] = ("softmax", b)
+        for av in c.av:
+            labels[av.name] = ("attn_av", b)
+    qk_of = {c.qk.name: c for c in cores}
+    av_of = {av.name: c for c in cores for av in c.av}
+    qk_pos = [pos[c.qk.name] for c in cores]
+    stop |= set(qk_of) | set(av_of)
+
+    def pos_block(node: gs.Node) -> int | None:
+        b = sum(1 for p in qk_pos if p <= pos[node.name]) - 1
+        return b if b >= 0 else None
+
+    # 3. linears (constant weight)
+    linears = [n for n in nodes if n.op in ("MatMul", "Gemm") and has_const_weight(n)]
+    stop |= {n.name for n in linears}
+    act_names = {n.name for n in act_fns}
+    for n in linears:
+        down = _downstream(n.outputs[0], stop)
+        slots: set[str] = set()
+        blocks: list[int] = []
+        for c, i in down:
+            if c.name in qk_of:
+                slots.add("q" if i == 0 else "k")
+                blocks.append(qk_of[c.name].block)
+            elif c.name in av_of and _upstream(c.inputs[i], stop) is not av_of[c.name].softmax:
+                slots.add("v")
+                blocks.append(av_of[c.name].block)
+        src = _upstream(n.inputs[0], stop)
+        if slots:
+            labels[n.name] = ("qkv" if len(slots) > 1 else slots.pop(), min(blocks))
+        elif src is not None and src.name in av_of:
+            labels[n.name] = ("proj", av_of[src.name].block)
+        elif any(c.name in act_names for c, _ in down):
+            labels[n.name] = ("fc1", pos_block(n))
+    for f in act_fns:  # the MLP activation: reads an fc1
+        ups = [_upstream(a, stop) for a in _acts(f)]
+        fc1 = next((u for u in ups if u is not None and labels.get(u.name, ("",))[0] == "fc1"), None)
+        if fc1 is not None:
+            labels[f.name] = ("gelu", labels[fc1.name][1])
+    for n in linears:
+        if n.name in labels:
+            continue
+        src = _upstream(n.inputs[0], stop)
+        if src is not None and labels.get(src.name, ("",))[0] == "gelu":
+            labels[n.name] = ("fc2", labels[src.name][1])
+
+    # 4. norms: what they feed
+    tail_start: int | None = None
+    for ln in norms:
+        fed = [labels.get(c.name, ("", None)) for c, _ in _downstream(ln.outputs[0], stop)]
+        attn_in = [b for r, b in fed if r in ("q", "k", "v", "qkv")]
+        mlp_in = [b for r, b in fed if r == "fc1"]
+        if attn_in:
+            labels[ln.name] = ("norm1", min(attn_in))
+        elif mlp_in:
+            labels[ln.name] = ("norm2", min(mlp_in))
+        elif cores and pos[ln.name] > qk_pos[-1]:
+            labels[ln.name] = ("final_norm", None)
+            tail_start = pos[ln.name] if tail_start is None else min(tail_start, pos[ln.name])
+        else:
+            labels[ln.name] = ("norm", pos_block(ln))
+
+    def block_of(node: gs.Node) -> int | None:
+        if tail_start is not None and pos[node.name] > tail_start:
+            return None
+        return pos_block(node)
+
+    # 5. the rest of the quantizable nodes
+    for n in nodes:
+        if n.op not in QUANTIZABLE or n.name in labels:
+            continue
+        if n.op == "Conv":
+            if not has_const_weight(n):
+                continue
+            labels[n.name] = ("patch_embed", None) if _from_graph_input(n.inputs[0], graph_inputs) else \
+                ("conv", block_of(n))
+        elif has_const_weight(n):
+            src = _upstream(n.inputs[0], stop)
+            if src is not None and labels.get(src.name, ("",))[0] == "final_norm":
+                labels[n.name] = ("head", None)
+            else:
+                labels[n.name] = ("linear", block_of(n))
+        else:
+            labels[n.name] = ("matmul", block_of(n))
+
+    # 6. residual Adds: a skip connection plus a proj/fc2 output
+    for n in nodes:
+        if n.op != "Add" or len(_acts(n)) != 2 or n.inputs[0] is n.inputs[1]:
+            continue
+        for a in _acts(n):
+            src = _upstream(a, stop)
+            if src is not None and labels.get(src.name, ("",))[0] in ("proj", "fc2"):
+                labels[n.name] = ("residual_add", labels[src.name][1])
+                break
+
+    roles: dict[str, Role] = {}
+    for n in nodes:
+        if n.name not in labels:
+            continue
+        role, block = labels[n.name]
+        inputs: tuple[str | None, ...] = ()
+        if n.op in QUANTIZABLE:
+            srcs = [_upstream(t, stop) for t in _acts(n)[: 1 if has_const_weight(n) else 2]]
+            inputs = tuple(None if s is None or s.name not in labels else labels[s.name][0] for s in srcs)
+        roles[n.name] = Role(role, block, inputs)
     return roles
+
+
+def block_count(roles: dict[str, Role]) -> int:
+    """Number of transformer blocks (attention cores) the annotation found."""
+    return 1 + max((r.block for r in roles.values() if r.role == "attn_qk" and r.block is not None), default=-1)
 
 
 class AnnotatePass:

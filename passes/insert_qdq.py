@@ -26,8 +26,16 @@ from vitc.passes.graphutil import const_value, finish
 log = logging.getLogger(__name__)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric round-half-even quantization of a weight. Returns (int8 values, float32 scale)."""
+WEIGHT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, bits: int,
+                    mse_clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-half-even quantization of a weight. Returns (int8 values, float32 scale).
+
+    With ``mse_clip``, each channel's range is the clipping of its max |w| (ratios in WEIGHT_CLIP_RATIOS) that
+    minimises that channel's squared rounding + clipping error.
+    """
     qmax = 2 ** (bits - 1) - 1
     w = w.astype(np.float32)
     if axis is None:
@@ -35,10 +43,25 @@ def quantize_weight(w: np.ndarray, axis: int | None, bits: int) -> tuple[np.ndar
     else:
         red = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.abs(w).max(axis=red).astype(np.float32)
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     if axis is not None:
         shape[axis] = -1
+    if mse_clip:
+        red = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
+        best_err, best_amax = None, amax
+        for r in WEIGHT_CLIP_RATIOS:
+            a = amax * r
+            sc = np.where(a > 0, a / qmax, 1.0).astype(np.float32).reshape(shape)
+            deq = np.clip(np.rint(w / sc), -qmax - 1, qmax) * sc
+            err = ((deq - w) ** 2).sum(axis=red) if red is not None else ((deq - w) ** 2).sum()
+            if best_err is None:
+                best_err, best_amax = err, a
+            else:
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_amax = np.where(better, a, best_amax)
+        amax = np.asarray(best_amax, np.float32)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale.reshape(shape)), -qmax - 1, qmax).astype(np.int8)
     return q, scale
 
@@ -57,9 +80,15 @@ def activation_qparams(amax: float, bits: int, symmetric: bool, lo: float, hi: f
 class InsertQDQPass:
     name: ClassVar[str] = "insert_qdq"
 
-    def __init__(self, plan: Plan, table: CalibrationTable):
+    def __init__(self, plan: Plan, table: CalibrationTable, dynamic_nodes: frozenset[str] = frozenset(),
+                 weight_mse_clip: bool = False):
         self.plan = plan
         self.table = table
+        self.weight_mse_clip = weight_mse_clip
+        # Gemms whose input range is computed per inference (ORT DynamicQuantizeLinear; ORT fuses the chain into
+        # one DynamicQuantizeMatMul kernel). Robust to inputs unlike the calibration set; TensorRT cannot run it.
+        self.dynamic_nodes = dynamic_nodes
+        self.params: dict[str, dict] = {}  # node -> the scales/zero-points it got (for build.json)
 
     def run(self, graph: gs.Graph) -> PassResult:
         nodes = {n.name: n for n in graph.nodes}
@@ -76,6 +105,9 @@ class InsertQDQPass:
             if node is None:
                 raise PassError(self.name, "planned node not in graph", node=np_.node,
                                 hint="the plan must be resolved on the graph being quantized")
+            if np_.node in self.dynamic_nodes and node.op == "Gemm" and np_.weight is not None:
+                self._dynamic_gemm(graph, node, np_, counts)
+                continue
             x_scales = []
             for name in np_.activations:
                 idxs = [i for i, t in enumerate(node.inputs) if t.name == name]
@@ -88,6 +120,12 @@ class InsertQDQPass:
                     x_scales = None
                     break
                 q_out, scale = self._quantize_activation(graph, tensors[name], np_, rng, qcache, counts)
+                sc_v, zp_v = np.asarray(scale[0].values), np.asarray(scale[1].values)
+                self.params.setdefault(node.name, {}).setdefault("activations", {})[name] = (
+                    {"scale": float(sc_v), "zero_point": int(zp_v), "dtype": str(zp_v.dtype), "range": rng.observer}
+                    if sc_v.ndim == 0 else
+                    {"scale_min": float(sc_v.min()), "scale_max": float(sc_v.max()), "axis": scale[2].get("axis"),
+                     "dtype": str(zp_v.dtype), "simulated": True})
                 for i in idxs:
                     node.inputs[i] = self._dequantize(graph, q_out, scale, counts, node.name, i)
                 x_scales.append(scale)
@@ -128,6 +166,51 @@ class InsertQDQPass:
         qcache[key] = (q, (sc, zc, attrs))
         return qcache[key]
 
+    def _dynamic_gemm(self, graph, node, np_: NodePlan, counts) -> None:
+        """Gemm(x, W, b) -> DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq) -> Cast -> Mul(xs * ws) -> Add(b).
+
+        The spelling ORT's quantize_dynamic emits, which ORT's optimizer fuses into DynamicQuantizeMatMul.
+        """
+        if node.attrs.get("transA", 0) or node.attrs.get("transB", 0) or node.attrs.get("alpha", 1.0) != 1.0 \
+                or node.attrs.get("beta", 1.0) != 1.0:
+            return
+        x = node.inputs[0]
+        w = const_value(node.inputs[1])
+        b = const_value(node.inputs[2]) if len(node.inputs) > 2 else None
+        base = node.name
+        axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
+        q, wscale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8)
+        xq = gs.Variable(f"{base}.xq", dtype=np.uint8, shape=x.shape)
+        xs = gs.Variable(f"{base}.x_scale", dtype=np.float32, shape=[])
+        xzp = gs.Variable(f"{base}.x_zero_point", dtype=np.uint8, shape=[])
+        graph.nodes.append(gs.Node("DynamicQuantizeLinear", name=f"{base}.DynamicQuantizeLinear", inputs=[x],
+                                   outputs=[xq, xs, xzp]))
+        acc = gs.Variable(f"{base}.acc", dtype=np.int32)
+        graph.nodes.append(gs.Node("MatMulInteger", name=f"{base}.MatMulInteger", inputs=[
+            xq, gs.Constant(f"{base}.weight.int8", q), xzp, gs.Constant(f"{base}.weight.zero_point", np.array(0, np.int8))],
+            outputs=[acc]))
+        accf = gs.Variable(f"{base}.acc_f", dtype=np.float32)
+        graph.nodes.append(gs.Node("Cast", name=f"{base}.Cast", inputs=[acc], outputs=[accf], attrs={"to": 1}))
+        sc = gs.Variable(f"{base}.scales", dtype=np.float32)
+        graph.nodes.append(gs.Node("Mul", name=f"{base}.scales_mul", inputs=[xs, gs.Constant(f"{base}.weight.scale", wscale)],
+                                   outputs=[sc]))
+        out = list(node.outputs)
+        node.outputs.clear()
+        node.inputs.clear()
+        if b is not None:
+            y = gs.Variable(f"{base}.scaled", dtype=np.float32)
+            graph.nodes.append(gs.Node("Mul", name=f"{base}.output_mul", inputs=[accf, sc], outputs=[y]))
+            graph.nodes.append(gs.Node("Add", name=f"{base}.bias_add", inputs=[y, gs.Constant(f"{base}.bias", b)],
+                                       outputs=out))
+        else:
+            graph.nodes.append(gs.Node("Mul", name=f"{base}.output_mul", inputs=[accf, sc], outputs=out))
+        counts["dynamic Gemms"] = counts.get("dynamic Gemms", 0) + 1
+        counts["weights quantized"] += 1
+        counts["nodes quantized"] += 1
+        self.params[node.name] = {"activations": {x.name: {"range": "dynamic (per inference)", "dtype": "uint8"}},
+                                  "weight": {"scale_min": float(wscale.min()), "scale_max": float(wscale.max()),
+                                             "axis": axis, "dtype": "int8", "channels": int(wscale.size)}}
+
     @staticmethod
     def _dequantize(graph, q, qparams, counts, consumer: str, idx: int):
         sc, zc, attrs = qparams
@@ -140,7 +223,7 @@ class InsertQDQPass:
     def _quantize_weight(self, graph, node, np_: NodePlan, x_scales, counts):
         w = const_value(node.inputs[1])
         axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
-        q, scale = quantize_weight(w, axis, np_.spec.bits)
+        q, scale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8)
         base = f"{node.name}.weight"
         wq = gs.Constant(f"{base}.int8", q)
         zp = np.zeros(scale.shape, np.int8)
@@ -152,6 +235,9 @@ class InsertQDQPass:
         node.inputs[1] = wdq
         counts["DequantizeLinear"] += 1
         counts["weights quantized"] += 1
+        self.params.setdefault(node.name, {})["weight"] = {
+            "scale_min": float(scale.min()), "scale_max": float(scale.max()), "axis": axis, "dtype": "int8",
+            "channels": int(scale.size)}
         # Conv / Gemm bias: int32 with scale x_scale * w_scale (what ORT's QLinearConv / TensorRT fold)
         if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and len(x_scales) == 1:
             b = const_value(node.inputs[2])

@@ -512,15 +512,20 @@ def test_explain(capsys, vit_path):
     rc, out, err = cli(capsys, "--log-level", "warning", "explain", vit_path)
     assert rc == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["node", "op", "role", "block", "quantization", "rule"]
-    rows = [ln.split() for ln in lines[1:]]
-    # tiny_vit: patch Conv, per block q/k/v/proj/fc1/fc2 Gemms + 2 attention MatMuls, head Gemm
-    assert len(rows) == 1 + 2 * 8 + 1
-    assert sorted({r[1] for r in rows}) == ["Conv", "Gemm", "MatMul"]
-    roles = [r[2] for r in rows]
-    for role, n in (("patch_embed", 1), ("qkv", 6), ("attn_qk", 2), ("attn_av", 2), ("proj", 2), ("fc1", 2),
-                    ("fc2", 2), ("head", 1)):
+    assert lines[0].split() == ["node", "op", "role", "block", "act", "weight", "observer", "bits", "sym", "rule",
+                                "note"]
+    assert lines[-1].startswith("# policy default: 15 quantized, 3 kept float, 0 simulated")
+    rows = [ln.split() for ln in lines[1:-1]]
+    # tiny_vit: patch Conv, per block q/k/v/proj/fc1/fc2 Gemms + 2 attention MatMuls, head Gemm; plus the float ops
+    quantizable = [r for r in rows if r[1] in ("Conv", "Gemm", "MatMul")]
+    assert len(quantizable) == 1 + 2 * 8 + 1
+    roles = [r[2] for r in quantizable]
+    for role, n in (("patch_embed", 1), ("q", 2), ("k", 2), ("v", 2), ("attn_qk", 2), ("attn_av", 2), ("proj", 2),
+                    ("fc1", 2), ("fc2", 2), ("head", 1)):
         assert roles.count(role) == n, (role, roles)
+    floats = [r[2] for r in rows if r not in quantizable]
+    assert sorted(floats) == sorted(["norm1"] * 2 + ["norm2"] * 2 + ["final_norm"] + ["softmax"] * 2 + ["gelu"] * 2
+                                    + ["residual_add"] * 4)
     assert err == ""
 
 

