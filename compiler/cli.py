@@ -104,6 +104,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="keep biases as they are (default: subtract each quantized linear's mean output error)")
     b.add_argument("--weight-mse-clip", action="store_true",
                    help="per-channel weight ranges by squared-error-optimal clipping (always on below 8 bits)")
+    b.add_argument("--no-saturation-guard", action="store_true",
+                   help="ORT target: full-range int8 weights (only safe on CPUs with VNNI; default keeps neighbouring "
+                        "weight pairs small enough that AVX2's vpmaddubsw cannot saturate)")
     b.add_argument("--dynamic", action="append", default=[], metavar="ROLE",
                    help="ORT target: compute this role's input range per inference (e.g. fc2); repeatable")
     b.add_argument("--batch", type=_positive, default=1, help="fix a dynamic batch dim to this size")
@@ -193,6 +196,7 @@ def _cmd_build(a) -> int:
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip,
+        pair_safe_weights=False if a.no_saturation_guard else None,
         dynamic_roles=_expand_roles(a.dynamic))
     if cfg.dynamic_roles and cfg.target is not Target.ORT:
         raise VitcError("--dynamic needs --target ort", hint="TensorRT runs only static int8 activation scales")

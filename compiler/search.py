@@ -34,11 +34,12 @@ def fake_quant_asym(x: np.ndarray, lo: float, hi: float, bits: int = 8) -> np.nd
     return (np.clip(np.rint(x / step) + zp, 0, 2 ** bits - 1) - zp) * step
 
 
-def fake_quant_weight(w: np.ndarray, bits: int = 8, per_channel: bool = True, mse_clip: bool = False) -> np.ndarray:
+def fake_quant_weight(w: np.ndarray, bits: int = 8, per_channel: bool = True, mse_clip: bool = False,
+                      pair_safe: bool = False) -> np.ndarray:
     """W[K, N] quantized and dequantized exactly as InsertQDQPass stores it (one scale per output column N)."""
     from vitc.passes.insert_qdq import quantize_weight
 
-    q, scale = quantize_weight(w, 1 if per_channel else None, bits, mse_clip or bits < 8)
+    q, scale = quantize_weight(w, 1 if per_channel else None, bits, mse_clip or bits < 8, pair_safe)
     return q.astype(np.float32) * (scale[None, :] if per_channel else scale)
 
 
@@ -57,7 +58,7 @@ class LinearChoice:
 def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], channel_min: np.ndarray,
                   channel_max: np.ndarray, *, bits: int = 8, symmetric: bool = True, per_channel_weight: bool = True,
                   alphas: Sequence[float | None] = ALPHAS, ratios: Sequence[float] = (1.0,),
-                  weight_mse_clip: bool = False) -> tuple[LinearChoice, np.ndarray | None]:
+                  weight_mse_clip: bool = False, pair_safe: bool = False) -> tuple[LinearChoice, np.ndarray | None]:
     """Pick (alpha, r) for a group of Gemms sharing the input X (rows: tokens). Returns the choice and s.
 
     The activation range is the full calibration range (per-channel min/max over *all* samples, divided by s),
@@ -75,7 +76,7 @@ def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], chann
         s = None if alpha is None else smoothing_factors(absmax, w_rowmax, alpha)
         inv = 1.0 if s is None else 1.0 / s
         xm = x * inv
-        wq = [fake_quant_weight(w if s is None else w * s[:, None], bits, per_channel_weight, weight_mse_clip)
+        wq = [fake_quant_weight(w if s is None else w * s[:, None], bits, per_channel_weight, weight_mse_clip, pair_safe)
               for w in weights]
         lo, hi = float(np.min(channel_min * inv)), float(np.max(channel_max * inv))
         for r in ratios:

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 WEIGHT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None, bits: int,
-                    mse_clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w: np.ndarray, axis: int | None, bits: int, mse_clip: bool = False,
+                    pair_safe: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric round-half-even quantization of a weight. Returns (int8 values, float32 scale).
 
     With ``mse_clip``, each channel's range is the clipping of its max |w| (ratios in WEIGHT_CLIP_RATIOS) that
@@ -61,6 +61,13 @@ def quantize_weight(w: np.ndarray, axis: int | None, bits: int,
                 best_err = np.where(better, err, best_err)
                 best_amax = np.where(better, a, best_amax)
         amax = np.asarray(best_amax, np.float32)
+    if pair_safe and w.ndim == 2 and axis == 1 and w.shape[0] >= 2:
+        # x86 without VNNI multiplies uint8 activations by int8 weights with vpmaddubsw, which adds the two
+        # products of neighbouring K rows in int16 and saturates: |a0*w0 + a1*w1| <= 255 * (|q0| + |q1|) must stay
+        # <= 32767, i.e. |q0| + |q1| <= 128. Widen each column's scale until its largest neighbour pair fits.
+        k = w.shape[0] - w.shape[0] % 2
+        pair = (np.abs(w[0:k:2]) + np.abs(w[1:k:2])).max(axis=0)
+        amax = np.maximum(amax, pair * qmax / 127.0 * (qmax / 127.0)).astype(np.float32)
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale.reshape(shape)), -qmax - 1, qmax).astype(np.int8)
     return q, scale
@@ -81,10 +88,11 @@ class InsertQDQPass:
     name: ClassVar[str] = "insert_qdq"
 
     def __init__(self, plan: Plan, table: CalibrationTable, dynamic_nodes: frozenset[str] = frozenset(),
-                 weight_mse_clip: bool = False):
+                 weight_mse_clip: bool = False, pair_safe_weights: bool = False):
         self.plan = plan
         self.table = table
         self.weight_mse_clip = weight_mse_clip
+        self.pair_safe_weights = pair_safe_weights
         # Gemms whose input range is computed per inference (ORT DynamicQuantizeLinear; ORT fuses the chain into
         # one DynamicQuantizeMatMul kernel). Robust to inputs unlike the calibration set; TensorRT cannot run it.
         self.dynamic_nodes = dynamic_nodes
@@ -179,7 +187,8 @@ class InsertQDQPass:
         b = const_value(node.inputs[2]) if len(node.inputs) > 2 else None
         base = node.name
         axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
-        q, wscale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8)
+        q, wscale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8,
+                                    self.pair_safe_weights)
         xq = gs.Variable(f"{base}.xq", dtype=np.uint8, shape=x.shape)
         xs = gs.Variable(f"{base}.x_scale", dtype=np.float32, shape=[])
         xzp = gs.Variable(f"{base}.x_zero_point", dtype=np.uint8, shape=[])
@@ -223,7 +232,8 @@ class InsertQDQPass:
     def _quantize_weight(self, graph, node, np_: NodePlan, x_scales, counts):
         w = const_value(node.inputs[1])
         axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
-        q, scale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8)
+        q, scale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8,
+                                   self.pair_safe_weights and node.op != "Conv")
         base = f"{node.name}.weight"
         wq = gs.Constant(f"{base}.int8", q)
         zp = np.zeros(scale.shape, np.int8)

@@ -24,8 +24,8 @@ def encoder_build(tmp_path_factory):
 def test_trained_encoder_int8_fidelity(encoder_build):
     feeds = [{"input_image": x[None]} for x in embedded_samples(Preprocess(), 12, 11, EVAL_PHOTOS)]
     f = fidelity(ENCODER, encoder_build.model_path, feeds, threads=2)
-    # measured 24.9 dB on 24 held-out crops (README); ORT quantize_dynamic reaches 18.2 dB on the same photos
-    assert f.sqnr_db > 22.0, f
+    # measured 26 dB on these crops with ORT's int8 kernels; ORT quantize_dynamic reaches 18.2 dB (README)
+    assert f.sqnr_db > 24.0, f
     assert f.mean_cosine > 0.995, f
 
 

