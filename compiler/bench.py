@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -258,6 +259,36 @@ def trt_candidate(path: Path, label: str, runtime: object, model_index: int = 0)
     return Candidate(label, str(path), Engine.TRT, inputs, open_, model_index)
 
 
+def trt_engines_from_onnx(models: Sequence[Path], labels: Sequence[str], workdir: Path
+                          ) -> tuple[list[Candidate], list[str]]:
+    """``--tensorrt``: build a TensorRT engine for each .onnx model with fixed input shapes (into ``workdir``) and
+    time it on the GPU too. Without TensorRT or a GPU: one note, no engines."""
+    rt, why = tensorrt_runtime()
+    if rt is None:
+        msg = f"--tensorrt: TensorRT not available ({why}); ONNX Runtime only"
+        log.warning(msg)
+        return [], [msg]
+    mod = importlib.import_module("vitc.runtimes.tensorrt")
+    cands, notes = [], []
+    for i, (m, lab) in enumerate(zip(models, labels)):
+        if m.suffix.lower() in ENGINE_SUFFIXES:
+            continue
+        if any(d is None for inp in onnx_inputs(m) for d in inp.dims):
+            notes.append(f"{lab}: no TensorRT engine (dynamic batch; vitc's engines are fixed-shape: "
+                         "vitc build --batch N)")
+            continue
+        engine = workdir / f"{i}.engine"
+        try:
+            mod.build_engine(m, engine)
+        except VitcError as exc:
+            notes.append(f"{lab}: no TensorRT engine ({' '.join(str(exc).split())[:200]})")
+            continue
+        cands.append(trt_candidate(engine, f"{lab} [trt]", rt, i))
+    for n in notes:
+        log.warning(n)
+    return cands, notes
+
+
 def short_labels(paths: Sequence[Path]) -> list[str]:
     """The shortest trailing path parts that tell the files apart (``a/model.int8.onnx``, ``b/model.int8.onnx``)."""
     parts = [Path(os.path.normpath(p)).parts for p in paths]
@@ -349,7 +380,7 @@ class BenchReport:
 
     def records(self) -> list[dict]:
         """Flat JSON records (one per model x batch x threads, skipped ones included), each with the run context."""
-        ctx = {"machine": self.machine, "config": self.config}
+        ctx = {"machine": self.machine, "config": self.config, "notes": self.notes}
         return ([{**m.to_json(), **ctx} for m in self.measurements]
                 + [{**s.to_json(), **ctx} for s in self.skipped])
 
@@ -392,6 +423,26 @@ def machine_info() -> dict:
     except ImportError:  # pragma: no cover
         pass
     return info
+
+
+def cpu_busy(window_s: float = 2.0) -> float | None:
+    """How many CPUs were busy during the next ``window_s`` seconds (from /proc/stat; None where it does not exist).
+
+    Called while this process sleeps, it measures what *other* processes use, unlike the load average, which also
+    counts this process's own recent work."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v[:8]) - idle, sum(v[:8])
+
+    try:
+        b0, t0 = read()
+        time.sleep(window_s)
+        b1, t1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (b1 - b0) / max(t1 - t0, 1)
 
 
 # -- statistics -------------------------------------------------------------------------------------------------------
@@ -762,6 +813,9 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--max-time", type=_pos_float, default=120.0, metavar="S",
                     help="stop a batch/threads group after S seconds (after --min-rounds; default 120)")
     be.add_argument("--pause", type=float, default=0.3, metavar="S", help="pause before each block (default 0.3)")
+    be.add_argument("--tensorrt", action="store_true",
+                    help="also build a TensorRT engine from each fixed-shape .onnx model and time it on the GPU "
+                         "(needs TensorRT and a GPU; a note otherwise)")
     be.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     be.add_argument("--png", type=Path, default=None, help="also draw a bar chart (PNG) here")
 
@@ -822,15 +876,19 @@ def run_command(a: argparse.Namespace) -> int:
     cands, notes = candidates_for(models, labels)
     cfg = SuiteConfig(batches=tuple(a.batch), threads=tuple(a.threads), warmup=a.warmup, block=a.block,
                       pause_s=a.pause, stop=stop, baseline=base)
-    try:
-        report = run_suite(cands, cfg, notes)
-    except VitcError:
-        raise
-    except Exception as exc:
-        if type(exc).__module__.startswith("onnxruntime"):  # a model ORT cannot load or run
-            raise VitcError(f"onnxruntime cannot run the models: {' '.join(str(exc).split())[:300]}",
-                            hint="check each model loads in onnxruntime") from None
-        raise
+    with tempfile.TemporaryDirectory(prefix="vitc-bench-") as tmp:
+        if a.tensorrt:
+            more, more_notes = trt_engines_from_onnx(models, labels, Path(tmp))
+            cands, notes = cands + more, notes + more_notes
+        try:
+            report = run_suite(cands, cfg, notes)
+        except VitcError:
+            raise
+        except Exception as exc:
+            if type(exc).__module__.startswith("onnxruntime"):  # a model ORT cannot load or run
+                raise VitcError(f"onnxruntime cannot run the models: {' '.join(str(exc).split())[:300]}",
+                                hint="check each model loads in onnxruntime") from None
+            raise
     sys.stdout.write(format_report(report) + "\n")
     if a.json:
         try:

@@ -198,6 +198,11 @@ def _cmd_build(a) -> int:
         policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip,
         pair_safe_weights=False if a.no_saturation_guard else None,
         dynamic_roles=_expand_roles(a.dynamic))
+    from vitc.compiler.policy import RULE_ROLES
+
+    unknown = sorted(set(a.dynamic) - set(RULE_ROLES))
+    if unknown:
+        raise VitcError(f"--dynamic: unknown role {unknown[0]!r}", hint=f"choose from {', '.join(RULE_ROLES)}")
     if cfg.dynamic_roles and cfg.target is not Target.ORT:
         raise VitcError("--dynamic needs --target ort", hint="TensorRT runs only static int8 activation scales")
     trt_engine = a.target == "trt" and cfg.precision is Precision.INT8

@@ -83,6 +83,8 @@ def export_timm(cfg: ExportConfig) -> Path:
     model.eval()
     dc = timm.data.resolve_data_config({}, model=model)
     _, h, w = dc["input_size"]
+    if cfg.image_size:
+        h = w = cfg.image_size  # resolve_data_config reports the pretrained size, not the one built here
     x = torch.randn(1, 3, h, w)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -100,7 +102,7 @@ def export_timm(cfg: ExportConfig) -> Path:
                                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         import onnx
 
-        m = onnx.load(tmp)
+        m = onnx.load(tmp)  # inlines any external data the exporter wrote beside it
         meta = {"mean": list(dc["mean"]), "std": list(dc["std"]), "crop_pct": float(dc.get("crop_pct", 0.875)),
                 "interpolation": dc.get("interpolation", "bicubic"), "timm_model": cfg.model_name}
         entry = m.metadata_props.add()
@@ -108,6 +110,7 @@ def export_timm(cfg: ExportConfig) -> Path:
         onnx.save(m, tmp)
         os.replace(tmp, out)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, tmp + ".data"):  # the dynamo exporter may write weights to TMP.data
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return out

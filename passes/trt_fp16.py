@@ -56,7 +56,8 @@ def to_fp16(model: onnx.ModelProto, options: Fp16Options = Fp16Options()) -> onn
             m = onnx.version_converter.convert_version(m, MIN_OPSET)
         except Exception as exc:
             raise PassError("trt_fp16", f"cannot convert the graph to opset {MIN_OPSET} for fp16 Q/DQ scales "
-                                        f"({type(exc).__name__}: {exc})", hint="build the engine with --no-fp16") from None
+                                        f"({type(exc).__name__}: {exc})",
+                            hint="build the engine with --no-fp16") from None
     g = m.graph
     keep_nodes = [n for n in g.node if n.op_type in options.keep_fp32_ops]
     keep_ids = {id(n) for n in keep_nodes}
@@ -149,7 +150,8 @@ def to_fp16(model: onnx.ModelProto, options: Fp16Options = Fp16Options()) -> onn
         onnx.checker.check_model(m)
     except Exception as exc:
         raise PassError("trt_fp16", f"the fp16 graph is not valid ONNX ({type(exc).__name__}: "
-                                    f"{' '.join(str(exc).split())[:300]})", hint="build the engine with --no-fp16") from None
+                                    f"{' '.join(str(exc).split())[:300]})",
+                        hint="build the engine with --no-fp16") from None
     log.debug("fp16: %d initializers converted, %d ops kept fp32", converted, len(keep_nodes))
     return m
 

@@ -154,7 +154,8 @@ class EngineSidecar:
         required = ("tensorrt_version", "gpu_name", "compute_capability", "inputs", "outputs")
         missing = [k for k in required if k not in data]
         if missing:
-            raise VitcError(f"{where}: missing {', '.join(missing)}", hint="rebuild the engine with `vitc engine OUTDIR`")
+            raise VitcError(f"{where}: missing {', '.join(missing)}",
+                            hint="rebuild the engine with `vitc engine OUTDIR`")
         if data.get("format", SIDECAR_FORMAT) != SIDECAR_FORMAT:
             raise VitcError(f"{where}: sidecar format {data.get('format')} is not {SIDECAR_FORMAT}",
                             hint="rebuild the engine with this vitc: `vitc engine OUTDIR`")

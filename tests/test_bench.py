@@ -144,6 +144,14 @@ def test_engine_file_skipped_with_note_when_no_tensorrt(capsys, tmp_path, models
     assert [r["label"] for r in json.loads(js.read_text())] == ["dyn.onnx"]
 
 
+def test_tensorrt_flag_without_tensorrt_is_a_note(capsys, tmp_path, models, monkeypatch):
+    monkeypatch.setattr(B, "tensorrt_runtime", lambda: (None, "no GPU here"))
+    rc, out, err = cli(capsys, "bench", *models, "--tensorrt", *QUICK)
+    assert rc == 0, err
+    assert "--tensorrt: TensorRT not available (no GPU here); ONNX Runtime only" in err
+    assert "[trt]" not in out and len(out.strip().splitlines()) == 4
+
+
 # -- the timing loop on a fake clock: exact ratios, stopping rule -------------------------------------------------------
 class FakeClock:
     def __init__(self):
@@ -225,7 +233,7 @@ def _compare_peers(tmp_path, model: str) -> dict:
 
     cfg = P.CompareConfig(outdir=tmp_path / "peers", models=(model,), eval_samples=2, calib_samples=2,
                           grid=P.StaticGrid.QUICK, stop=B.StopRule.fixed(1), screen_rounds=1, warmup=1,
-                          block_seconds=0.01, pause_s=0.0)
+                          block_seconds=0.01, pause_s=0.0, busy_window_s=0.05)
     res = P.run(cfg)
     assert (tmp_path / "peers" / "results.json").is_file()
     md = (tmp_path / "peers" / "results.md").read_text()

@@ -587,3 +587,11 @@ def test_console_script(tmp_path, vit_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == \
         [f"vitc: error: {tmp_path / 'nope.onnx'}: no such file; give the path of an .onnx model"]
+
+
+def test_dynamic_unknown_role_is_refused(capsys, tmp_path, vit_path):
+    from vitc.compiler.cli import main
+
+    assert main(["build", str(vit_path), "-o", str(tmp_path / "out"), "--dynamic", "bogus"]) == 2
+    assert "unknown role 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

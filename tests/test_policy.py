@@ -22,7 +22,7 @@ from vitc.passes.annotate import annotate
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 PRESETS = ["default", "all-per-tensor", "ln-per-channel", "ln-fc2-per-channel", "ln-fc2-b5-6-per-channel",
-           "all-per-channel"]
+           "all-per-channel", "trt-int8-mha"]
 ORT = PolicyDefaults.for_target("ort")
 
 
@@ -301,7 +301,7 @@ def test_each_preset_builds_and_runs(preset, vit, vit7, tmp_path):
     sim = {n["node"] for n in r["nodes"] if n["simulated"]}
     assert set(r["simulated"]) == sim
     assert all(n["simulation"] == ["per-channel activations"] for n in r["nodes"] if n["simulated"])
-    assert (len(sim) == 0) == (preset in ("default", "all-per-tensor"))
+    assert (len(sim) == 0) == (preset in ("default", "all-per-tensor", "trt-int8-mha"))
     m = onnx.load(res.model_path)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
     # each simulated node reads its activation through a per-axis (last axis) QuantizeLinear / DequantizeLinear

@@ -24,8 +24,9 @@ def trt_build(tmp_path_factory):
     d = tmp_path_factory.mktemp("trtb")
     src = d / "vit.onnx"
     onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2)), src)
+    # the int8-MHA layout (every rule checked below); the target's default keeps attention/residuals float
     res = build(BuildConfig(model=src, outdir=d / "out", target=Target.TRT, calib=CalibConfig(samples=8),
-                            show_progress=False))
+                            show_progress=False, policy=trt_policy()))
     return src, res
 
 
@@ -118,7 +119,7 @@ def test_ort_target_is_unchanged(tmp_path, trt_build):
     assert not any(p["pass"] == "trt_lower" for p in res.report["passes"])
 
 
-# -- the TRT-only passes, in isolation ----------------------------------------------------------------------------------
+# -- the TRT-only passes, in isolation ---------------------------------------------------------------------------------
 def _layerscale_graph():
     """x -> Gemm -> Reshape -> Mul(gamma) -> Add(x, .): a DINOv2-style residual with LayerScale."""
     x = gs.Variable("x", np.float32, [4, 8])

@@ -238,7 +238,7 @@ def test_load_engine_refuses_another_version_before_deserializing(tmp_path, monk
     T.write_sidecar(eng, sidecar(tensorrt_version="10.3.0"))
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTrt(version="10.7.0"))  # has no Runtime: must not get there
     fake_pycuda(monkeypatch)
-    with pytest.raises(T.EngineMismatchError, match="refusing to load .*model.engine: it was built with TensorRT 10.3.0"):
+    with pytest.raises(T.EngineMismatchError, match="refusing to load .*model.engine: it was built with TensorRT 10.3"):
         T.load_engine(eng)
     T.write_sidecar(eng, sidecar(tensorrt_version="10.7.0", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0"))
     with pytest.raises(T.EngineMismatchError, match="built for NVIDIA H100 80GB HBM3"):
@@ -307,7 +307,7 @@ def test_default_timing_cache_is_per_version_and_gpu(monkeypatch, tmp_path):
     assert p == tmp_path / "vitc" / "trt-10.3.0-NVIDIA-GeForce-RTX-4090-sm8.9.timing-cache"
 
 
-# -- on a GPU host only -------------------------------------------------------------------------------------------------
+# -- on a GPU host only ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp16", [False, True])
 def test_gpu_engine_matches_onnxruntime(outdir, fp16):

@@ -109,8 +109,9 @@ class CompareConfig:
     warmup: int = 5
     block_seconds: float = 1.0
     pause_s: float = 0.3
-    wait_load: float | None = None  # before timing, wait until the 1-minute load average is below this
+    wait_busy: float | None = None  # before timing, wait until other processes keep fewer CPUs than this busy
     wait_max_s: float = 600.0
+    busy_window_s: float = 5.0  # how long other processes' CPU use is sampled before/after timing
 
 
 @dataclass
@@ -306,19 +307,20 @@ def _ort_runner(path: Path, threads: int):
     return OrtRuntime().session(str(path), SessionOptions(threads=threads))
 
 
-def wait_for_quiet(max_load: float | None, max_s: float) -> float:
-    """Wait (up to ``max_s``) until the 1-minute load average is below ``max_load``; returns the load seen."""
-    load = os.getloadavg()[0]
-    if max_load is None:
-        return load
+def wait_for_quiet(max_busy: float | None, max_s: float, window_s: float = 5.0) -> dict:
+    """Measure how many CPUs other processes keep busy (5 s window, this process asleep); with ``max_busy``, wait
+    (up to ``max_s``) until it is below that. Returns what was seen, for the results."""
+    busy = B.cpu_busy(window_s)
     t0 = time.monotonic()
-    while load >= max_load and time.monotonic() - t0 < max_s:
-        log.info("load average %.2f >= %.2f: waiting (%.0fs so far)", load, max_load, time.monotonic() - t0)
-        time.sleep(15)
-        load = os.getloadavg()[0]
-    if load >= max_load:
-        log.warning("load average still %.2f after %.0fs: timing anyway", load, max_s)
-    return load
+    while max_busy is not None and busy is not None and busy >= max_busy and time.monotonic() - t0 < max_s:
+        log.info("other processes keep %.2f CPUs busy (>= %.2f): waiting (%.0fs so far)", busy, max_busy,
+                 time.monotonic() - t0)
+        time.sleep(20)
+        busy = B.cpu_busy(window_s)
+    if max_busy is not None and busy is not None and busy >= max_busy:
+        log.warning("other processes still keep %.2f CPUs busy after %.0fs: timing anyway", busy, max_s)
+    return {"others_busy_cpus": None if busy is None else round(busy, 2), "waited_s": round(time.monotonic() - t0),
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 # -- one model --------------------------------------------------------------------------------------------------------
@@ -362,7 +364,7 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
     best = None
     if ok:
         if len(ok) > 1:
-            wait_for_quiet(cfg.wait_load, cfg.wait_max_s)
+            wait_for_quiet(cfg.wait_busy, cfg.wait_max_s, cfg.busy_window_s)
             cands = [_ort_candidate(s["config"], s["path"], k) for k, s in enumerate(ok)]
             rep = B.run_suite(cands, B.SuiteConfig(batches=(bs,), threads=(cfg.threads,), warmup=cfg.warmup,
                                                    block_seconds=cfg.block_seconds, pause_s=cfg.pause_s,
@@ -395,8 +397,9 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
         info[TORCH_FP32] = {"torch": torch.__version__}
         info[TORCH_INT8] = {"torch": torch.__version__, "engine": torch.backends.quantized.engine,
                             "config": "quantize_dynamic({nn.Linear}, qint8)"}
-    load = wait_for_quiet(cfg.wait_load, cfg.wait_max_s)
-    log.info("%s: timing %d variants (load average %.2f)", pm.name, len(cands), load)
+    quiet = wait_for_quiet(cfg.wait_busy, cfg.wait_max_s, cfg.busy_window_s)
+    log.info("%s: timing %d variants (other processes: %s CPUs busy; load average %.2f)", pm.name, len(cands),
+             quiet["others_busy_cpus"], quiet["load_avg"][0])
     rep = B.run_suite(cands, B.SuiteConfig(batches=(bs,), threads=(cfg.threads,), warmup=cfg.warmup,
                                            block_seconds=cfg.block_seconds, pause_s=cfg.pause_s, stop=cfg.stop))
     if cfg.outdir is not None:
@@ -412,7 +415,9 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
     for s in static:
         s.pop("path", None)
     return {"model": pm.name, "source": str(pm.onnx), "preprocess": pm.pre.to_json(), "notes": pm.notes,
-            "threads": cfg.threads, "batch": bs, "timing": {"stop": rep.measurements[0].stop, "machine": rep.machine},
+            "threads": cfg.threads, "batch": bs,
+            "timing": {"stop": rep.measurements[0].stop, "machine": rep.machine, "before": quiet,
+                       "others_busy_cpus_after": B.cpu_busy(cfg.busy_window_s)},
             "variants": rows, "ort_static_grid": static, "seconds": round(time.perf_counter() - t_model, 1)}
 
 
@@ -470,8 +475,11 @@ def to_markdown(results: dict) -> str:
              + f"; load average at start {mi.get('load_avg', ['?'])[0]}, at end {mi.get('load_avg_end', ['?'])[0]}.", ""]
     for m in results["models"]:
         t = m["timing"]["machine"]
-        lines += [f"**{m['model']}** ({m['threads']} threads, batch {m['batch']}; load average during timing "
-                  f"{t.get('load_avg', ['?'])[0]} -> {t.get('load_avg_after', ['?'])[0]}; stop: {m['timing']['stop']})",
+        busy = (m["timing"]["before"]["others_busy_cpus"], m["timing"]["others_busy_cpus_after"])
+        lines += [f"**{m['model']}** ({m['threads']} threads, batch {m['batch']}; other processes kept "
+                  f"{_f(busy[0], '{:.2f}')} CPUs busy just before timing, {_f(busy[1], '{:.2f}')} just after; "
+                  f"load average {t.get('load_avg', ['?'])[0]} -> {t.get('load_avg_after', ['?'])[0]}; "
+                  f"stop: {m['timing']['stop']})",
                   "", "| variant | ms/img | speedup vs ORT fp32 (95% CI) | SQNR dB | worst image dB | top-1 agreement |",
                   "|---|---|---|---|---|---|"]
         for name, r in m["variants"].items():
@@ -513,8 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--screen-rounds", type=B._pos_int, default=3)
     p.add_argument("--block-seconds", type=B._pos_float, default=1.0)
     p.add_argument("--pause", type=float, default=0.3)
-    p.add_argument("--wait-load", type=B._pos_float, default=None,
-                   help="before timing, wait until the 1-minute load average is below this")
+    p.add_argument("--wait-busy", type=B._pos_float, default=None, metavar="CPUS",
+                   help="before timing, wait until other processes keep fewer than CPUS cores busy")
     p.add_argument("--wait-max", type=B._pos_float, default=600.0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)  # ORT's quantizer: root
@@ -524,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                         grid=StaticGrid(a.static_grid), torch=not a.no_torch,
                         stop=B.StopRule(a.ci, a.min_rounds, max(a.max_rounds, a.min_rounds), a.max_time),
                         screen_rounds=a.screen_rounds, block_seconds=a.block_seconds, pause_s=a.pause,
-                        wait_load=a.wait_load, wait_max_s=a.wait_max)
+                        wait_busy=a.wait_busy, wait_max_s=a.wait_max)
     try:
         res = run(cfg)
     except VitcError as exc:
