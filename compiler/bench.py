@@ -87,6 +87,7 @@ class SuiteConfig:
     baseline: int = 0  # index into the model list
     bootstrap: int = 1000
     seed: int = 0
+    busy_probe_s: float = 0.5  # before timing, sample how many CPUs other processes keep busy (0: skip)
 
     def __post_init__(self):
         if not self.batches or min(self.batches) < 1 or not self.threads or min(self.threads) < 0:
@@ -593,13 +594,15 @@ def run_suite(cands: Sequence[Candidate], cfg: SuiteConfig, notes: Sequence[str]
             why = "; ".join(f"{c.label}: {c.refusal(b)}" for c in cands)
             raise VitcError(f"no model accepts batch size {b} ({why})",
                             hint="drop it from --batch, or rebuild the models with vitc build --batch N")
-    load = report.machine.get("load_avg", [0.0])[0]
+    busy = cpu_busy(cfg.busy_probe_s) if cfg.busy_probe_s > 0 else None
     cpus = report.machine.get("cpus") or 1
-    if load > 0.5 * cpus:
-        msg = (f"load average {load:.2f} on {cpus} CPUs: other processes are running, timings will be noisy "
-               "(ratios within one run stay comparable)")
-        log.warning(msg)
-        report.notes.append(msg)
+    if busy is not None:
+        report.machine["others_busy_cpus"] = round(busy, 2)
+        if busy > 0.25 * cpus:
+            msg = (f"other processes keep {busy:.1f} of {cpus} CPUs busy: timings will be noisy "
+                   "(ratios within one run stay comparable)")
+            log.warning(msg)
+            report.notes.append(msg)
     groups: list[tuple[str, int, int]] = []
     for dev in ("cpu", "gpu"):
         if not any(c.engine.device == dev for c in cands):
@@ -695,8 +698,10 @@ def write_png(report: BenchReport, path: Path) -> Path:
     d.text((12, 10), "ms per image (lower is better); whiskers: 95% CI of the median; ratio: speed vs "
            f"{next((m.baseline for m in report.measurements if m.baseline), 'the baseline')}",
            fill="black", font=f_text)
-    d.text((12, 30), f"{mi.get('cpu', mi.get('machine', ''))}, {mi.get('cpus', '?')} CPUs, load "
-           f"{mi.get('load_avg', ['?'])[0]}, onnxruntime {mi.get('onnxruntime', '?')}", fill=(90, 90, 90), font=f_text)
+    busy = (f"other processes kept {mi['others_busy_cpus']} CPUs busy before timing" if "others_busy_cpus" in mi
+            else f"load average {mi.get('load_avg', ['?'])[0]}")
+    d.text((12, 30), f"{mi.get('cpu', mi.get('machine', ''))}, {mi.get('cpus', '?')} CPUs, {busy}, onnxruntime "
+           f"{mi.get('onnxruntime', '?')}", fill=(90, 90, 90), font=f_text)
     y = title_h
     for (cpu, t, b), g in groups.items():
         d.text((12, y + 8), f"batch {b}" + (f", {t} thread(s)" if t else "") + (" (CPU)" if cpu else " (GPU)"),
