@@ -25,10 +25,9 @@ import onnx_graphsurgeon as gs
 
 from vitc.compiler import data as D
 from vitc.compiler.calibration import CalibrationTable, ObserverConfig, calibrate
-from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
+from vitc.compiler.errors import CalibrationDataError, OutputError, VitcError
 from vitc.compiler.loader import LoadedModel, load_model
 from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
-from vitc.compiler.planner import resolve_plan
 from vitc.compiler.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
 from vitc.compiler.progress import progress
 from vitc.passes.annotate import AnnotatePass

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from vitc.tools.tiny_models import TinyConfig, tiny_bert, tiny_vit
+from vitc.tools.tiny_models import tiny_bert, tiny_vit
 
 
 def _has_gpu() -> bool:
@@ -26,6 +26,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def empty_cwd(tmp_path, monkeypatch):
+    """Every test runs from an empty folder, and nothing may be written there (vitc never writes to the cwd)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield cwd
+    assert sorted(os.listdir(cwd)) == [], "something wrote into the current directory"
+
+
+def cli(capsys, *args):
+    """Run the vitc command line in-process: (exit code, stdout, stderr)."""
+    from vitc.compiler.cli import main
+
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
 def ort_run(model, feeds, optimize=True):

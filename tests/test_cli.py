@@ -17,26 +17,14 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
+from conftest import cli
+
 from vitc.compiler.cli import main
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 FAST = ["--calib-samples", "4"]
 
 
-@pytest.fixture(autouse=True)
-def empty_cwd(tmp_path, monkeypatch):
-    """Run each test from an empty folder; nothing may be written there."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    yield cwd
-    assert sorted(os.listdir(cwd)) == [], "the CLI wrote into the current directory"
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def leftovers(parent: Path) -> list[str]:

@@ -2,7 +2,6 @@
 and bad input (one error line, exit 2)."""
 
 import json
-import os
 
 import numpy as np
 import onnx
@@ -10,7 +9,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from vitc.compiler.cli import main
+from conftest import cli
+
 from vitc.compiler.data import Preprocess
 from vitc.compiler.evaluate import EvalTotals, pair_metrics, topk
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
@@ -18,19 +18,6 @@ from vitc.tools.tiny_models import TinyConfig, tiny_vit
 N_CLASSES = 10
 
 
-@pytest.fixture(autouse=True)
-def empty_cwd(tmp_path, monkeypatch):
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    yield cwd
-    assert sorted(os.listdir(cwd)) == [], "vitc eval wrote into the current directory"
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def errors(err: str) -> list[str]:

@@ -3,7 +3,6 @@
 import pickle
 from collections import Counter
 
-import numpy as np
 import onnx
 import pytest
 

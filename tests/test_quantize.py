@@ -6,12 +6,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import ort_run, sqnr_db
+from conftest import ort_run
 
 from vitc.compiler.build import BuildConfig, CalibConfig, build
 from vitc.compiler.loader import load_model
 from vitc.compiler.pipeline import PipelineConfig, export, float_pipeline, run_passes
-from vitc.passes.graphutil import const_value
 from vitc.passes.insert_qdq import quantize_weight
 from vitc.passes.migrate_scales import ScaleMigrationPass
 from vitc.tools.tiny_models import TinyConfig, tiny_vit

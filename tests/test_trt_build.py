@@ -8,11 +8,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import ort_run
+from conftest import cli, ort_run
 from onnx import TensorProto, numpy_helper
 
 from vitc.compiler.build import BuildConfig, CalibConfig, build
-from vitc.compiler.cli import main
 from vitc.compiler.pipeline import Target
 from vitc.compiler.policy import NodePlan, Plan, QuantSpec, TrtAttention, trt_policy
 from vitc.compiler.trt_check import TrtRule, check_model
@@ -217,12 +216,6 @@ def no_tensorrt(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_build_trt_without_tensorrt_writes_graph_and_one_line(trt_build, tmp_path, capsys, no_tensorrt):

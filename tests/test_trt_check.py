@@ -5,9 +5,9 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
-from vitc.compiler.cli import main
 from vitc.compiler.trt_check import TrtRule, check_model
 
 F = TensorProto.FLOAT
@@ -262,12 +262,6 @@ def builds(tmp_path_factory):
     out["trt-mha"] = build(BuildConfig(model=src, outdir=d / "mha", target=Target.TRT, calib=CalibConfig(samples=4),
                                        show_progress=False, policy=load_policy("trt-int8-mha", PolicyDefaults.for_target("trt")))).model_path
     return out
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_vitc_trt_int8_mha_build_passes_check(builds, capsys, tmp_path):

@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 from vitc.compiler.bench import BenchConfig, bench
 from vitc.compiler.build import BuildConfig, CalibConfig, Precision, build
