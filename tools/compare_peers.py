@@ -9,8 +9,9 @@ For each model this measures, side by side:
 - ORT ``quantize_static``: a grid of configurations (QDQ, activations U8 or S8 with S8 weights, per-channel on/off,
   MinMax or Percentile calibration, ORT's default op set or MatMul/Gemm only) on the model after ORT's
   ``quant_pre_process``, calibrated on the same 32 photo crops vitc calibrates on. Every configuration's fidelity
-  is measured and its latency screened (a short alternating-block run); the one kept is the most faithful among
-  those within 10% of the fastest configuration's latency (all are listed in the JSON/markdown);
+  is measured and its speedup over the source screened (a short alternating-block run, ratios per round); the one
+  kept is the most faithful among those within 10% of the best screened speedup (all are listed in the
+  JSON/markdown);
 - ORT ``quantize_dynamic`` (S8 weights, ORT's defaults);
 - for timm models: torch eager fp32 and torch dynamic int8 (``torch.ao.quantization.quantize_dynamic`` on every
   ``nn.Linear``), with ``torch.set_num_threads`` set to the same thread count. The ONNX file is exported from the
@@ -483,13 +484,14 @@ def to_markdown(results: dict) -> str:
                   f"{_f(busy[0], '{:.2f}')} CPUs busy just before timing, {_f(busy[1], '{:.2f}')} just after; "
                   f"load average {t.get('load_avg', ['?'])[0]} -> {t.get('load_avg_after', ['?'])[0]}; "
                   f"stop: {m['timing']['stop']})",
-                  "", "| variant | ms/img | speedup vs ORT fp32 (95% CI) | SQNR dB | worst image dB | top-1 agreement |",
+                  "", "| variant | ms/img (median, +-95% CI) | speedup vs ORT fp32 (95% CI) | SQNR dB | worst image dB "
+                      "| top-1 agreement |",
                   "|---|---|---|---|---|---|"]
         for name, r in m["variants"].items():
             ci = r.get("speedup_ci95")
             sp = f"{r['speedup_vs_source']:.2f}x" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
             label = name + (f" ({r['config']})" if name == ORT_STATIC else "")
-            lines.append(f"| {label} | {r['ms_per_image']:.3g} | {sp} | {_f(r.get('sqnr_db'))} | "
+            lines.append(f"| {label} | {r['ms_per_image']:.3g} +-{r['ci95_pct']:.0f}% | {sp} | {_f(r.get('sqnr_db'))} | "
                          f"{_f(r.get('worst_image_sqnr_db'))} | {_f(r.get('top1_agreement_pct'), '{:.1f}%')} |")
         if m["ort_static_grid"]:
             lines += ["", f"ORT quantize_static configurations ({m['model']}; screen: a short run against the "
