@@ -37,13 +37,9 @@ def _shape(s: str) -> tuple[str, list[int]]:
 
 
 def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+    from vitc.compiler.bench import _pos_int  # one parser for positive integers, shared with `vitc bench`
+
+    return _pos_int(s)
 
 
 def _std3(s: str) -> tuple[float, float, float]:
