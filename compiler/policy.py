@@ -504,7 +504,44 @@ def _parse_rule(r: dict, i: int, lines: _Lines, err, defaults: PolicyDefaults):
     return kw, over, skip, line
 
 
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def policy_to_toml(policy: Policy) -> str:
+    """A TOML policy file that :func:`parse_policy` reads back into the same rules (every spec key written out, so
+    the file does not depend on a target's defaults)."""
+    out = [f"name = {_toml_str(policy.name)}"]
+    if policy.description:
+        out.append(f"description = {_toml_str(policy.description)}")
+    for r in policy.rules:
+        out += ["", "[[rule]]", f"name = {_toml_str(r.name)}"]
+        if r.roles is not None:
+            out.append(f"roles = [{', '.join(_toml_str(x) for x in sorted(r.roles))}]")
+        if r.blocks is not None:
+            out.append(f"blocks = [{r.blocks[0]}, {r.blocks[1]}]")
+        if r.name_glob is not None:
+            out.append(f"node = {_toml_str(r.name_glob)}")
+        if r.input_from is not None:
+            out.append(f"input_from = [{', '.join(_toml_str(x) for x in sorted(r.input_from))}]")
+        sp = r.spec
+        if sp.skip:
+            out.append("skip = true")
+            continue
+        out += [f"activation = {_toml_str(sp.activation.value)}", f"weight = {_toml_str(sp.weight.value)}",
+                f"observer = {_toml_str(sp.observer.kind.value)}"]
+        if sp.observer.kind is Observer.PERCENTILE:
+            out.append(f"percentile = {sp.observer.percentile!r}")
+        out += [f"bits = {sp.bits}", f"symmetric = {'true' if sp.symmetric else 'false'}"]
+    return "\n".join(out) + "\n"
+
+
+def glob_escape(name: str) -> str:
+    """A node-name glob (rule key ``node``) that matches exactly ``name``."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 __all__ = ["Granularity", "QuantSpec", "Rule", "Policy", "default_policy", "trt_policy", "TrtAttention", "NodePlan",
            "Plan", "Observer", "ObserverConfig", "QUANTIZABLE_OPS", "PolicyDefaults", "load_policy", "parse_policy",
            "preset_names", "target_default_policy", "expand_roles", "simulation_reasons", "RULE_ROLES",
-           "ROLE_GROUPS", "INPUT_ROLES"]
+           "ROLE_GROUPS", "INPUT_ROLES", "policy_to_toml", "glob_escape"]

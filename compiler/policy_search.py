@@ -1,0 +1,249 @@
+"""`vitc search`: the cheapest policy that meets a fidelity target.
+
+1. Start from a policy (default: the preset ``all-per-tensor``) and measure it end to end.
+2. Sensitivity: quantize each operator *alone* (everything else float) under the start policy and measure its output
+   noise power against the source model on held-out samples (noise_i = 10^(-SQNR_i/10)). Quantization noises of
+   different operators add up nearly independently, so sum_i noise_i predicts the full model's noise, and
+   noise_i is what an upgrade of operator i removes.
+3. Greedy: take the upgrade with the most noise removed per unit of cost, apply it, re-measure the whole model end to
+   end, repeat until the target is met (or the upgrade budget runs out).
+
+Upgrades and their cost (the latency they give up, in units of the operator's share of the quantizable MACs):
+  * per-channel weights: free (every int8 kernel takes them) — the start policy is upgraded to them first if needed;
+  * per-channel activations: not runnable by ORT/TensorRT int8 kernels (simulated), so they cost what float costs
+    unless ``per_channel_cost`` says otherwise (e.g. for a research question);
+  * float: the operator's MAC share; zero for an operator whose int8 form buys no speed on the target (ORT has no
+    int8 Conv with a float output, so a Conv is free to keep float there).
+Output: the policy (TOML, first rules name the upgraded nodes) and the path taken, step by step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from vitc.compiler.errors import VitcError
+from vitc.compiler.pipeline import Target
+from vitc.compiler.policy import Granularity, NodePlan, Plan, Policy, QuantSpec, Rule, glob_escape
+from vitc.compiler.progress import progress
+from vitc.compiler.simulate import SimOptions, Simulator
+
+log = logging.getLogger(__name__)
+
+
+class Upgrade:
+    PER_CHANNEL = "per-channel"
+    FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    target_sqnr_db: float
+    max_upgrades: int = 32
+    per_channel_cost: float = 1.0  # cost of per-channel activations relative to float (1: both leave int8 kernels)
+    options: SimOptions = SimOptions()
+
+    def __post_init__(self):
+        if not math.isfinite(self.target_sqnr_db) or not 0 < self.target_sqnr_db < 200:
+            raise VitcError(f"target SQNR {self.target_sqnr_db} dB is not a sensible target",
+                            hint="give a number of dB between 0 and 200, e.g. --target-sqnr 30")
+        if self.max_upgrades < 0 or self.per_channel_cost < 0:
+            raise VitcError("--max-upgrades and --per-channel-cost must be >= 0")
+
+
+@dataclass
+class OpInfo:
+    node: str
+    role: str
+    block: int | None
+    op: str
+    macs: float
+    cost_float: float  # latency share given up by keeping it float
+    noise: float = 0.0  # noise power (relative to the output power) with this op alone quantized
+    noise_per_channel: float | None = None
+
+    def to_json(self) -> dict:
+        return {"node": self.node, "role": self.role, "block": self.block, "op": self.op, "macs": self.macs,
+                "cost_float": round(self.cost_float, 5), "alone_sqnr_db": _db(self.noise),
+                "alone_sqnr_db_per_channel": None if self.noise_per_channel is None else _db(self.noise_per_channel)}
+
+
+@dataclass
+class Step:
+    index: int
+    node: str | None
+    role: str | None
+    block: int | None
+    upgrade: str | None
+    cost: float
+    total_cost: float
+    sqnr_db: float
+    worst_db: float
+    cosine: float
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class SearchResult:
+    policy: Policy
+    met: bool
+    steps: list[Step]
+    ops: list[OpInfo]
+    start: str
+    target_sqnr_db: float
+    baselines: dict = field(default_factory=dict)  # name -> fidelity/upgrades of reference policies
+
+    def to_json(self) -> dict:
+        return {"start": self.start, "target_sqnr_db": self.target_sqnr_db, "met": self.met,
+                "upgrades": len(self.steps) - 1, "path": [s.to_json() for s in self.steps],
+                "sensitivity": sorted((o.to_json() for o in self.ops), key=lambda o: o["alone_sqnr_db"]),
+                "baselines": self.baselines}
+
+
+def _db(noise: float) -> float:
+    return round(float(-10 * np.log10(max(noise, 1e-30))), 3)
+
+
+def only(policy: Policy, node: str, spec: QuantSpec) -> Policy:
+    """``node`` quantized with ``spec``, every other node float."""
+    return Policy(f"only {node}", (Rule("only", spec, name_glob=glob_escape(node)),
+                                   Rule("rest-float", QuantSpec(skip=True))))
+
+
+def with_upgrades(start: Policy, upgrades: list[tuple[NodePlan, str]]) -> Policy:
+    rules = []
+    for i, (np_, kind) in enumerate(upgrades, 1):
+        spec = QuantSpec(skip=True) if kind == Upgrade.FLOAT else replace(np_.spec, activation=Granularity.PER_CHANNEL)
+        rules.append(Rule(f"search-{i}-{kind}", spec, name_glob=glob_escape(np_.node)))
+    desc = f"found by vitc search from {start.name!r}: {len(upgrades)} upgrade(s) before the start policy's rules"
+    return Policy(f"search-from-{start.name}", tuple(rules) + start.rules, description=desc)
+
+
+def op_macs(np_: NodePlan, sim: Simulator) -> float:
+    """Multiply-accumulates of one quantized node on one batch (shapes from the calibration reservoir)."""
+    from vitc.passes.graphutil import const_value
+
+    import onnx_graphsurgeon as gs
+
+    xs = [sim.reservoir[a][0] for a in np_.activations if a in sim.reservoir and sim.reservoir[a]]
+    if not xs:
+        return 0.0
+    if np_.weight is None:  # attention matmul: [.., M, K] x [.., K, N]
+        if len(xs) < 2:
+            return 0.0
+        return float(np.prod(xs[0].shape)) * xs[1].shape[-1]
+    graph = getattr(sim, "_graph_cache", None)
+    if graph is None:
+        graph = sim._graph_cache = gs.import_onnx(sim.float_model)
+    w = const_value(graph.tensors()[np_.weight])
+    if w is None:
+        return 0.0
+    if np_.op == "Conv":  # output positions x weight size; stride from the node
+        node = next(n for n in graph.nodes if n.name == np_.node)
+        strides = node.attrs.get("strides", [1] * (xs[0].ndim - 2))
+        spatial = np.prod([max(1, s // st) for s, st in zip(xs[0].shape[2:], strides)])
+        return float(xs[0].shape[0] * spatial * w.size)
+    return float(np.prod(xs[0].shape[:-1])) * w.size
+
+
+def float_cost_factor(np_: NodePlan, target: Target) -> float:
+    # ORT has no int8 Conv with a float output: a Q/DQ'd Conv runs float anyway, so keeping it float costs nothing
+    return 0.0 if (target is Target.ORT and np_.op == "Conv") else 1.0
+
+
+def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool = True,
+           baselines: dict[str, Policy] | None = None) -> SearchResult:
+    opts = cfg.options
+    plan0: Plan = sim.plan(start)
+    nodes = plan0.quantized()
+    if not nodes:
+        raise VitcError(f"policy {start.name!r} quantizes no operator: nothing to search",
+                        hint="start from a policy that quantizes something, e.g. --start all-per-tensor")
+    macs = {n.node: op_macs(n, sim) for n in nodes}
+    total_macs = sum(m * float_cost_factor(n, sim.target) for n, m in zip(nodes, macs.values())) or 1.0
+    ops = [OpInfo(n.node, n.role, n.block, n.op, macs[n.node], macs[n.node] * float_cost_factor(n, sim.target)
+                  / total_macs) for n in nodes]
+    by_node = {n.node: n for n in nodes}
+    want_pc = cfg.per_channel_cost < 1.0
+    for info in progress(ops, len(ops), "sensitivity", show_progress):
+        np_ = by_node[info.node]
+        info.noise = _noise(sim, only(start, info.node, np_.spec), opts)
+        if want_pc and np_.op != "Conv" and np_.spec.activation is Granularity.PER_TENSOR:
+            info.noise_per_channel = _noise(sim, only(start, info.node, replace(
+                np_.spec, activation=Granularity.PER_CHANNEL)), opts)
+    infos = {o.node: o for o in ops}
+
+    def measure(policy: Policy):
+        return sim.run(policy, opts).fidelity
+
+    f = measure(start)
+    steps = [Step(0, None, None, None, None, 0.0, 0.0, f.sqnr_db, f.worst_sample_sqnr_db, f.mean_cosine)]
+    log.info("search: start %r %.2f dB (target %.2f dB)", start.name, f.sqnr_db, cfg.target_sqnr_db)
+    chosen: list[tuple[NodePlan, str]] = []
+    state: dict[str, str] = {}  # node -> current upgrade
+    total_cost = 0.0
+    policy = start
+    while f.sqnr_db < cfg.target_sqnr_db and len(chosen) < cfg.max_upgrades:
+        best = None
+        for o in ops:
+            cur = state.get(o.node)
+            if cur == Upgrade.FLOAT:
+                continue
+            now = o.noise_per_channel if cur == Upgrade.PER_CHANNEL else o.noise
+            cands = [(Upgrade.FLOAT, now, o.cost_float - (o.cost_float * cfg.per_channel_cost
+                                                         if cur == Upgrade.PER_CHANNEL else 0.0))]
+            if cur is None and o.noise_per_channel is not None and o.noise_per_channel < o.noise:
+                cands.append((Upgrade.PER_CHANNEL, o.noise - o.noise_per_channel, o.cost_float * cfg.per_channel_cost))
+            for kind, gain, cost in cands:
+                if gain <= 0:
+                    continue
+                score = gain / max(cost, 1e-6)
+                if best is None or score > best[0]:
+                    best = (score, o, kind, cost)
+        if best is None:
+            break
+        _, o, kind, cost = best
+        state[o.node] = kind
+        chosen = [(p, k) for p, k in chosen if p.node != o.node] + [(by_node[o.node], kind)]
+        total_cost += cost
+        policy = with_upgrades(start, chosen)
+        f = measure(policy)
+        steps.append(Step(len(steps), o.node, o.role, o.block, kind, cost, total_cost, f.sqnr_db,
+                          f.worst_sample_sqnr_db, f.mean_cosine))
+        log.info("search: step %d %s %s (%s, block %s) -> %.2f dB, cost %.3f", len(steps) - 1, kind, o.node, o.role,
+                 o.block, f.sqnr_db, total_cost)
+    base: dict = {}
+    for name, pol in (baselines or {}).items():
+        bp = sim.plan(pol)
+        fb = measure(pol)
+        ups = sum(1 for n in bp.quantized() if n.spec.activation is Granularity.PER_CHANNEL) + \
+            sum(1 for n in bp.nodes if n.spec.skip and n.node in infos)
+        base[name] = {"sqnr_db": round(fb.sqnr_db, 3), "worst_db": round(fb.worst_sample_sqnr_db, 3),
+                      "cosine": round(fb.mean_cosine, 6), "upgrades_vs_start": ups,
+                      "simulated_nodes": len(bp.simulated())}
+    return SearchResult(policy, f.sqnr_db >= cfg.target_sqnr_db, steps, ops, start.name, cfg.target_sqnr_db, base)
+
+
+def _noise(sim: Simulator, policy: Policy, opts: SimOptions) -> float:
+    fid = sim.run(policy, opts).fidelity
+    return float(10 ** (-fid.sqnr_db / 10))
+
+
+def format_path(res: SearchResult) -> str:
+    lines = ["| step | upgrade | node | role | block | cost | SQNR dB | worst dB |",
+             "|---:|---|---|---|---:|---:|---:|---:|"]
+    for s in res.steps:
+        lines.append(f"| {s.index} | {s.upgrade or 'start: ' + res.start} | {s.node or ''} | {s.role or ''} | "
+                     f"{'' if s.block is None else s.block} | {s.total_cost:.3f} | {s.sqnr_db:.2f} | {s.worst_db:.2f} |")
+    verdict = "met" if res.met else "NOT met"
+    lines.append("")
+    lines.append(f"target {res.target_sqnr_db:.1f} dB {verdict} with {len(res.steps) - 1} upgrade(s)")
+    for name, b in res.baselines.items():
+        lines.append(f"reference {name}: {b['sqnr_db']:.2f} dB with {b['upgrades_vs_start']} upgrade(s) "
+                     f"({b['simulated_nodes']} simulated node(s))")
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""Quantize one model under many policies cheaply: the float passes and one calibration run are shared.
+
+`vitc search` and `vitc ablate` evaluate dozens of policies on one model. A full `vitc build` per policy would redo
+loading, the float passes and calibration every time; :class:`Simulator` does them once (calibrating *every*
+quantizable tensor, per-tensor ranges and per-channel min/max both) and then, per policy, only resolves the plan,
+runs the build's range search / migration / bias correction and inserts Q/DQ — the same functions `vitc build`
+calls, so a simulated policy is the model `vitc build --policy` would write (up to calibration sharing).
+
+Fidelity is measured in ONNX Runtime against the *source* model's outputs on held-out samples that calibration
+never saw (by default the embedded ``EVAL_PHOTOS``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from vitc.compiler import data as D
+from vitc.compiler.build import (BuildConfig, CalibConfig, _pair_safe, _plan_for, _roles, _silence_graphsurgeon,
+                                 _target_passes, calibration_feeds, input_specs, is_image_input, preprocess_for,
+                                 refine_ranges, run_calibration)
+from vitc.compiler.calibration import CalibrationTable
+from vitc.compiler.errors import CalibrationDataError
+from vitc.compiler.evaluate import Fidelity
+from vitc.compiler.loader import load_model
+from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
+from vitc.compiler.policy import Plan, Policy, QuantSpec, Rule
+from vitc.passes.insert_qdq import InsertQDQPass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """The build steps after calibration that `vitc ablate` switches on and off (same meaning as in BuildConfig)."""
+
+    search: bool = True  # per-site migration strength / clipping chosen by output error
+    migrate: bool = True  # channel-scale migration (only with search: the fixed-strength path recalibrates)
+    bias_correction: bool = True
+    weight_mse_clip: bool = False
+    pair_safe_weights: bool | None = None  # None: on for ORT
+
+    def describe(self) -> str:
+        off = [k for k, v in (("search", self.search), ("migration", self.migrate and self.search),
+                              ("bias correction", self.bias_correction and self.search)) if not v]
+        extra = ["weight MSE clip"] if self.weight_mse_clip else []
+        if self.pair_safe_weights is False:
+            off.append("pair-safe weights")
+        return ", ".join([f"no {k}" for k in off] + extra) or "vitc default"
+
+
+@dataclass
+class Simulated:
+    model: onnx.ModelProto
+    plan: Plan
+    fidelity: Fidelity
+    report: dict
+
+
+def held_out_feeds(model: onnx.ModelProto, source: Path | None, samples: int, calib: CalibConfig) -> list[dict]:
+    """Held-out inputs: ``samples`` crops of the embedded EVAL photos (never used by default calibration), or the
+    first ``samples`` of a folder / .npz."""
+    if samples < 1:
+        raise CalibrationDataError(f"{samples} held-out samples requested", hint="give --eval-samples 1 or more")
+    if source is not None:
+        feeds, _ = calibration_feeds(model, replace(calib, source=source, samples=samples))
+        out = list(feeds)
+        if not out:
+            raise CalibrationDataError(f"{source}: no held-out samples", hint="give a folder of images or a .npz")
+        return out
+    specs = input_specs(model)
+    if len(specs) != 1 or not is_image_input(specs[0]):
+        raise CalibrationDataError("the embedded photos cannot feed this model (not a single NCHW float image input)",
+                                   hint="pass --eval FILE.npz with one array per input name")
+    spec = specs[0]
+    pre = preprocess_for(model, spec, calib)
+    n = max(samples, spec.shape[0])
+    return list(D.batched(D.embedded_samples(pre, n, 11, D.EVAL_PHOTOS), spec))
+
+
+def calibrate_everything_policy(target: Target, calib: CalibConfig) -> Policy:
+    """One rule: every quantizable node, per-tensor, the target's symmetry. Used only to pick what to observe."""
+    return Policy("calibrate-all", (Rule("default", QuantSpec(observer=calib.observer,
+                                                               symmetric=target is Target.TRT)),))
+
+
+class Simulator:
+    """Load, fuse and calibrate once; quantize and measure any number of policies."""
+
+    def __init__(self, model: Path, *, target: Target = Target.ORT, calib: CalibConfig = CalibConfig(),
+                 fuse: bool = True, batch: int = 1, input_shapes: dict | None = None, eval_source: Path | None = None,
+                 eval_samples: int = 8, search_samples: int = 4, show_progress: bool = True, threads: int = 0):
+        from vitc.runtimes.base import SessionOptions
+        from vitc.runtimes.ort import OrtRuntime, quiet
+
+        quiet()
+        _silence_graphsurgeon()
+        self.path = Path(model)
+        self.target = target
+        self.calib = calib
+        self.threads = threads
+        self.search_samples = search_samples
+        src = load_model(self.path, batch=batch, input_shapes=input_shapes or {})
+        self.source = src.model
+        graph = gs.import_onnx(src.model)
+        self.float_passes = run_passes(graph, float_pipeline(PipelineConfig(target, fuse)))
+        self.float_model = export(graph)
+        self.roles = _roles(graph)
+        plan = _plan_for(graph, calibrate_everything_policy(target, calib), self.roles, target)
+        self.reservoir: dict[str, list[np.ndarray]] = {}
+        self.table, self.calib_summary = run_calibration(self.float_model, plan, calib, show_progress,
+                                                         reservoir=self.reservoir, keep=search_samples)
+        self.feeds = held_out_feeds(self.source, eval_source, eval_samples, calib)
+        self._rt = OrtRuntime()
+        self._opts = SessionOptions(threads=threads)
+        ref = self._rt.session(self.source.SerializeToString(), self._opts)
+        self.reference = [ref.run(f) for f in self.feeds]
+        self.output_names = ref.output_names
+
+    def plan(self, policy: Policy) -> Plan:
+        graph = gs.import_onnx(self.float_model)
+        return _plan_for(graph, policy, _roles(graph), self.target)
+
+    def quantize(self, policy: Policy, opts: SimOptions = SimOptions()) -> tuple[onnx.ModelProto, Plan, dict]:
+        """The int8 model `vitc build --policy` would write with these options (calibration shared)."""
+        graph = gs.import_onnx(self.float_model)
+        plan = _plan_for(graph, policy, _roles(graph), self.target)
+        cfg = BuildConfig(model=self.path, outdir=self.path, target=self.target, calib=self.calib, policy=policy,
+                          migrate=opts.migrate, search=opts.search, search_samples=self.search_samples,
+                          bias_correction=opts.bias_correction and opts.search,
+                          weight_mse_clip=opts.weight_mse_clip, pair_safe_weights=opts.pair_safe_weights,
+                          show_progress=False)
+        table = self._table_for(plan)
+        report: dict = {}
+        if opts.search:
+            graph, plan, table, report, _ = refine_ranges(graph, plan, table, self.reservoir, policy, cfg)
+        qdq = InsertQDQPass(plan, table, weight_mse_clip=opts.weight_mse_clip, pair_safe_weights=_pair_safe(cfg))
+        pipe_log = logging.getLogger("vitc.compiler.pipeline")
+        level = pipe_log.level
+        pipe_log.setLevel(max(level, logging.WARNING))  # one report line per policy would drown the search's own log
+        try:
+            run_passes(graph, [qdq, *_target_passes(self.target)])
+        finally:
+            pipe_log.setLevel(level)
+        return export(graph), plan, report
+
+    def _table_for(self, plan: Plan) -> CalibrationTable:
+        want = set(plan.activation_tensors())
+        return CalibrationTable(self.table.model_digest, self.table.observer, self.table.samples,
+                                {k: v for k, v in self.table.ranges.items() if k in want})
+
+    def measure(self, model: onnx.ModelProto | bytes) -> Fidelity:
+        """Output SQNR / cosine of ``model`` against the source model on the held-out feeds."""
+        blob = model if isinstance(model, bytes) else model.SerializeToString()
+        sess = self._rt.session(blob, self._opts)
+        num = den = 0.0
+        worst = np.inf
+        cos = []
+        for feed, ref in zip(self.feeds, self.reference):
+            a = np.concatenate([o.ravel() for o in ref]).astype(np.float64)
+            b = np.concatenate([o.ravel() for o in sess.run(feed)]).astype(np.float64)
+            e = float(((a - b) ** 2).sum())
+            s = float((a ** 2).sum())
+            num += s
+            den += e
+            worst = min(worst, 10 * np.log10(max(s, 1e-30) / max(e, 1e-30)))
+            cos.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
+        return Fidelity(len(self.feeds), float(10 * np.log10(max(num, 1e-30) / max(den, 1e-30))), float(worst),
+                        float(np.mean(cos)))
+
+    def run(self, policy: Policy, opts: SimOptions = SimOptions()) -> Simulated:
+        model, plan, report = self.quantize(policy, opts)
+        return Simulated(model, plan, self.measure(model), report)
