@@ -15,6 +15,7 @@ class Fidelity:
     sqnr_db: float  # 10 log10(sum ref^2 / sum (ref - q)^2) over all outputs and samples
     worst_sample_sqnr_db: float
     mean_cosine: float
+    top1_agreement_pct: float | None = None  # classifiers ([N, classes] first output): argmax equal to the reference
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}

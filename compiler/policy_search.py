@@ -19,8 +19,11 @@ Output: the policy (TOML, first rules name the upgraded nodes) and the path take
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
+import sys
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -41,17 +44,33 @@ class Upgrade:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    target_sqnr_db: float
+    target_sqnr_db: float | None = None
+    target_agreement_pct: float | None = None  # classifiers: top-1 agreement with the source model on held-out data
     max_upgrades: int = 32
     per_channel_cost: float = 1.0  # cost of per-channel activations relative to float (1: both leave int8 kernels)
     options: SimOptions = SimOptions()
 
     def __post_init__(self):
-        if not math.isfinite(self.target_sqnr_db) or not 0 < self.target_sqnr_db < 200:
+        if (self.target_sqnr_db is None) == (self.target_agreement_pct is None):
+            raise VitcError("give exactly one target", hint="--target-sqnr DB or --target-agreement PCT")
+        if self.target_agreement_pct is not None and not 0 < self.target_agreement_pct <= 100:
+            raise VitcError(f"target agreement {self.target_agreement_pct}% is not a percentage",
+                            hint="give a number in (0, 100], e.g. --target-agreement 99")
+        if self.target_sqnr_db is not None and (not math.isfinite(self.target_sqnr_db)
+                                                or not 0 < self.target_sqnr_db < 200):
             raise VitcError(f"target SQNR {self.target_sqnr_db} dB is not a sensible target",
                             hint="give a number of dB between 0 and 200, e.g. --target-sqnr 30")
         if self.max_upgrades < 0 or self.per_channel_cost < 0:
             raise VitcError("--max-upgrades and --per-channel-cost must be >= 0")
+
+    def met(self, f) -> bool:
+        if self.target_sqnr_db is not None:
+            return f.sqnr_db >= self.target_sqnr_db
+        return f.top1_agreement_pct is not None and f.top1_agreement_pct >= self.target_agreement_pct
+
+    def describe(self) -> str:
+        return (f"{self.target_sqnr_db:.1f} dB" if self.target_sqnr_db is not None
+                else f"{self.target_agreement_pct:.1f}% top-1 agreement")
 
 
 @dataclass
@@ -83,6 +102,7 @@ class Step:
     sqnr_db: float
     worst_db: float
     cosine: float
+    agreement_pct: float | None = None
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -95,11 +115,11 @@ class SearchResult:
     steps: list[Step]
     ops: list[OpInfo]
     start: str
-    target_sqnr_db: float
+    target: str
     baselines: dict = field(default_factory=dict)  # name -> fidelity/upgrades of reference policies
 
     def to_json(self) -> dict:
-        return {"start": self.start, "target_sqnr_db": self.target_sqnr_db, "met": self.met,
+        return {"start": self.start, "target": self.target, "met": self.met,
                 "upgrades": len(self.steps) - 1, "path": [s.to_json() for s in self.steps],
                 "sensitivity": sorted((o.to_json() for o in self.ops), key=lambda o: o["alone_sqnr_db"]),
                 "baselines": self.baselines}
@@ -159,6 +179,9 @@ def float_cost_factor(np_: NodePlan, target: Target) -> float:
 def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool = True,
            baselines: dict[str, Policy] | None = None) -> SearchResult:
     opts = cfg.options
+    if cfg.target_agreement_pct is not None and sim.measure(sim.source).top1_agreement_pct is None:
+        raise VitcError("--target-agreement needs a classifier (first output [N, classes])",
+                        hint="use --target-sqnr for this model")
     plan0: Plan = sim.plan(start)
     nodes = plan0.quantized()
     if not nodes:
@@ -182,13 +205,14 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
         return sim.run(policy, opts).fidelity
 
     f = measure(start)
-    steps = [Step(0, None, None, None, None, 0.0, 0.0, f.sqnr_db, f.worst_sample_sqnr_db, f.mean_cosine)]
-    log.info("search: start %r %.2f dB (target %.2f dB)", start.name, f.sqnr_db, cfg.target_sqnr_db)
+    steps = [Step(0, None, None, None, None, 0.0, 0.0, f.sqnr_db, f.worst_sample_sqnr_db, f.mean_cosine,
+                  f.top1_agreement_pct)]
+    log.info("search: start %r %.2f dB (target %s)", start.name, f.sqnr_db, cfg.describe())
     chosen: list[tuple[NodePlan, str]] = []
     state: dict[str, str] = {}  # node -> current upgrade
     total_cost = 0.0
     policy = start
-    while f.sqnr_db < cfg.target_sqnr_db and len(chosen) < cfg.max_upgrades:
+    while not cfg.met(f) and len(chosen) < cfg.max_upgrades:
         best = None
         for o in ops:
             cur = state.get(o.node)
@@ -214,7 +238,7 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
         policy = with_upgrades(start, chosen)
         f = measure(policy)
         steps.append(Step(len(steps), o.node, o.role, o.block, kind, cost, total_cost, f.sqnr_db,
-                          f.worst_sample_sqnr_db, f.mean_cosine))
+                          f.worst_sample_sqnr_db, f.mean_cosine, f.top1_agreement_pct))
         log.info("search: step %d %s %s (%s, block %s) -> %.2f dB, cost %.3f", len(steps) - 1, kind, o.node, o.role,
                  o.block, f.sqnr_db, total_cost)
     base: dict = {}
@@ -224,9 +248,10 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
         ups = sum(1 for n in bp.quantized() if n.spec.activation is Granularity.PER_CHANNEL) + \
             sum(1 for n in bp.nodes if n.spec.skip and n.node in infos)
         base[name] = {"sqnr_db": round(fb.sqnr_db, 3), "worst_db": round(fb.worst_sample_sqnr_db, 3),
+                      "agreement_pct": fb.top1_agreement_pct, "met": cfg.met(fb),
                       "cosine": round(fb.mean_cosine, 6), "upgrades_vs_start": ups,
                       "simulated_nodes": len(bp.simulated())}
-    return SearchResult(policy, f.sqnr_db >= cfg.target_sqnr_db, steps, ops, start.name, cfg.target_sqnr_db, base)
+    return SearchResult(policy, cfg.met(f), steps, ops, start.name, cfg.describe(), base)
 
 
 def _noise(sim: Simulator, policy: Policy, opts: SimOptions) -> float:
@@ -235,15 +260,66 @@ def _noise(sim: Simulator, policy: Policy, opts: SimOptions) -> float:
 
 
 def format_path(res: SearchResult) -> str:
-    lines = ["| step | upgrade | node | role | block | cost | SQNR dB | worst dB |",
-             "|---:|---|---|---|---:|---:|---:|---:|"]
+    agree = any(s.agreement_pct is not None for s in res.steps)
+    lines = ["| step | upgrade | node | role | block | cost (MAC share) | SQNR dB | worst dB |"
+             + (" top-1 agree % |" if agree else ""),
+             "|---:|---|---|---|---:|---:|---:|---:|" + ("---:|" if agree else "")]
     for s in res.steps:
         lines.append(f"| {s.index} | {s.upgrade or 'start: ' + res.start} | {s.node or ''} | {s.role or ''} | "
-                     f"{'' if s.block is None else s.block} | {s.total_cost:.3f} | {s.sqnr_db:.2f} | {s.worst_db:.2f} |")
+                     f"{'' if s.block is None else s.block} | {s.total_cost:.3f} | {s.sqnr_db:.2f} | {s.worst_db:.2f} |"
+                     + (f" {s.agreement_pct:.1f} |" if agree and s.agreement_pct is not None else ""))
     verdict = "met" if res.met else "NOT met"
     lines.append("")
-    lines.append(f"target {res.target_sqnr_db:.1f} dB {verdict} with {len(res.steps) - 1} upgrade(s)")
+    lines.append(f"target {res.target} {verdict} with {len(res.steps) - 1} upgrade(s)")
     for name, b in res.baselines.items():
-        lines.append(f"reference {name}: {b['sqnr_db']:.2f} dB with {b['upgrades_vs_start']} upgrade(s) "
-                     f"({b['simulated_nodes']} simulated node(s))")
+        lines.append(f"reference {name}: {b['sqnr_db']:.2f} dB ({'meets' if b['met'] else 'misses'} the target) with "
+                     f"{b['upgrades_vs_start']} upgrade(s) over the start ({b['simulated_nodes']} simulated node(s))")
     return "\n".join(lines)
+
+
+# -- `vitc search` -----------------------------------------------------------------------------------------------------
+def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None:
+    from vitc.compiler import simulate
+
+    simulate.add_arguments(p, shape_type, floats3_type, std3_type, positive_type)
+    t = p.add_mutually_exclusive_group(required=True)
+    t.add_argument("--target-sqnr", type=float, default=None, metavar="DB",
+                   help="output SQNR to reach against the source model on the held-out samples")
+    t.add_argument("--target-agreement", type=float, default=None, metavar="PCT",
+                   help="classifiers: top-1 agreement with the source model to reach (percent)")
+    p.add_argument("--start", default="all-per-tensor", metavar="FILE|PRESET",
+                   help="policy to start from (default: the preset all-per-tensor; 'default' = the build's default)")
+    p.add_argument("--max-upgrades", type=int, default=32)
+    p.add_argument("--per-channel-cost", type=float, default=1.0,
+                   help="cost of simulated per-channel activations relative to float (default 1: neither runs on "
+                        "int8 kernels; below 1 the search also tries per-channel)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip measuring the preset all-per-channel for comparison")
+
+
+def run_command(a) -> int:
+    from vitc.compiler.build import _prepare_outdir
+    from vitc.compiler.outdir import publish
+    from vitc.compiler.policy import PolicyDefaults, load_policy, policy_to_toml
+    from vitc.compiler.simulate import simulator_from_args
+
+    cfg = SearchConfig(target_sqnr_db=a.target_sqnr, target_agreement_pct=a.target_agreement,
+                       max_upgrades=a.max_upgrades, per_channel_cost=a.per_channel_cost)
+    defaults = PolicyDefaults.for_target(a.target)
+    start = load_policy(a.start, defaults)
+    refs = {} if a.no_reference else {"all-per-channel": load_policy("all-per-channel", defaults)}
+    tmp = _prepare_outdir(a.outdir, a.force)
+    try:
+        sim = simulator_from_args(a)
+        res = search(sim, start, cfg, baselines=refs)
+        (tmp / "policy.toml").write_text(policy_to_toml(res.policy))
+        (tmp / "search.json").write_text(json.dumps(res.to_json(), indent=2))
+        table = format_path(res)
+        (tmp / "search.md").write_text(table + "\n")
+        final = publish(tmp, a.outdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sys.stdout.write(table + "\n")
+    log.info("wrote %s (policy.toml: `vitc build %s --policy %s`)", final, a.model, final / "policy.toml")
+    return 0 if res.met else 1

@@ -161,9 +161,14 @@ class Simulator:
         num = den = 0.0
         worst = np.inf
         cos = []
+        agree = total = 0
         for feed, ref in zip(self.feeds, self.reference):
+            out = sess.run(feed)
+            if ref[0].ndim == 2 and ref[0].shape[1] > 1:
+                agree += int((ref[0].argmax(axis=1) == out[0].argmax(axis=1)).sum())
+                total += ref[0].shape[0]
             a = np.concatenate([o.ravel() for o in ref]).astype(np.float64)
-            b = np.concatenate([o.ravel() for o in sess.run(feed)]).astype(np.float64)
+            b = np.concatenate([o.ravel() for o in out]).astype(np.float64)
             e = float(((a - b) ** 2).sum())
             s = float((a ** 2).sum())
             num += s
@@ -171,8 +176,44 @@ class Simulator:
             worst = min(worst, 10 * np.log10(max(s, 1e-30) / max(e, 1e-30)))
             cos.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
         return Fidelity(len(self.feeds), float(10 * np.log10(max(num, 1e-30) / max(den, 1e-30))), float(worst),
-                        float(np.mean(cos)))
+                        float(np.mean(cos)), 100.0 * agree / total if total else None)
 
     def run(self, policy: Policy, opts: SimOptions = SimOptions()) -> Simulated:
         model, plan, report = self.quantize(policy, opts)
         return Simulated(model, plan, self.measure(model), report)
+
+
+# -- command-line plumbing shared by `vitc search` and `vitc ablate` ---------------------------------------------------
+def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None:
+    from vitc.compiler.calibration import Observer
+
+    p.add_argument("model", type=Path)
+    p.add_argument("-o", "--outdir", type=Path, required=True, help="output folder (must not exist unless --force)")
+    p.add_argument("--target", choices=[t.value for t in Target], default=Target.ORT.value)
+    p.add_argument("--calib", type=Path, default=None,
+                   help="image folder, .npz or .npy for calibration; default: embedded photos")
+    p.add_argument("--calib-samples", type=positive_type, default=32)
+    p.add_argument("--eval", type=Path, default=None,
+                   help="held-out image folder / .npz for fidelity; default: embedded photos calibration never sees")
+    p.add_argument("--eval-samples", type=positive_type, default=8)
+    p.add_argument("--observer", choices=[o.value for o in Observer], default=Observer.PERCENTILE.value)
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--batch", type=positive_type, default=1, help="fix a dynamic batch dim to this size")
+    p.add_argument("--input-shape", type=shape_type, action="append", default=[], metavar="NAME=D0,D1,...")
+    p.add_argument("--mean", type=floats3_type, default=None, help="override normalization mean, e.g. 0.5,0.5,0.5")
+    p.add_argument("--std", type=std3_type, default=None)
+    p.add_argument("--threads", type=int, default=0, help="ORT threads for the measurements (0: ORT's default)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
+
+
+def simulator_from_args(a) -> Simulator:
+    from vitc.compiler.calibration import Observer, ObserverConfig
+    from vitc.compiler.errors import VitcError
+
+    if not 0 < a.percentile <= 100:
+        raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a number in (0, 100]")
+    calib = CalibConfig(source=a.calib, samples=a.calib_samples, observer=ObserverConfig(Observer(a.observer),
+                                                                                          a.percentile),
+                        mean=a.mean, std=a.std)
+    return Simulator(a.model, target=Target(a.target), calib=calib, batch=a.batch, input_shapes=dict(a.input_shape),
+                     eval_source=a.eval, eval_samples=a.eval_samples, threads=a.threads)
