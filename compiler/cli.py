@@ -62,6 +62,17 @@ def _expand_roles(roles: list[str]) -> frozenset[str]:
     return expand_roles(frozenset(roles)) if roles else frozenset()
 
 
+def _dump_pass_names() -> list[str]:
+    """The passes `build --dump-after` can name: the float pipeline, migration (--no-search), Q/DQ and lowering."""
+    from vitc.compiler.pipeline import PipelineConfig, float_pipeline
+    from vitc.passes.insert_qdq import InsertQDQPass
+    from vitc.passes.migrate_scales import ScaleMigrationPass
+    from vitc.passes.trt_lower import TrtLoweringPass
+
+    return [p.name for p in float_pipeline(PipelineConfig())] + [
+        ScaleMigrationPass.name, InsertQDQPass.name, TrtLoweringPass.name]
+
+
 def _load_policy(a, observer: ObserverConfig):
     """The policy named by --policy (None: the build's default for the target), loaded for --target."""
     from vitc.compiler.policy import DEFAULT_PRESET, PolicyDefaults, load_policy
@@ -118,6 +129,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="allow simulation-only policy settings (bits 4/6): an accuracy model, not an engine")
     b.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="also write the graph after PASS into OUTDIR/dumps (repeatable; 'all')")
+    b.add_argument("--keep-temp", action="store_true",
+                   help="if the build fails, keep its temporary folder (dumps, partial outputs) and log its path")
 
     e = sub.add_parser("explain", help="print the per-layer quantization plan",
                        epilog="presets: " + ", ".join(_preset_names()))
@@ -136,6 +149,19 @@ def get_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="top-1/top-5 on an ImageFolder, fidelity against a reference model")
     _eval_folder.add_arguments(ev, _shape, _floats3, _std3)
+
+    from vitc.compiler import analyze as _analyze
+
+    an = sub.add_parser("analyze", help="per-operator quantization error, channel ranges and attention maps "
+                                        "(report.html + analysis.json)")
+    _analyze.add_arguments(an, _shape, _floats3, _std3)
+
+    from vitc.compiler import ablate as _ablate, policy_search as _search
+
+    se = sub.add_parser("search", help="find the cheapest policy that meets a fidelity target (policy.toml + path)")
+    _search.add_arguments(se, _shape, _floats3, _std3, _positive)
+    ab = sub.add_parser("ablate", help="ablation table: per-channel operator sets and vitc's steps (fidelity, latency)")
+    _ablate.add_arguments(ab, _shape, _floats3, _std3, _positive)
 
     x = sub.add_parser("export", help="export a timm model to ONNX (needs vitc[export])")
     x.add_argument("model_name")
@@ -171,6 +197,10 @@ def _cmd_build(a) -> int:
         raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a value in (0, 100], e.g. 99.99")
     if not 0 <= a.alpha <= 1:
         raise VitcError(f"--alpha {a.alpha} is out of range", hint="give a value in [0, 1]")
+    unknown_passes = sorted(set(a.dump_after) - set(_dump_pass_names()) - {"all"})
+    if unknown_passes:
+        raise VitcError(f"--dump-after: unknown pass {unknown_passes[0]!r}",
+                        hint=f"choose from all, {', '.join(_dump_pass_names())}")
     policy = _load_policy(a, ob)
     # Cheap checks first, so a typo fails before minutes of graph work.
     if not a.model.exists():
@@ -192,7 +222,7 @@ def _cmd_build(a) -> int:
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip,
-        pair_safe_weights=False if a.no_saturation_guard else None,
+        pair_safe_weights=False if a.no_saturation_guard else None, keep_temp=a.keep_temp,
         dynamic_roles=_expand_roles(a.dynamic))
     from vitc.compiler.policy import RULE_ROLES
 
@@ -364,6 +394,24 @@ def _cmd_eval(a) -> int:
     return run_command(a)
 
 
+def _cmd_analyze(a) -> int:
+    from vitc.compiler.analyze import run_command
+
+    return run_command(a)
+
+
+def _cmd_search(a) -> int:
+    from vitc.compiler.policy_search import run_command
+
+    return run_command(a)
+
+
+def _cmd_ablate(a) -> int:
+    from vitc.compiler.ablate import run_command
+
+    return run_command(a)
+
+
 def _cmd_export(a) -> int:
     from vitc.compiler.export import ExportConfig, export_timm
 
@@ -410,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
     _silence_graphsurgeon()
     handlers = {"build": _cmd_build, "explain": _cmd_explain, "bench": _cmd_bench, "eval": _cmd_eval, "export": _cmd_export,
+                "analyze": _cmd_analyze, "search": _cmd_search, "ablate": _cmd_ablate,
                 "check": _cmd_check, "engine": _cmd_engine}
     try:
         return handlers[a.cmd](a)

@@ -42,8 +42,13 @@ def float_pipeline(cfg: PipelineConfig) -> list[GraphPass]:
     return passes
 
 
-def export(graph: gs.Graph) -> onnx.ModelProto:
+def export(graph: gs.Graph, metadata_from: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The graph as a model; ``metadata_from``'s metadata_props (e.g. the preprocessing `vitc export` records)
+    are carried over, since graphsurgeon does not keep them."""
     model = gs.export_onnx(graph, do_type_check=False)
+    if metadata_from is not None:
+        del model.metadata_props[:]
+        model.metadata_props.extend(metadata_from.metadata_props)
     # graphsurgeon keeps the imported opset entries; make them agree with graph.opset (passes may raise it)
     # and declare every domain a node uses.
     imports = {imp.domain: imp.version for imp in model.opset_import}

@@ -49,17 +49,24 @@ class LinearChoice:
     ratio: float
     error: float  # relative output error sum||y - yq||^2 / sum||y||^2 at the choice
     baseline_error: float  # same, with no migration and minmax range
+    # symmetric targets: per-channel centre c subtracted from the (migrated) input before quantization, folded back
+    # exactly as bias += c @ W' (a one-sided GELU output otherwise wastes half of a zero-point-free int8 grid)
+    center: np.ndarray | None = None
 
     def to_json(self) -> dict:
         return {"alpha": self.alpha, "clip_ratio": self.ratio, "rel_error": self.error,
-                "rel_error_minmax_no_migration": self.baseline_error}
+                "rel_error_minmax_no_migration": self.baseline_error, "centered": self.center is not None}
 
 
 def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], channel_min: np.ndarray,
                   channel_max: np.ndarray, *, bits: int = 8, symmetric: bool = True, per_channel_weight: bool = True,
                   alphas: Sequence[float | None] = ALPHAS, ratios: Sequence[float] = (1.0,),
-                  weight_mse_clip: bool = False, pair_safe: bool = False) -> tuple[LinearChoice, np.ndarray | None]:
+                  weight_mse_clip: bool = False, pair_safe: bool = False,
+                  center: bool = False) -> tuple[LinearChoice, np.ndarray | None]:
     """Pick (alpha, r) for a group of Gemms sharing the input X (rows: tokens). Returns the choice and s.
+
+    With ``center`` (symmetric quantization only), each alpha is also tried with the input centred per channel,
+    x' = x / s - c with c = (min + max) / 2 of the migrated channel ranges; the choice carries c.
 
     The activation range is the full calibration range (per-channel min/max over *all* samples, divided by s),
     times r; the reservoir only scores the candidates. Ratios below 1 fit the reservoir but clip unseen inputs,
@@ -70,22 +77,26 @@ def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], chann
     ref = sum(float((y ** 2).sum()) for y in ys) or 1.0
     w_rowmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
     absmax = np.maximum(np.abs(channel_min), np.abs(channel_max))
-    best: tuple[float, float | None, float, np.ndarray | None] | None = None
+    best: tuple | None = None
     baseline = None
     for alpha in alphas:
         s = None if alpha is None else smoothing_factors(absmax, w_rowmax, alpha)
         inv = 1.0 if s is None else 1.0 / s
-        xm = x * inv
-        wq = [fake_quant_weight(w if s is None else w * s[:, None], bits, per_channel_weight, weight_mse_clip, pair_safe)
-              for w in weights]
-        lo, hi = float(np.min(channel_min * inv)), float(np.max(channel_max * inv))
-        for r in ratios:
-            xq = fake_quant(xm, max(-lo, hi) * r, bits) if symmetric else fake_quant_asym(xm, lo * r, hi * r, bits)
-            err = sum(float(((y - xq @ q) ** 2).sum()) for y, q in zip(ys, wq)) / ref
-            if alpha is None and r == 1.0:
-                baseline = err
-            if best is None or err < best[0]:
-                best = (err, alpha, r, s)
+        wm = [w if s is None else w * s[:, None] for w in weights]
+        wq = [fake_quant_weight(w, bits, per_channel_weight, weight_mse_clip, pair_safe) for w in wm]
+        cmin, cmax = channel_min * inv, channel_max * inv
+        for c in ([None, ((cmin + cmax) / 2).astype(np.float32)] if center and symmetric else [None]):
+            xm = x * inv if c is None else x * inv - c
+            lo, hi = (float(np.min(cmin)), float(np.max(cmax))) if c is None else \
+                (float(np.min(cmin - c)), float(np.max(cmax - c)))
+            fold = [0.0 if c is None else c @ w for w in wm]  # exact float bias fold
+            for r in ratios:
+                xq = fake_quant(xm, max(-lo, hi) * r, bits) if symmetric else fake_quant_asym(xm, lo * r, hi * r, bits)
+                err = sum(float(((y - xq @ q - f) ** 2).sum()) for y, q, f in zip(ys, wq, fold)) / ref
+                if alpha is None and r == 1.0 and c is None:
+                    baseline = err
+                if best is None or err < best[0]:
+                    best = (err, alpha, r, s, c)
     assert best is not None
-    err, alpha, r, s = best
-    return LinearChoice(alpha, r, err, baseline if baseline is not None else err), s
+    err, alpha, r, s, c = best
+    return LinearChoice(alpha, r, err, baseline if baseline is not None else err, c), s

@@ -44,6 +44,7 @@ class SimOptions:
     bias_correction: bool = True
     weight_mse_clip: bool = False
     pair_safe_weights: bool | None = None  # None: on for ORT
+    center: bool = True  # symmetric activations: per-channel input centring where the search finds it helps
 
     def describe(self) -> str:
         off = [k for k, v in (("search", self.search), ("migration", self.migrate and self.search),
@@ -51,6 +52,8 @@ class SimOptions:
         extra = ["weight MSE clip"] if self.weight_mse_clip else []
         if self.pair_safe_weights is False:
             off.append("pair-safe weights")
+        if not self.center:
+            off.append("input centring")
         return ", ".join([f"no {k}" for k in off] + extra) or "vitc default"
 
 
@@ -109,7 +112,7 @@ class Simulator:
         self.source = src.model
         graph = gs.import_onnx(src.model)
         self.float_passes = run_passes(graph, float_pipeline(PipelineConfig(target, fuse)))
-        self.float_model = export(graph)
+        self.float_model = export(graph, self.source)
         self.roles = _roles(graph)
         plan = _plan_for(graph, calibrate_everything_policy(target, calib), self.roles, target)
         self.reservoir: dict[str, list[np.ndarray]] = {}
@@ -134,7 +137,7 @@ class Simulator:
                           migrate=opts.migrate, search=opts.search, search_samples=self.search_samples,
                           bias_correction=opts.bias_correction and opts.search,
                           weight_mse_clip=opts.weight_mse_clip, pair_safe_weights=opts.pair_safe_weights,
-                          show_progress=False)
+                          center=opts.center, show_progress=False)
         table = self._table_for(plan)
         report: dict = {}
         if opts.search:
@@ -147,7 +150,7 @@ class Simulator:
             run_passes(graph, [qdq, *_target_passes(self.target)])
         finally:
             pipe_log.setLevel(level)
-        return export(graph), plan, report
+        return export(graph, self.source), plan, report
 
     def _table_for(self, plan: Plan) -> CalibrationTable:
         want = set(plan.activation_tensors())

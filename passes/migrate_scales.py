@@ -40,8 +40,12 @@ class ScaleMigrationPass:
     name: ClassVar[str] = "migrate_scales"
 
     def __init__(self, factors: Mapping[str, np.ndarray], nodes: set[str] | None = None,
-                 fold_layernorm: bool = True, insert_mul: bool = True):
+                 fold_layernorm: bool = True, insert_mul: bool = True,
+                 shifts: Mapping[str, np.ndarray] | None = None):
         self.factors = factors  # Gemm input tensor -> s (one factor per input channel)
+        # Gemm input tensor -> c: quantize x / s - c instead of x / s (c folded into beta or one Add, and back into
+        # the Gemm bias as c @ (s * W)); only sites that also have factors (s may be all ones)
+        self.shifts = dict(shifts or {})
         self.nodes = nodes  # restrict to these Gemm nodes (None: every eligible Gemm)
         self.fold_layernorm = fold_layernorm
         self.insert_mul = insert_mul
@@ -67,7 +71,8 @@ class ScaleMigrationPass:
         return cls(factors, nodes)
 
     def run(self, graph: gs.Graph) -> PassResult:
-        counts = {"LayerNorm folds": 0, "Mul inserted": 0, "Gemms rescaled": 0, "sites skipped": 0}
+        counts = {"LayerNorm folds": 0, "Mul inserted": 0, "Add inserted": 0, "Gemms rescaled": 0, "centred": 0,
+                  "sites skipped": 0}
         notes: list[str] = []
         outs = {t.name for t in graph.outputs}
         for name, x in list(graph.tensors().items()):
@@ -90,6 +95,18 @@ class ScaleMigrationPass:
                 counts["sites skipped"] += 1
                 notes.append(f"{gemms[0].name}: unusable scale factors for {name} (zero, NaN or wrong size); left as is")
                 continue
+            c = self.shifts.get(name)
+            if c is not None:
+                c = np.asarray(c, np.float32)
+                if c.shape != s.shape or not np.isfinite(c).all():
+                    counts["sites skipped"] += 1
+                    notes.append(f"{gemms[0].name}: unusable centre for {name} (NaN or wrong size); left as is")
+                    continue
+            if c is not None and any(g.attrs.get("beta", 1.0) != 1.0 or g.attrs.get("alpha", 1.0) != 1.0
+                                     or (len(g.inputs) > 2 and const_value(g.inputs[2]) is None) for g in gemms):
+                counts["sites skipped"] += 1
+                notes.append(f"{gemms[0].name}: bias is not a plain constant, cannot fold the centre; left as is")
+                continue
             src = x.inputs[0] if len(x.inputs) == 1 else None
             only_gemms = len(users) == len(gemms)
             if (src is not None and src.op == "Reshape" and only_gemms
@@ -106,23 +123,48 @@ class ScaleMigrationPass:
                     ln_ok = False
             if ln_ok:
                 src.inputs[1] = gs.Constant(f"{src.name}.gamma.migrated", (gamma / s).astype(gamma.dtype))
-                src.inputs[2] = gs.Constant(f"{src.name}.beta.migrated", (beta / s).astype(beta.dtype))
+                new_beta = beta / s if c is None else beta / s - c
+                src.inputs[2] = gs.Constant(f"{src.name}.beta.migrated", new_beta.astype(beta.dtype))
                 counts["LayerNorm folds"] += 1
             elif self.insert_mul:
-                xs = gs.Variable(f"{name}.migrated", dtype=x.dtype, shape=x.shape)
-                graph.nodes.append(gs.Node("Mul", name=f"{name}.migrate_mul",
-                                           inputs=[x, gs.Constant(f"{name}.inv_s", (1.0 / s).astype(np.float32))],
-                                           outputs=[xs]))
+                cur = x
+                if not np.all(s == 1.0):
+                    xs = gs.Variable(f"{name}.migrated", dtype=x.dtype, shape=x.shape)
+                    graph.nodes.append(gs.Node("Mul", name=f"{name}.migrate_mul",
+                                               inputs=[x, gs.Constant(f"{name}.inv_s", (1.0 / s).astype(np.float32))],
+                                               outputs=[xs]))
+                    cur = xs
+                    counts["Mul inserted"] += 1
+                if c is not None:
+                    xc = gs.Variable(f"{name}.centred", dtype=x.dtype, shape=x.shape)
+                    graph.nodes.append(gs.Node("Add", name=f"{name}.centre_add",
+                                               inputs=[cur, gs.Constant(f"{name}.minus_c", (-c).astype(np.float32))],
+                                               outputs=[xc]))
+                    cur = xc
+                    counts["Add inserted"] += 1
+                if cur is x:
+                    continue
                 for g in gemms:
-                    g.inputs[0] = xs
-                self.renamed[xs.name] = name
-                counts["Mul inserted"] += 1
+                    g.inputs[0] = cur
+                self.renamed[cur.name] = name
             else:
                 counts["sites skipped"] += 1
                 continue
             for g, w in zip(gemms, ws):
-                g.inputs[1] = gs.Constant(f"{g.name}.weight.migrated", (w * s[:, None]).astype(w.dtype))
+                wm = (w * s[:, None]).astype(w.dtype)
+                g.inputs[1] = gs.Constant(f"{g.name}.weight.migrated", wm)
                 counts["Gemms rescaled"] += 1
+                if c is not None:
+                    fold = (c.astype(np.float64) @ wm.astype(np.float64))
+                    b = const_value(g.inputs[2]) if len(g.inputs) > 2 else None
+                    nb = fold if b is None else b.reshape(-1).astype(np.float64) + fold
+                    bias = gs.Constant(f"{g.name}.bias.centred", nb.astype(wm.dtype))
+                    if len(g.inputs) > 2:
+                        g.inputs[2] = bias
+                    else:
+                        g.inputs.append(bias)
+            if c is not None:
+                counts["centred"] += 1
             self.applied[name] = s
         finish(graph)
         return PassResult(self.name, bool(self.applied), counts, notes)

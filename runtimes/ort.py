@@ -66,3 +66,47 @@ class OrtRuntime:
         if options.optimized_model_path:
             so.optimized_model_filepath = options.optimized_model_path
         return OrtSession(ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]))
+
+
+def profile_op_types(model: str | bytes, feeds: dict[str, np.ndarray], threads: int = 0, runs: int = 20,
+                     warmup: int = 5) -> dict[str, dict]:
+    """Time per operator type with ORT's profiler: op type (after ORT's graph optimizations, e.g. QGemm,
+    MatMulIntegerToFloat, LayerNormalization) -> {"ms": mean ms per run, "nodes": kernels of that type}.
+
+    The profiler's JSON goes to a private temporary folder that is removed afterwards."""
+    import json
+    import shutil
+    import tempfile
+
+    ort = _ort()
+    tmp = tempfile.mkdtemp(prefix="vitc-profile-")
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        for _ in range(warmup):
+            sess.run(None, feeds)
+        so.enable_profiling = True
+        so.profile_file_prefix = f"{tmp}/ort"
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, feeds)
+        path = sess.end_profiling()
+        with open(path) as f:
+            events = json.load(f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    total: dict[str, float] = {}
+    nodes: dict[str, set] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        total[op] = total.get(op, 0.0) + e.get("dur", 0) / 1000.0
+        nodes.setdefault(op, set()).add(e["name"])
+    return {op: {"ms": ms / runs, "nodes": len(nodes[op])} for op, ms in sorted(total.items(), key=lambda kv: -kv[1])}

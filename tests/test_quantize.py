@@ -215,3 +215,22 @@ def test_pair_safe_weights_cannot_saturate_int16():
     q0, s0 = quantize_weight(w, 1, 8)
     assert (np.abs(q0[0::2].astype(np.int32)) + np.abs(q0[1::2].astype(np.int32))).max() > 128  # would saturate
     assert s[3] > s0[3] and np.allclose(q * s, w, atol=s.max() / 2 + 1e-6)
+
+
+def test_build_keeps_preprocess_metadata(tmp_path):
+    """The preprocessing `vitc export` records drives calibration and stays in the built model (for `vitc eval`)."""
+    import json as _json
+
+    from vitc.compiler.build import BuildConfig, CalibConfig, build
+    from vitc.compiler.data import PREPROCESS_KEY
+    from vitc.tools.tiny_models import tiny_vit
+
+    m = tiny_vit()
+    e = m.metadata_props.add()
+    e.key, e.value = PREPROCESS_KEY, _json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    res = build(BuildConfig(model=src, outdir=tmp_path / "b", calib=CalibConfig(samples=4), show_progress=False))
+    assert list(res.report["calibration"]["preprocess"]["mean"]) == [0.5, 0.5, 0.5]
+    built = onnx.load(res.model_path)
+    assert {p.key: p.value for p in built.metadata_props}[PREPROCESS_KEY] == e.value
