@@ -144,6 +144,16 @@ def with_upgrades(start: Policy, upgrades: list[tuple[NodePlan, str]]) -> Policy
     return Policy(f"search-from-{start.name}", tuple(rules) + start.rules, description=desc)
 
 
+def per_channel_weights(policy: Policy) -> Policy:
+    """``policy`` with per-channel weights in every rule (unchanged if it has them already)."""
+    if all(r.spec.skip or r.spec.weight is Granularity.PER_CHANNEL for r in policy.rules):
+        return policy
+    rules = tuple(r if r.spec.skip else replace(r, spec=replace(r.spec, weight=Granularity.PER_CHANNEL))
+                  for r in policy.rules)
+    return replace(policy, name=f"{policy.name}+per-channel-weights", rules=rules,
+                   description=(policy.description + " (weights per-channel: free)").strip())
+
+
 def op_macs(np_: NodePlan, sim: Simulator) -> float:
     """Multiply-accumulates of one quantized node on one batch (shapes from the calibration reservoir)."""
     from vitc.passes.graphutil import const_value
@@ -182,6 +192,7 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
     if cfg.target_agreement_pct is not None and sim.measure(sim.source).top1_agreement_pct is None:
         raise VitcError("--target-agreement needs a classifier (first output [N, classes])",
                         hint="use --target-sqnr for this model")
+    start = per_channel_weights(start)  # free: every int8 kernel takes per-channel weight scales
     plan0: Plan = sim.plan(start)
     nodes = plan0.quantized()
     if not nodes:

@@ -11,7 +11,8 @@ from conftest import cli
 from vitc.compiler.build import BuildConfig, CalibConfig, build
 from vitc.compiler.policy import (PolicyDefaults, load_policy, parse_policy, policy_to_toml, preset_names,
                                   target_default_policy)
-from vitc.compiler.policy_search import SearchConfig, search, with_upgrades
+from vitc.compiler.policy import Granularity
+from vitc.compiler.policy_search import SearchConfig, per_channel_weights, search, with_upgrades
 from vitc.compiler.simulate import SimOptions, Simulator
 
 
@@ -63,7 +64,7 @@ def test_simulator_matches_build(sim, vit_file, tmp_path):
 
 def test_search_meets_target_greedily(sim):
     start = load_policy("all-per-tensor", PolicyDefaults.for_target("ort"))
-    s0 = sim.run(start).fidelity.sqnr_db
+    s0 = sim.run(per_channel_weights(start)).fidelity.sqnr_db  # the free upgrade comes first
     target = s0 + 6.0
     res = search(sim, start, SearchConfig(target_sqnr_db=target, max_upgrades=40), show_progress=False)
     assert res.met and res.steps[-1].sqnr_db >= target
@@ -77,6 +78,7 @@ def test_search_meets_target_greedily(sim):
     assert sim.run(res.policy).fidelity.sqnr_db == pytest.approx(res.steps[-1].sqnr_db, abs=1e-6)
     # upgrades name exact nodes, ahead of the start policy's rules
     assert [r.name for r in res.policy.rules[len(res.steps) - 1:]] == [r.name for r in start.rules]
+    assert all(r.spec.skip or r.spec.weight is Granularity.PER_CHANNEL for r in res.policy.rules)
 
 
 def test_with_upgrades_only_touches_named_nodes(sim):
