@@ -23,10 +23,10 @@ import logging
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vitc.compiler.policy import Granularity, Policy, QuantSpec, Rule, target_default_policy
+from vitc.compiler.policy import Granularity, Policy, QuantSpec, Rule, SoftmaxQuantizer, target_default_policy
 from vitc.compiler.simulate import SimOptions, Simulator
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ def step_rows(target: str, observer) -> list[Row]:
         rules = tuple(Rule(r.name, r.spec, roles=r.roles - {"attn_av"}) if r.roles and "attn_av" in r.roles else r
                       for r in rules)
         rows.append(Row("steps", "+ attention x V int8", Policy(base.name + "+av-int8", rules)))
+        default_spec = rules[-1].spec
+        for sq in (SoftmaxQuantizer.LOG2, SoftmaxQuantizer.LOG_SQRT2):  # research question: log quantizers there
+            log_rule = Rule(f"attention-{sq.value}", replace(default_spec, softmax=sq), roles=frozenset({"attn_av"}))
+            rows.append(Row("steps", f"+ attention x V int8, {sq.value} softmax (simulated)",
+                            Policy(f"{base.name}+av-{sq.value}", (log_rule,) + rules)))
     return rows
 
 

@@ -50,6 +50,16 @@ class Granularity(enum.Enum):
     PER_CHANNEL = "per-channel"
 
 
+class SoftmaxQuantizer(enum.Enum):
+    """How attention x V's probability input is quantized. Only ``uniform`` runs on engines; the log quantizers
+    (levels 2^-q, or 2^-q/2 for log-sqrt2) put their resolution near 0, where softmax probabilities (~1/T) live,
+    and are simulated as float ops."""
+
+    UNIFORM = "uniform"
+    LOG2 = "log2"
+    LOG_SQRT2 = "log-sqrt2"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one operator is quantized. ``skip`` keeps it in float."""
@@ -60,12 +70,14 @@ class QuantSpec:
     observer: ObserverConfig = ObserverConfig()
     bits: int = 8
     symmetric: bool = True
+    softmax: SoftmaxQuantizer = SoftmaxQuantizer.UNIFORM  # attention x V only (its probability input)
 
     def describe(self) -> str:
         if self.skip:
             return "float"
         return (f"int{self.bits} {'sym' if self.symmetric else 'asym'} act={self.activation.value} "
-                f"weight={self.weight.value} observer={self.observer.describe()}")
+                f"weight={self.weight.value} observer={self.observer.describe()}"
+                + ("" if self.softmax is SoftmaxQuantizer.UNIFORM else f" softmax={self.softmax.value}"))
 
 
 @dataclass(frozen=True)
@@ -204,6 +216,8 @@ def simulation_reasons(spec: QuantSpec) -> tuple[str, ...]:
         out.append("per-channel activations")
     if spec.bits != 8:
         out.append(f"int{spec.bits}")
+    if spec.softmax is not SoftmaxQuantizer.UNIFORM:
+        out.append(f"{spec.softmax.value} softmax")
     return tuple(out)
 
 
@@ -238,9 +252,9 @@ class Plan:
 # -- policy files and presets -----------------------------------------------------------------------------------------
 DEFAULT_PRESET = "default"
 RULE_KEYS = ("name", "roles", "role", "blocks", "node", "input_from", "activation", "weight", "observer", "percentile",
-             "bits", "symmetric", "skip")
+             "bits", "symmetric", "softmax", "skip")
 MATCH_KEYS = ("roles", "role", "blocks", "node", "input_from")
-SPEC_KEYS = ("activation", "weight", "observer", "percentile", "bits", "symmetric")
+SPEC_KEYS = ("activation", "weight", "observer", "percentile", "bits", "symmetric", "softmax")
 TOP_KEYS = ("name", "description", "rule")
 
 
@@ -489,6 +503,17 @@ def _parse_rule(r: dict, i: int, lines: _Lines, err, defaults: PolicyDefaults):
             raise err(at("bits"), f"bits = {bits} is simulation-only; the {defaults.target} target runs int8 kernels",
                       "use bits = 8, or load the policy for simulation (vitc build/explain --simulate)")
         over["bits"] = bits
+    if "softmax" in r:
+        try:
+            sq = SoftmaxQuantizer(r["softmax"])
+        except (ValueError, TypeError):
+            raise err(at("softmax"), f"softmax = {r['softmax']!r} is not a softmax quantizer",
+                      f"{_suggest(r['softmax'], [q.value for q in SoftmaxQuantizer])}valid: "
+                      f"{_choices(q.value for q in SoftmaxQuantizer)}") from None
+        if sq is not SoftmaxQuantizer.UNIFORM and not defaults.simulate:
+            raise err(at("softmax"), f"softmax = {sq.value!r} is simulation-only (no engine kernel runs it)",
+                      "use it with --simulate (vitc build/explain), or softmax = \"uniform\"")
+        over["softmax"] = sq
     if "symmetric" in r:
         if not isinstance(r["symmetric"], bool):
             raise err(at("symmetric"), "symmetric must be true or false")
@@ -533,6 +558,8 @@ def policy_to_toml(policy: Policy) -> str:
         if sp.observer.kind is Observer.PERCENTILE:
             out.append(f"percentile = {sp.observer.percentile!r}")
         out += [f"bits = {sp.bits}", f"symmetric = {'true' if sp.symmetric else 'false'}"]
+        if sp.softmax is not SoftmaxQuantizer.UNIFORM:
+            out.append(f"softmax = {_toml_str(sp.softmax.value)}")
     return "\n".join(out) + "\n"
 
 
@@ -541,7 +568,7 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-__all__ = ["Granularity", "QuantSpec", "Rule", "Policy", "default_policy", "trt_policy", "TrtAttention", "NodePlan",
+__all__ = ["Granularity", "SoftmaxQuantizer", "QuantSpec", "Rule", "Policy", "default_policy", "trt_policy", "TrtAttention", "NodePlan",
            "Plan", "Observer", "ObserverConfig", "QUANTIZABLE_OPS", "PolicyDefaults", "load_policy", "parse_policy",
            "preset_names", "target_default_policy", "expand_roles", "simulation_reasons", "RULE_ROLES",
            "ROLE_GROUPS", "INPUT_ROLES", "policy_to_toml", "glob_escape"]

@@ -65,9 +65,10 @@ class Simulated:
     report: dict
 
 
-def held_out_feeds(model: onnx.ModelProto, source: Path | None, samples: int, calib: CalibConfig) -> list[dict]:
-    """Held-out inputs: ``samples`` crops of the embedded EVAL photos (never used by default calibration), or the
-    first ``samples`` of a folder / .npz."""
+def held_out_feeds(model: onnx.ModelProto, source: Path | None, samples: int, calib: CalibConfig,
+                   seed: int = 11) -> list[dict]:
+    """Held-out inputs: ``samples`` crops (random crops drawn with ``seed``) of the embedded EVAL photos (never used
+    by default calibration), or the first ``samples`` of a folder / .npz."""
     if samples < 1:
         raise CalibrationDataError(f"{samples} held-out samples requested", hint="give --eval-samples 1 or more")
     if source is not None:
@@ -83,7 +84,7 @@ def held_out_feeds(model: onnx.ModelProto, source: Path | None, samples: int, ca
     spec = specs[0]
     pre = preprocess_for(model, spec, calib)
     n = max(samples, spec.shape[0])
-    return list(D.batched(D.embedded_samples(pre, n, 11, D.EVAL_PHOTOS), spec))
+    return list(D.batched(D.embedded_samples(pre, n, seed, D.EVAL_PHOTOS), spec))
 
 
 def calibrate_everything_policy(target: Target, calib: CalibConfig) -> Policy:
@@ -97,7 +98,8 @@ class Simulator:
 
     def __init__(self, model: Path, *, target: Target = Target.ORT, calib: CalibConfig = CalibConfig(),
                  fuse: bool = True, batch: int = 1, input_shapes: dict | None = None, eval_source: Path | None = None,
-                 eval_samples: int = 8, search_samples: int = 4, show_progress: bool = True, threads: int = 0):
+                 eval_samples: int = 8, search_samples: int = 4, show_progress: bool = True, threads: int = 0,
+                 eval_seed: int = 11):
         from vitc.runtimes.base import SessionOptions
         from vitc.runtimes.ort import OrtRuntime, quiet
 
@@ -118,7 +120,7 @@ class Simulator:
         self.reservoir: dict[str, list[np.ndarray]] = {}
         self.table, self.calib_summary = run_calibration(self.float_model, plan, calib, show_progress,
                                                          reservoir=self.reservoir, keep=search_samples)
-        self.feeds = held_out_feeds(self.source, eval_source, eval_samples, calib)
+        self.feeds = held_out_feeds(self.source, eval_source, eval_samples, calib, eval_seed)
         self._rt = OrtRuntime()
         self._opts = SessionOptions(threads=threads)
         ref = self._rt.session(self.source.SerializeToString(), self._opts)
@@ -199,6 +201,9 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
     p.add_argument("--eval", type=Path, default=None,
                    help="held-out image folder / .npz for fidelity; default: embedded photos calibration never sees")
     p.add_argument("--eval-samples", type=positive_type, default=8)
+    p.add_argument("--eval-seed", type=int, default=11,
+                   help="crops of the embedded held-out photos are drawn with this seed (pick a policy on one seed, "
+                        "report it on another)")
     p.add_argument("--observer", choices=[o.value for o in Observer], default=Observer.PERCENTILE.value)
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument("--batch", type=positive_type, default=1, help="fix a dynamic batch dim to this size")
@@ -219,4 +224,4 @@ def simulator_from_args(a) -> Simulator:
                                                                                           a.percentile),
                         mean=a.mean, std=a.std)
     return Simulator(a.model, target=Target(a.target), calib=calib, batch=a.batch, input_shapes=dict(a.input_shape),
-                     eval_source=a.eval, eval_samples=a.eval_samples, threads=a.threads)
+                     eval_source=a.eval, eval_samples=a.eval_samples, threads=a.threads, eval_seed=a.eval_seed)

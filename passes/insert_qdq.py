@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from vitc.compiler.calibration import CalibrationTable
 from vitc.compiler.errors import PassError
-from vitc.compiler.policy import Granularity, NodePlan, Plan
+from vitc.compiler.policy import Granularity, NodePlan, Plan, SoftmaxQuantizer
 from vitc.passes.base import PassResult
 from vitc.passes.graphutil import const_value, finish
 
@@ -117,8 +117,15 @@ class InsertQDQPass:
                 self._dynamic_gemm(graph, node, np_, counts)
                 continue
             x_scales = []
+            log_probs = (np_.role == "attn_av" and node.op == "MatMul" and np_.spec.softmax is not
+                         SoftmaxQuantizer.UNIFORM and np_.activations and node.inputs[0].name == np_.activations[0])
             for name in np_.activations:
                 idxs = [i for i, t in enumerate(node.inputs) if t.name == name]
+                if log_probs and name == np_.activations[0]:
+                    node.inputs[0] = self._log_fake_quant(graph, node.inputs[0], np_, counts)
+                    self.params.setdefault(node.name, {}).setdefault("activations", {})[name] = {
+                        "quantizer": np_.spec.softmax.value, "bits": np_.spec.bits, "simulated": True}
+                    continue
                 rng = self.table.ranges.get(name)
                 if rng is None:
                     raise PassError(self.name, f"no calibration range for tensor {name!r}", node=node.name,
@@ -219,6 +226,30 @@ class InsertQDQPass:
         self.params[node.name] = {"activations": {x.name: {"range": "dynamic (per inference)", "dtype": "uint8"}},
                                   "weight": {"scale_min": float(wscale.min()), "scale_max": float(wscale.max()),
                                              "axis": axis, "dtype": "int8", "channels": int(wscale.size)}}
+
+    @staticmethod
+    def _log_fake_quant(graph, p: gs.Tensor, np_: NodePlan, counts) -> gs.Variable:
+        """Simulated log2 / log-sqrt2 quantization of probabilities p in [0, 1] as float ops:
+        q = clip(round(-k log2 p), 0, 2^bits - 1), p_hat = 2^(-q / k) with k = 1 (log2) or 2 (log-sqrt2); p = 0 maps
+        to the last level (2^-(2^bits-1)/k, ~0)."""
+        k = 2.0 if np_.spec.softmax is SoftmaxQuantizer.LOG_SQRT2 else 1.0
+        base = f"{p.name}.{np_.spec.softmax.value}"
+
+        def v(suffix):
+            return gs.Variable(f"{base}.{suffix}", dtype=np.float32, shape=p.shape)
+
+        steps = [("Log", [], "log"), ("Mul", [np.array(-k / np.log(2.0), np.float32)], "scaled"),
+                 ("Round", [], "round"),
+                 ("Clip", [np.array(0.0, np.float32), np.array(2 ** np_.spec.bits - 1, np.float32)], "level"),
+                 ("Mul", [np.array(-np.log(2.0) / k, np.float32)], "exponent"), ("Exp", [], "dq")]
+        cur = p
+        for op, consts, suffix in steps:
+            out = v(suffix)
+            ins = [cur] + [gs.Constant(f"{base}.{suffix}.c{i}", c) for i, c in enumerate(consts)]
+            graph.nodes.append(gs.Node(op, name=f"{base}.{suffix}.{op}", inputs=ins, outputs=[out]))
+            cur = out
+        counts["log-quantized softmax"] = counts.get("log-quantized softmax", 0) + 1
+        return cur
 
     @staticmethod
     def _dequantize(graph, q, qparams, counts, consumer: str, idx: int):

@@ -174,3 +174,34 @@ def test_ablate_bad_labels(capsys, vit_file, tmp_path):
     out = tmp_path / "a"
     rc, _, err = cli(capsys, "ablate", vit_file, "-o", out, "--labels", tmp_path / "nope")
     assert rc == 2 and "not a folder" in err and not out.exists()
+
+
+def test_log2_softmax_quantizer_simulated(sim):
+    """softmax = "log2" / "log-sqrt2" on attention x V: simulation-only, probabilities snap to powers of 2 (sqrt 2)."""
+    import onnx
+
+    from vitc.compiler.errors import PolicyError
+    from conftest import ort_run
+
+    text = ('[[rule]]\nroles = ["attn_av"]\nsoftmax = "{q}"\n\n[[rule]]\nname = "default"\n')
+    with pytest.raises(PolicyError, match="simulation-only"):
+        parse_policy(text.format(q="log2"), "p.toml", PolicyDefaults.for_target("ort"))
+    with pytest.raises(PolicyError, match="not a softmax quantizer"):
+        parse_policy(text.format(q="log3"), "p.toml", PolicyDefaults.for_target("ort", simulate=True))
+    for q, k in (("log2", 1.0), ("log-sqrt2", 2.0)):
+        pol = parse_policy(text.format(q=q), "p.toml", PolicyDefaults.for_target("ort", simulate=True))
+        assert parse_policy(policy_to_toml(pol), "rt", PolicyDefaults.for_target("ort", simulate=True)) \
+            .rules[0].spec.softmax.value == q
+        model, plan, _ = sim.quantize(pol)
+        av = [n for n in plan.nodes if n.role == "attn_av"]
+        assert av and all(n.simulated and f"{q} softmax" in n.simulation for n in av)
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("Log") == len(av) and ops.count("Exp") == len(av)
+        # the probabilities reaching attention x V are exactly 2^(-level/k)
+        node = next(n for n in model.graph.node if n.op_type == "MatMul" and n.name == av[0].node)
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(node.input[0])])
+        p = ort_run(probe, sim.feeds[0], optimize=False)[-1]
+        level = -k * np.log2(np.maximum(p, 1e-45))
+        assert np.abs(level - np.rint(level)).max() < 1e-3 and level.min() >= -1e-4 and level.max() <= 255.001
