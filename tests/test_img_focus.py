@@ -43,3 +43,17 @@ def test_trained_encoder_structure(encoder_build, tmp_path):
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
     assert ops["QGemm"] == 72 and ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == 12, ops
     assert ops["Gemm"] == 0 and ops["FusedGemm"] == 0 and ops["MatMul"] == 12  # attention x V stays float
+
+
+def test_trained_encoder_activation_quantizers_are_per_tensor(encoder_build):
+    """Per-channel accuracy comes from migration into weights / LayerNorm: every activation Q stays per-tensor."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    m = onnx.load(encoder_build.model_path)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    qs = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(qs) >= 48
+    for n in qs:
+        assert all(a.name != "axis" for a in n.attribute), n.name
+        assert np.asarray(inits[n.input[1]]).size == 1, n.name
