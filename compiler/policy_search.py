@@ -103,6 +103,7 @@ class Step:
     worst_db: float
     cosine: float
     agreement_pct: float | None = None
+    kept: bool = True  # False: the upgrade lowered the measured fidelity and was rolled back
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -118,9 +119,13 @@ class SearchResult:
     target: str
     baselines: dict = field(default_factory=dict)  # name -> fidelity/upgrades of reference policies
 
+    @property
+    def upgrades(self) -> int:
+        return sum(1 for s in self.steps[1:] if s.kept)
+
     def to_json(self) -> dict:
         return {"start": self.start, "target": self.target, "met": self.met,
-                "upgrades": len(self.steps) - 1, "path": [s.to_json() for s in self.steps],
+                "upgrades": self.upgrades, "tried": len(self.steps) - 1, "path": [s.to_json() for s in self.steps],
                 "sensitivity": sorted((o.to_json() for o in self.ops), key=lambda o: o["alone_sqnr_db"]),
                 "baselines": self.baselines}
 
@@ -223,7 +228,9 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
     state: dict[str, str] = {}  # node -> current upgrade
     total_cost = 0.0
     policy = start
-    while not cfg.met(f) and len(chosen) < cfg.max_upgrades:
+    tried: set[tuple[str, str]] = set()
+    attempts = 0
+    while not cfg.met(f) and len(chosen) < cfg.max_upgrades and attempts < 2 * cfg.max_upgrades:
         best = None
         for o in ops:
             cur = state.get(o.node)
@@ -235,7 +242,7 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
             if cur is None and o.noise_per_channel is not None and o.noise_per_channel < o.noise:
                 cands.append((Upgrade.PER_CHANNEL, o.noise - o.noise_per_channel, o.cost_float * cfg.per_channel_cost))
             for kind, gain, cost in cands:
-                if gain <= 0:
+                if gain <= 0 or (o.node, kind) in tried:
                     continue
                 score = gain / max(cost, 1e-6)
                 if best is None or score > best[0]:
@@ -243,15 +250,22 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
         if best is None:
             break
         _, o, kind, cost = best
-        state[o.node] = kind
-        chosen = [(p, k) for p, k in chosen if p.node != o.node] + [(by_node[o.node], kind)]
-        total_cost += cost
-        policy = with_upgrades(start, chosen)
-        f = measure(policy)
-        steps.append(Step(len(steps), o.node, o.role, o.block, kind, cost, total_cost, f.sqnr_db,
-                          f.worst_sample_sqnr_db, f.mean_cosine, f.top1_agreement_pct))
-        log.info("search: step %d %s %s (%s, block %s) -> %.2f dB, cost %.3f", len(steps) - 1, kind, o.node, o.role,
-                 o.block, f.sqnr_db, total_cost)
+        attempts += 1
+        tried.add((o.node, kind))
+        new_chosen = [(p, k) for p, k in chosen if p.node != o.node] + [(by_node[o.node], kind)]
+        new_policy = with_upgrades(start, new_chosen)
+        fn = measure(new_policy)
+        # quantization errors partly cancel, so an upgrade can lower the measured fidelity: roll it back
+        kept = fn.sqnr_db >= f.sqnr_db if cfg.target_sqnr_db is not None else \
+            (fn.top1_agreement_pct or 0.0, fn.sqnr_db) >= (f.top1_agreement_pct or 0.0, f.sqnr_db)
+        if kept:
+            state[o.node] = kind
+            chosen, policy, f = new_chosen, new_policy, fn
+            total_cost += cost
+        steps.append(Step(len(steps), o.node, o.role, o.block, kind, cost if kept else 0.0, total_cost, fn.sqnr_db,
+                          fn.worst_sample_sqnr_db, fn.mean_cosine, fn.top1_agreement_pct, kept))
+        log.info("search: try %d %s %s (%s, block %s) -> %.2f dB%s, cost %.3f", len(steps) - 1, kind, o.node,
+                 o.role, o.block, fn.sqnr_db, "" if kept else " (worse: rolled back)", total_cost)
     base: dict = {}
     for name, pol in (baselines or {}).items():
         bp = sim.plan(pol)
@@ -276,12 +290,13 @@ def format_path(res: SearchResult) -> str:
              + (" top-1 agree % |" if agree else ""),
              "|---:|---|---|---|---:|---:|---:|---:|" + ("---:|" if agree else "")]
     for s in res.steps:
-        lines.append(f"| {s.index} | {s.upgrade or 'start: ' + res.start} | {s.node or ''} | {s.role or ''} | "
+        up = s.upgrade if s.kept else f"({s.upgrade}: worse, rolled back)"
+        lines.append(f"| {s.index} | {up or 'start: ' + res.start} | {s.node or ''} | {s.role or ''} | "
                      f"{'' if s.block is None else s.block} | {s.total_cost:.3f} | {s.sqnr_db:.2f} | {s.worst_db:.2f} |"
                      + (f" {s.agreement_pct:.1f} |" if agree and s.agreement_pct is not None else ""))
     verdict = "met" if res.met else "NOT met"
     lines.append("")
-    lines.append(f"target {res.target} {verdict} with {len(res.steps) - 1} upgrade(s)")
+    lines.append(f"target {res.target} {verdict} with {res.upgrades} upgrade(s) ({len(res.steps) - 1} tried)")
     for name, b in res.baselines.items():
         lines.append(f"reference {name}: {b['sqnr_db']:.2f} dB ({'meets' if b['met'] else 'misses'} the target) with "
                      f"{b['upgrades_vs_start']} upgrade(s) over the start ({b['simulated_nodes']} simulated node(s))")
