@@ -182,7 +182,7 @@ def format_markdown(res: AblationResult) -> str:
     has_top = any("top1_pct" in r for r in res.rows)
     has_lat = res.latency is not None
     head = ["row", "SQNR dB", "worst dB", "cosine"] + (["top-1 %", "top-5 %"] if has_top else []) + \
-        ["per-channel act. nodes (simulated)"] + (["ms/img", "vs source fp32"] if has_lat else [])
+        ["simulated nodes"] + (["ms/img", "vs source fp32"] if has_lat else [])
     out = []
     for table, title in (("granularity", "Which operators are per-channel (calibrated ranges, no vitc steps)"),
                          ("steps", "vitc's steps, one switched off or on at a time")):
