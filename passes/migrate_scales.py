@@ -118,10 +118,9 @@ class ScaleMigrationPass:
                      and len(src.inputs) >= 3 and all(const_value(t) is not None for t in src.inputs[1:3])
                      and src.outputs[0].name not in outs)
             if ln_ok:
+                # new private constants: a gamma/beta shared with other LayerNorms (exporters deduplicate equal
+                # initializers, e.g. every LayerNorm of a freshly initialised timm model) is left untouched for them
                 gamma, beta = const_value(src.inputs[1]), const_value(src.inputs[2])
-                if len(src.inputs[1].outputs) > 1 or len(src.inputs[2].outputs) > 1:
-                    ln_ok = False
-            if ln_ok:
                 src.inputs[1] = gs.Constant(f"{src.name}.gamma.migrated", (gamma / s).astype(gamma.dtype))
                 new_beta = beta / s if c is None else beta / s - c
                 src.inputs[2] = gs.Constant(f"{src.name}.beta.migrated", new_beta.astype(beta.dtype))

@@ -234,3 +234,25 @@ def test_build_keeps_preprocess_metadata(tmp_path):
     assert list(res.report["calibration"]["preprocess"]["mean"]) == [0.5, 0.5, 0.5]
     built = onnx.load(res.model_path)
     assert {p.key: p.value for p in built.metadata_props}[PREPROCESS_KEY] == e.value
+
+
+def test_migration_folds_layernorms_that_share_gamma_beta(tmp_path, image_batch):
+    """Exporters deduplicate equal initializers (random-init timm: every LayerNorm shares one gamma/beta): each
+    LayerNorm still gets its own folded copy, and the shared originals stay as they were for the others."""
+    p = tmp_path / "v.onnx"
+    onnx.save(tiny_vit(), p)
+    g = gs.import_onnx(load_model(p).model)
+    run_passes(g, float_pipeline(PipelineConfig()))
+    lns = [n for n in g.nodes if n.op == "LayerNormalization"]
+    shared_g, shared_b = lns[0].inputs[1], lns[0].inputs[2]
+    for ln in lns:  # make every LayerNorm use block 0's norm1 parameters
+        ln.inputs[1], ln.inputs[2] = shared_g, shared_b
+    before = export(g)
+    g = gs.import_onnx(before)
+    rng = np.random.default_rng(1)
+    factors = {n.inputs[0].name: rng.uniform(0.2, 5.0, n.inputs[0].shape[-1]).astype(np.float32)
+               for n in g.nodes if n.op == "Gemm"}
+    r = ScaleMigrationPass(factors).run(g)
+    assert r.counts["LayerNorm folds"] == 4
+    np.testing.assert_allclose(ort_run(export(g), {"input": image_batch})[0],
+                               ort_run(before, {"input": image_batch})[0], rtol=1e-4, atol=1e-5)
