@@ -32,6 +32,7 @@ from vitc.compiler.policy import Plan, Policy, default_policy, target_default_po
 from vitc.compiler.progress import progress
 from vitc.passes.annotate import AnnotatePass
 from vitc.passes.base import PassResult
+from vitc.passes.graphutil import over_protobuf_limit
 from vitc.passes.insert_qdq import InsertQDQPass
 from vitc.passes.migrate_scales import ScaleMigrationPass
 
@@ -183,14 +184,41 @@ def calibration_feeds(model: onnx.ModelProto, cc: CalibConfig) -> tuple[Iterator
 
 
 def _digest(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
+    h = hashlib.sha256()
+    if not over_protobuf_limit(model):
+        h.update(model.SerializeToString(deterministic=True))
+    else:  # over protobuf's limit the model cannot be serialized in one piece
+        for part in (*model.graph.input, *model.graph.output, *model.graph.node):
+            h.update(part.SerializeToString(deterministic=True))
+        for t in model.graph.initializer:
+            h.update(t.name.encode() + np.asarray(t.dims, np.int64).tobytes())
+            h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString(deterministic=True))
+    return h.hexdigest()[:16]
+
+
+def _ort_session(model: onnx.ModelProto, options, scratch: Path | None):
+    """An ONNX Runtime session for an in-memory model. One over protobuf's 2 GiB limit goes through a file with
+    external data in a temporary folder under ``scratch``, removed at once (``model`` gets its data back)."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from vitc.runtimes.ort import OrtRuntime
+
+    if not over_protobuf_limit(model):
+        return OrtRuntime().session(model.SerializeToString(), options)
+    with tempfile.TemporaryDirectory(prefix="session-", dir=scratch) as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="model.onnx.data")  # moves the large tensors' data out of ``model`` into the file
+        try:
+            return OrtRuntime().session(str(path), options)
+        finally:
+            load_external_data_for_model(model, folder)
 
 
 def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_progress: bool,
                     label: str = "calibrating", reservoir: dict | None = None,
-                    keep: int = 0) -> tuple[CalibrationTable, dict]:
+                    keep: int = 0, scratch: Path | None = None) -> tuple[CalibrationTable, dict]:
     from vitc.runtimes.base import SessionOptions
-    from vitc.runtimes.ort import OrtRuntime
 
     tensors = plan.activation_tensors()
     probe = onnx.ModelProto()
@@ -198,7 +226,7 @@ def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_pr
     outs = list(model.graph.output)
     del probe.graph.output[:]
     probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(t) for t in tensors] + outs)
-    sess = OrtRuntime().session(probe.SerializeToString(), SessionOptions())
+    sess = _ort_session(probe, SessionOptions(), scratch)
     feeds, summary = calibration_feeds(model, cc)
     n_out = len(tensors)
 
@@ -250,7 +278,7 @@ def _prepare_outdir(outdir: Path, force: bool) -> Path:
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+    if over_protobuf_limit(model) or model.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=path.name + ".data")
     else:
@@ -299,7 +327,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                                                dump_after=set(cfg.dump_after), dump_dir=dump_dir)
         stages["float passes"] = time.perf_counter() - t
         t = time.perf_counter()
-        report_check = _verify_float(src.model, export(graph, src.model), cfg.calib, src.path)
+        report_check = _verify_float(src.model, export(graph, src.model), cfg.calib, src.path, tmp)
         stages["float check"] = time.perf_counter() - t
         report: dict = {"source": str(cfg.model), "target": cfg.target.value, "precision": cfg.precision.value,
                         "fuse": cfg.fuse, "batch": cfg.batch, "fixed_dims": src.fixed_dims, "opset": src.opset,
@@ -318,7 +346,8 @@ def build(cfg: BuildConfig) -> BuildResult:
             t = time.perf_counter()
             reservoir: dict[str, list[np.ndarray]] = {}
             table, calib_summary = run_calibration(float_model, plan, cfg.calib, cfg.show_progress,
-                                                   reservoir=reservoir, keep=cfg.search_samples if cfg.search else 0)
+                                                   reservoir=reservoir, keep=cfg.search_samples if cfg.search else 0,
+                                                   scratch=tmp)
             stages["calibration"] = time.perf_counter() - t
             t = time.perf_counter()
             if cfg.search:
@@ -334,7 +363,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                 if mig.applied:
                     plan = _plan_for(graph, policy, _roles(graph), cfg.target)
                     table, calib_summary = run_calibration(export(graph, src.model), plan, cfg.calib, cfg.show_progress,
-                                                           label="recalibrating")
+                                                           label="recalibrating", scratch=tmp)
                 stages["migration + recalibration"] = time.perf_counter() - t
             del reservoir
             t = time.perf_counter()
@@ -511,22 +540,21 @@ def _silence_graphsurgeon() -> None:
         pass
 
 
-def _verify_float(source: onnx.ModelProto, rewritten: onnx.ModelProto, cc: CalibConfig, path: Path) -> dict:
+def _verify_float(source: onnx.ModelProto, rewritten: onnx.ModelProto, cc: CalibConfig, path: Path,
+                  scratch: Path) -> dict:
     """The float passes must not change the outputs: compare both models on the first calibration input."""
     from vitc.compiler.errors import PassError
     from vitc.runtimes.base import SessionOptions
-    from vitc.runtimes.ort import OrtRuntime
 
     feeds, _ = calibration_feeds(source, cc)  # lazy: only the first batch is read
     feed = next(iter(feeds))
-    rt = OrtRuntime()
     try:
-        ref_session = rt.session(source.SerializeToString(), SessionOptions(graph_optimizations=False))
+        ref_session = _ort_session(source, SessionOptions(graph_optimizations=False), scratch)
     except Exception as exc:  # ONNX Runtime refuses the source itself: an invalid graph, an operator it lacks
         raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model ({' '.join(str(exc).split())[-200:]})",
                              hint="check it with onnx.checker.check_model(model, full_check=True)") from None
     ref = ref_session.run(feed)
-    out = rt.session(rewritten.SerializeToString(), SessionOptions(graph_optimizations=False)).run(feed)
+    out = _ort_session(rewritten, SessionOptions(graph_optimizations=False), scratch).run(feed)
     worst = 0.0
     for r, o in zip(ref, out):
         if r.shape != o.shape:

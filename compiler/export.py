@@ -49,7 +49,11 @@ def load_checkpoint(path: Path):
             from safetensors.torch import load_file
         except ImportError:
             raise VitcError("reading .safetensors needs the safetensors package", hint="pip install safetensors") from None
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError: bad header, truncated data
+            raise ModelLoadError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:120]})", hint="check the file is complete") from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -60,6 +64,9 @@ def load_checkpoint(path: Path):
         state = state["state_dict"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors",
+                             hint="save it with torch.save(model.state_dict())")
     return state
 
 

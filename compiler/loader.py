@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
 from vitc.compiler.errors import ModelLoadError
+from vitc.passes.graphutil import PROTOBUF_LIMIT, infer_shapes
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 13
 MAX_OPSET = 23
+MAX_PROTO_BYTES = PROTOBUF_LIMIT  # no .onnx file can be larger; bigger models keep their weights external
+_SUB_BYTE_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                   if hasattr(onnx.TensorProto, n)}  # packed two or four to a byte: not checked
 
 
 @dataclass
@@ -69,6 +75,29 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> 
                                  hint="replace the link with the file itself")
 
 
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every initializer and Constant value must hold as many values as its shape declares (a damaged or hand-edited
+    file otherwise fails much later, inside ONNX Runtime, with a trace)."""
+    for t in external_data_helper._get_all_tensors(model):
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if dtype.kind in "OSU" or t.data_type in _SUB_BYTE_TYPES:
+            continue
+        want = math.prod(t.dims)
+        raw = len(t.raw_data) if t.HasField("raw_data") else None
+        if raw is not None:
+            have = raw // dtype.itemsize if raw % dtype.itemsize == 0 else -1
+        else:
+            per_value = 2 if dtype.kind == "c" else 1
+            have = len(getattr(t, onnx.helper.tensor_dtype_to_field(t.data_type))) // per_value
+        if have != want:
+            held = f"{raw} bytes" if raw is not None else f"{have} values"
+            raise ModelLoadError(f"{path}: tensor {t.name!r} declares shape {list(t.dims)} ({want} values) "
+                                 f"but holds {held}", hint="the file is damaged; re-export the model")
+
+
 def load_model(path: str | os.PathLike, *, batch: int = 1, input_shapes: dict[str, list[int]] | None = None) -> LoadedModel:
     """Read ``path``, check it, fix dynamic input dims (batch -> ``batch``) and run shape inference."""
     path = Path(path)
@@ -78,6 +107,10 @@ def load_model(path: str | os.PathLike, *, batch: int = 1, input_shapes: dict[st
         raise ModelLoadError(f"{path}: is a folder, not a model file", hint="give the path of an .onnx model")
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file", hint="give the path of an .onnx model")
+    size = path.stat().st_size
+    if size > MAX_PROTO_BYTES:  # refuse before reading gigabytes that protobuf cannot parse
+        raise ModelLoadError(f"{path}: {size} bytes, over the 2 GiB protobuf limit for one .onnx file",
+                             hint="save the weights as external data (onnx.save(..., save_as_external_data=True))")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, truncated files, random bytes
@@ -107,10 +140,11 @@ def load_model(path: str | os.PathLike, *, batch: int = 1, input_shapes: dict[st
             raise ModelLoadError(f"{path}: cannot read its external data ({type(exc).__name__}: "
                                  f"{' '.join(str(exc).split())[:200]})",
                                  hint="re-save the model with its external data next to it") from None
+    _check_tensor_sizes(model, path)
 
     fixed = _fix_input_shapes(model, batch, input_shapes or {}, path)
     try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        model = infer_shapes(model)  # also past protobuf's 2 GiB limit (external-data models)
     except Exception as exc:
         raise ModelLoadError(f"{path}: ONNX shape inference failed: {str(exc)[:200]}") from None
     return LoadedModel(model=model, path=path, opset=opset, fixed_dims=fixed)

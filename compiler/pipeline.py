@@ -63,6 +63,19 @@ def export(graph: gs.Graph, metadata_from: onnx.ModelProto | None = None) -> onn
     return model
 
 
+def _node_at_failure(exc: BaseException) -> str | None:
+    """The node a pass was on when it raised: the first node among the locals of its innermost frame in vitc.passes
+    (the node being matched or rewritten: passes take it as their first argument or loop variable)."""
+    node = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__", "").startswith("vitc.passes."):
+            node = next((v.name for v in frame.f_locals.values() if isinstance(v, gs.Node)), node)
+        tb = tb.tb_next
+    return node
+
+
 def run_passes(graph: gs.Graph, passes: Sequence[GraphPass], *, dump_after: set[str] | None = None,
                dump_dir: Path | None = None, on_result: Callable[[PassResult], None] | None = None) -> list[PassResult]:
     results = []
@@ -73,7 +86,7 @@ def run_passes(graph: gs.Graph, passes: Sequence[GraphPass], *, dump_after: set[
         except VitcError:
             raise
         except Exception as exc:
-            raise PassError(p.name, f"{type(exc).__name__}: {exc}",
+            raise PassError(p.name, f"{type(exc).__name__}: {exc}", node=_node_at_failure(exc),
                             hint="rerun with --log-level debug and --dump-after to inspect the graph") from exc
         res.seconds = time.perf_counter() - t0
         log.info("pass %-16s %s", p.name, ", ".join(f"{k}: {v}" for k, v in res.counts.items() if v))

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import finish, graph_output_names
+from vitc.passes.graphutil import UniqueNames, finish, graph_output_names, infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def refresh_shapes(graph: gs.Graph) -> None:
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]
     try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        model = infer_shapes(model)
     except Exception as exc:  # inference is an aid here, never a reason to fail
         log.debug("shape inference failed during canonicalize: %s", exc)
         return
@@ -48,6 +48,7 @@ class CanonicalizePass:
 
     def run(self, graph: gs.Graph) -> PassResult:
         before = Counter(n.op for n in graph.nodes)
+        named = self._name_nodes(graph)
         identities = self._drop_identities(graph)
         finish(graph)
         # graphsurgeon evaluates the constant partitions with ONNX Runtime; fold_shapes turns Shape of a tensor whose
@@ -67,9 +68,23 @@ class CanonicalizePass:
         refresh_shapes(graph)
         after = Counter(n.op for n in graph.nodes)
         removed = {f"removed {op}": before[op] - after.get(op, 0) for op in sorted(before) if before[op] > after.get(op, 0)}
-        counts = {"nodes before": sum(before.values()), "nodes after": sum(after.values()),
+        counts = {"nodes before": sum(before.values()), "nodes after": sum(after.values()), "nodes named": named,
                   "Identity removed": identities, "Shape folded": shapes_folded, **removed}
-        return PassResult(self.name, sum(before.values()) != sum(after.values()), counts)
+        return PassResult(self.name, named > 0 or sum(before.values()) != sum(after.values()), counts)
+
+    @staticmethod
+    def _name_nodes(graph: gs.Graph) -> int:
+        """Name unnamed nodes, rename repeated names: plans, roles, reports and ONNX Runtime go by node name."""
+        names = UniqueNames(graph)
+        seen: set[str] = set()
+        n = 0
+        for node in graph.nodes:
+            if node.name and node.name not in seen:
+                seen.add(node.name)
+                continue
+            node.name = names(node.op)
+            n += 1
+        return n
 
     @staticmethod
     def _fold_static_shapes(graph: gs.Graph) -> int:

@@ -18,7 +18,8 @@ from typing import ClassVar
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import const_value, finish, graph_output_names, is_scalar_const, other_input, single_consumer
+from vitc.passes.graphutil import (UniqueNames, const_value, finish, graph_output_names, is_scalar_const, other_input,
+                                   single_consumer)
 
 SQRT2 = math.sqrt(2.0)
 TANH_C = math.sqrt(2.0 / math.pi)
@@ -37,6 +38,7 @@ class GeluFusion:
 
     def run(self, graph: gs.Graph) -> PassResult:
         outs = graph_output_names(graph)
+        names = UniqueNames(graph)
         counts = {"GELU(erf) fusions": 0, "GELU(tanh) fusions": 0}
         if self.op is GeluOp.ONNX20 and graph.opset < 20:
             return PassResult(self.name, False, counts, notes=[f"opset {graph.opset} < 20: Gelu-20 unavailable, left decomposed"])
@@ -52,7 +54,7 @@ class GeluFusion:
             if m is None:
                 continue
             x, last = m
-            name = (last.name or node.name or "gelu") + ".fused_gelu"
+            name = names((last.name or node.name or "gelu") + ".fused_gelu")
             if self.op is GeluOp.ORT_CONTRIB:
                 new = gs.Node("Gelu" if kind == "erf" else "FastGelu", name=name, domain="com.microsoft", inputs=[x])
             else:
@@ -115,27 +117,28 @@ class GeluFusion:
     def _match_tanh(self, tanh: gs.Node, outs: set[str]):
         inner = tanh.inputs[0]
         mc = inner.inputs[0] if len(inner.inputs) == 1 else None
-        if mc is None or mc.op != "Mul" or len(inner.outputs) != 1:
+        if mc is None or mc.op != "Mul" or single_consumer(inner, outs) is None:
             return None
         s = next((t for t in mc.inputs if const_value(t) is None), None)
         if s is None or not is_scalar_const(other_input(mc, s), TANH_C, rtol=1e-3):
             return None
         add = s.inputs[0] if len(s.inputs) == 1 else None
-        if add is None or add.op != "Add" or len(s.outputs) != 1:
+        if add is None or add.op != "Add" or single_consumer(s, outs) is None:
             return None
         for x, cube_t in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
             cm = cube_t.inputs[0] if len(cube_t.inputs) == 1 else None
-            if cm is None or cm.op != "Mul":
+            if cm is None or cm.op != "Mul" or single_consumer(cube_t, outs) is None:
                 continue
             p = next((t for t in cm.inputs if const_value(t) is None), None)
             if p is None or not is_scalar_const(other_input(cm, p), 0.044715, rtol=1e-3):
                 continue
             pw = p.inputs[0] if len(p.inputs) == 1 else None
-            if pw is None:
+            if pw is None or single_consumer(p, outs) is None:  # x^3 and 0.044715 x^3 used elsewhere: not a GELU
                 continue
             cube = (pw.op == "Pow" and pw.inputs[0] is x and is_scalar_const(pw.inputs[1], 3.0)) or (
                 pw.op == "Mul" and x in pw.inputs and any(
-                    (t.inputs and t.inputs[0].op == "Mul" and list(t.inputs[0].inputs) == [x, x]) for t in pw.inputs))
+                    (t.inputs and t.inputs[0].op == "Mul" and list(t.inputs[0].inputs) == [x, x]
+                     and single_consumer(t, outs) is not None) for t in pw.inputs))
             if not cube:
                 continue
             add1 = single_consumer(tanh.outputs[0], outs)

@@ -20,7 +20,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import const_value, finish, graph_output_names, is_scalar_const, other_input, single_consumer
+from vitc.passes.graphutil import (UniqueNames, const_value, finish, graph_output_names, is_scalar_const, other_input,
+                                   single_consumer)
 
 LN_OPSET = 17
 
@@ -46,17 +47,19 @@ class LayerNormFusion:
 
     def run(self, graph: gs.Graph) -> PassResult:
         outs = graph_output_names(graph)
+        names = UniqueNames(graph)
         fused = 0
         for rm in list(graph.nodes):
             m = self._match(rm, outs)
             if m is None:
                 continue
             x, eps, gamma, beta, last, name = m
+            name = names(name)
             dtype = x.dtype if x.dtype is not None else np.float32
             ln = gs.Node("LayerNormalization", name=name,
                          attrs={"axis": -1, "epsilon": float(eps)},
-                         inputs=[x, gs.Constant(f"{name}.gamma", gamma.astype(dtype)),
-                                 gs.Constant(f"{name}.beta", beta.astype(dtype))])
+                         inputs=[x, gs.Constant(names(f"{name}.gamma"), gamma.astype(dtype)),
+                                 gs.Constant(names(f"{name}.beta"), beta.astype(dtype))])
             y = list(last.outputs)
             last.outputs.clear()
             ln.outputs = y

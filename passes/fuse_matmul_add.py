@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import const_value, finish, graph_output_names, other_input, single_consumer
+from vitc.passes.graphutil import UniqueNames, const_value, finish, graph_output_names, other_input, single_consumer
 
 
 class MatMulAddFusion:
@@ -26,6 +26,7 @@ class MatMulAddFusion:
 
     def run(self, graph: gs.Graph) -> PassResult:
         outs = graph_output_names(graph)
+        names = UniqueNames(graph)
         fused = 0
         reshaped: dict[str, gs.Variable] = {}  # one [B*T, K] view per source tensor, shared by its Gemms
         for mm in list(graph.nodes):
@@ -43,6 +44,8 @@ class MatMulAddFusion:
                 continue
             if x.shape is None or any(not isinstance(d, int) for d in x.shape) or len(x.shape) < 2:
                 continue
+            if b.ndim > len(x.shape):  # the Add broadcasts to a higher rank than the Gemm + Reshape give back
+                continue
             y = add.outputs[0]
             k, n = w.shape
             lead = list(x.shape[:-1])
@@ -50,21 +53,21 @@ class MatMulAddFusion:
             if len(x.shape) > 2 and x.name in reshaped:
                 x2 = reshaped[x.name]
             elif len(x.shape) > 2:
-                x2 = gs.Variable(f"{x.name}.2d", dtype=x.dtype, shape=[int(np.prod(lead)), k])
-                graph.nodes.append(gs.Node("Reshape", name=f"{base}.reshape_in", inputs=[
-                    x, gs.Constant(f"{base}.shape_in", np.array([-1, k], np.int64))], outputs=[x2]))
+                x2 = gs.Variable(names(f"{x.name}.2d"), dtype=x.dtype, shape=[int(np.prod(lead)), k])
+                graph.nodes.append(gs.Node("Reshape", name=names(f"{base}.reshape_in"), inputs=[
+                    x, gs.Constant(names(f"{base}.shape_in"), np.array([-1, k], np.int64))], outputs=[x2]))
                 reshaped[x.name] = x2
             else:
                 x2 = x
-            w_c = w_t if isinstance(w_t, gs.Constant) else gs.Constant(f"{base}.weight", w)
-            b_c = gs.Constant(f"{base}.bias", b.reshape(-1).astype(w.dtype))
-            gemm = gs.Node("Gemm", name=f"{base}.gemm", inputs=[x2, w_c, b_c])
+            w_c = w_t if isinstance(w_t, gs.Constant) else gs.Constant(names(f"{base}.weight"), w)
+            b_c = gs.Constant(names(f"{base}.bias"), b.reshape(-1).astype(w.dtype))
+            gemm = gs.Node("Gemm", name=names(f"{base}.gemm"), inputs=[x2, w_c, b_c])
             add.outputs.clear()
             if len(x.shape) > 2:
-                y2 = gs.Variable(f"{base}.gemm_out", dtype=y.dtype, shape=[int(np.prod(lead)), n])
+                y2 = gs.Variable(names(f"{base}.gemm_out"), dtype=y.dtype, shape=[int(np.prod(lead)), n])
                 gemm.outputs = [y2]
-                graph.nodes.append(gs.Node("Reshape", name=f"{base}.reshape_out", inputs=[
-                    y2, gs.Constant(f"{base}.shape_out", np.array(lead + [n], np.int64))], outputs=[y]))
+                graph.nodes.append(gs.Node("Reshape", name=names(f"{base}.reshape_out"), inputs=[
+                    y2, gs.Constant(names(f"{base}.shape_out"), np.array(lead + [n], np.int64))], outputs=[y]))
             else:
                 gemm.outputs = [y]
             graph.nodes.append(gemm)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from google.protobuf.message import EncodeError
 
 
 def const_value(t: gs.Tensor | None) -> np.ndarray | None:
@@ -69,6 +71,72 @@ def replace_subgraph(first_nodes: Iterable[gs.Node], last: gs.Node, new_node: gs
     last.outputs.clear()
     new_node.outputs = outs
     graph.nodes.append(new_node)
+
+
+class UniqueNames:
+    """Names for new nodes and tensors that nothing in the graph uses yet.
+
+    Fused nodes are named after the node they replace, and exporters may leave names empty or repeat them; ONNX
+    Runtime refuses two nodes of one name, and two tensors of one name make an invalid graph.
+    """
+
+    def __init__(self, graph: gs.Graph):
+        self.taken = {n.name for n in graph.nodes} | {t.name for n in graph.nodes for t in (*n.inputs, *n.outputs)}
+        self.taken |= {t.name for t in (*graph.inputs, *graph.outputs)}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: protobuf cannot serialize a larger message (ONNX models above it use external data)
+LARGE_TENSOR_BYTES = 1 << 20  # initializers shape inference sees without their data, in models over the limit
+
+
+def over_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too large to serialize in one piece (past 2 GiB protobuf cannot even size it)."""
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT
+    except EncodeError:
+        return True
+
+
+def _data_bytes(t: onnx.TensorProto) -> int:
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference (with data propagation), also for models over protobuf's 2 GiB limit.
+
+    Those are inferred without the data of their large initializers (inference needs only types and shapes); the
+    data then moves to the returned model, so ``model`` itself is left without it: use the result in its place.
+    """
+    if not over_protobuf_limit(model):
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    held = {}
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and _data_bytes(t) > LARGE_TENSOR_BYTES:
+            held[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        for t in model.graph.initializer:
+            if t.name in held:
+                t.raw_data = held[t.name]
+        raise
+    for t in inferred.graph.initializer:
+        if t.name in held:
+            t.raw_data = held.pop(t.name)
+    return inferred
 
 
 def graph_output_names(graph: gs.Graph) -> set[str]:
