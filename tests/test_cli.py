@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from conftest import cli
+from conftest import cli, cli_in_empty_cwd
 
 from vitc.compiler.cli import main
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
@@ -412,24 +412,10 @@ def test_calib_samples_fewer_than_batch(capsys, tmp_path, vit_path):
 @pytest.fixture(scope="module")
 def vit_build(tmp_path_factory):
     """One default int8 build of tiny_vit, run from an empty current directory; several tests read it."""
-    import contextlib
-    import io
-
     root = tmp_path_factory.mktemp("vit_build")
-    model = root / "tiny_vit.onnx"
-    onnx.save(tiny_vit(), model)
-    cwd = root / "cwd"
-    cwd.mkdir()
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(["build", str(model), "-o", str(root / "out"), "--calib-samples", "8"])
-    finally:
-        os.chdir(old)
-    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "dir": root / "out", "model": model,
-            "cwd": sorted(os.listdir(cwd)), "root": root}
+    r = cli_in_empty_cwd(root, "build", "{model}", "-o", root / "out", "--calib-samples", "8")
+    r["dir"] = root / "out"
+    return r
 
 
 def test_build_writes_exactly_model_and_report(vit_build):
