@@ -874,6 +874,8 @@ def _round(v: float) -> float | None:
 
 # -- command line -----------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser, shape_type, floats3_type, std3_type) -> None:
+    from vitc.compiler.cliargs import add_input_options
+
     from vitc.compiler.bench import _pos_int
 
     p.add_argument("model", type=Path)
@@ -900,11 +902,8 @@ def add_arguments(p: argparse.ArgumentParser, shape_type, floats3_type, std3_typ
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument("--eps", type=float, default=AnalyzeConfig.eps,
                    help="eps of the relative error mean((q - fp)^2 / (fp^2 + eps))")
-    p.add_argument("--batch", type=_pos_int, default=1, help="fix a dynamic batch dim to this size")
-    p.add_argument("--input-shape", type=shape_type, action="append", default=[], metavar="NAME=D0,D1,...")
-    p.add_argument("--mean", type=floats3_type, default=None, help="override normalization mean, e.g. 0.5,0.5,0.5")
-    p.add_argument("--std", type=std3_type, default=None)
-    p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
+    add_input_options(p, shape_type=shape_type, floats3_type=floats3_type, std3_type=std3_type,
+                      positive_type=_pos_int)
 
 
 def run_command(a: argparse.Namespace) -> int:

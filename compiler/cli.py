@@ -83,6 +83,8 @@ def _load_policy(a, observer: ObserverConfig):
 
 
 def get_parser() -> argparse.ArgumentParser:
+    from vitc.compiler.cliargs import add_input_options
+
     from vitc.compiler.build import Precision
     from vitc.compiler.pipeline import Target
 
@@ -119,11 +121,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "weight pairs small enough that AVX2's vpmaddubsw cannot saturate)")
     b.add_argument("--dynamic", action="append", default=[], metavar="ROLE",
                    help="ORT target: compute this role's input range per inference (e.g. fc2); repeatable")
-    b.add_argument("--batch", type=_positive, default=1, help="fix a dynamic batch dim to this size")
-    b.add_argument("--input-shape", type=_shape, action="append", default=[], metavar="NAME=D0,D1,...")
-    b.add_argument("--mean", type=_floats3, default=None, help="override normalization mean, e.g. 0.5,0.5,0.5")
-    b.add_argument("--std", type=_std3, default=None)
-    b.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
+    add_input_options(b, shape_type=_shape, floats3_type=_floats3, std3_type=_std3, positive_type=_positive)
     b.add_argument("--require-engine", action="store_true",
                    help="--target trt: fail (exit 4, no OUTDIR) unless the TensorRT engine can be built here")
     b.add_argument("--policy", default=None, metavar="FILE|PRESET",

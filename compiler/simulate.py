@@ -190,6 +190,8 @@ class Simulator:
 
 # -- command-line plumbing shared by `vitc search` and `vitc ablate` ---------------------------------------------------
 def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None:
+    from vitc.compiler.cliargs import add_input_options
+
     from vitc.compiler.calibration import Observer
 
     p.add_argument("model", type=Path)
@@ -206,12 +208,9 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
                         "report it on another)")
     p.add_argument("--observer", choices=[o.value for o in Observer], default=Observer.PERCENTILE.value)
     p.add_argument("--percentile", type=float, default=99.99)
-    p.add_argument("--batch", type=positive_type, default=1, help="fix a dynamic batch dim to this size")
-    p.add_argument("--input-shape", type=shape_type, action="append", default=[], metavar="NAME=D0,D1,...")
-    p.add_argument("--mean", type=floats3_type, default=None, help="override normalization mean, e.g. 0.5,0.5,0.5")
-    p.add_argument("--std", type=std3_type, default=None)
+    add_input_options(p, shape_type=shape_type, floats3_type=floats3_type, std3_type=std3_type,
+                      positive_type=positive_type)
     p.add_argument("--threads", type=int, default=0, help="ORT threads for the measurements (0: ORT's default)")
-    p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
 
 
 def simulator_from_args(a) -> Simulator:
