@@ -161,10 +161,6 @@ def per_channel_weights(policy: Policy) -> Policy:
 
 def op_macs(np_: NodePlan, sim: Simulator) -> float:
     """Multiply-accumulates of one quantized node on one batch (shapes from the calibration reservoir)."""
-    from vitc.passes.graphutil import const_value
-
-    import onnx_graphsurgeon as gs
-
     xs = [sim.reservoir[a][0] for a in np_.activations if a in sim.reservoir and sim.reservoir[a]]
     if not xs:
         return 0.0
@@ -172,15 +168,11 @@ def op_macs(np_: NodePlan, sim: Simulator) -> float:
         if len(xs) < 2:
             return 0.0
         return float(np.prod(xs[0].shape)) * xs[1].shape[-1]
-    graph = getattr(sim, "_graph_cache", None)
-    if graph is None:
-        graph = sim._graph_cache = gs.import_onnx(sim.float_model)
-    w = const_value(graph.tensors()[np_.weight])
+    w = sim.constant(np_.weight)
     if w is None:
         return 0.0
     if np_.op == "Conv":  # output positions x weight size; stride from the node
-        node = next(n for n in graph.nodes if n.name == np_.node)
-        strides = node.attrs.get("strides", [1] * (xs[0].ndim - 2))
+        strides = sim.node_attrs(np_.node).get("strides", [1] * (xs[0].ndim - 2))
         spatial = np.prod([max(1, s // st) for s, st in zip(xs[0].shape[2:], strides)])
         return float(xs[0].shape[0] * spatial * w.size)
     return float(np.prod(xs[0].shape[:-1])) * w.size

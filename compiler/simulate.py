@@ -115,6 +115,7 @@ class Simulator:
         graph = gs.import_onnx(src.model)
         self.float_passes = run_passes(graph, float_pipeline(PipelineConfig(target, fuse)))
         self.float_model = export(graph, self.source)
+        self._float_graph = graph  # read-only from here on (constants and attributes for cost models)
         self.roles = _roles(graph)
         plan = _plan_for(graph, calibrate_everything_policy(target, calib), self.roles, target)
         self.reservoir: dict[str, list[np.ndarray]] = {}
@@ -126,6 +127,16 @@ class Simulator:
         ref = self._rt.session(self.source.SerializeToString(), self._opts)
         self.reference = [ref.run(f) for f in self.feeds]
         self.output_names = ref.output_names
+
+    def constant(self, tensor: str) -> np.ndarray | None:
+        """The value of a constant of the float model (None: not a constant)."""
+        from vitc.passes.graphutil import const_value
+
+        t = self._float_graph.tensors().get(tensor)
+        return None if t is None else const_value(t)
+
+    def node_attrs(self, node: str) -> dict:
+        return next((dict(n.attrs) for n in self._float_graph.nodes if n.name == node), {})
 
     def plan(self, policy: Policy) -> Plan:
         graph = gs.import_onnx(self.float_model)
