@@ -71,6 +71,23 @@ def cli_in_empty_cwd(root: Path, *args) -> dict:
             "cwd": sorted(os.listdir(cwd))}
 
 
+def fused_and_annotated(tmp_path: Path, model: onnx.ModelProto):
+    """``model`` loaded as `vitc build` loads it, through the float pipeline and the annotate pass: (graph, roles)."""
+    import onnx_graphsurgeon as gs
+
+    from vitc.compiler.loader import load_model
+    from vitc.compiler.pipeline import PipelineConfig, float_pipeline, run_passes
+    from vitc.passes.annotate import AnnotatePass
+
+    p = tmp_path / "m.onnx"
+    onnx.save(model, p)
+    g = gs.import_onnx(load_model(p).model)
+    run_passes(g, float_pipeline(PipelineConfig()))
+    ann = AnnotatePass()
+    ann.run(g)
+    return g, ann.roles
+
+
 def ort_run(model, feeds, optimize=True):
     import onnxruntime as ort
 

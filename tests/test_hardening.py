@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
-from conftest import cli, ort_run
+from conftest import cli, fused_and_annotated, ort_run
 from test_cli import FAST, build_fails, leftovers
 
 import vitc
@@ -24,8 +23,6 @@ from vitc.compiler import build as build_mod
 from vitc.compiler.build import BuildConfig, CalibConfig, build
 from vitc.compiler.errors import ModelLoadError
 from vitc.compiler.loader import MAX_PROTO_BYTES, load_model
-from vitc.compiler.pipeline import PipelineConfig, float_pipeline, run_passes
-from vitc.passes.annotate import AnnotatePass
 from vitc.passes.fuse_gelu import GeluFusion
 from vitc.passes.fuse_layernorm import LayerNormFusion
 from vitc.tools.tiny_models import tiny_vit
@@ -98,13 +95,8 @@ def test_constant_node_value_with_too_few_values(tmp_path):
 def test_unnamed_nodes_are_named_before_planning(tmp_path):
     """Hand-built graphs often leave node names empty; roles, plans and build.json are keyed by node name."""
     def planned(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-        p = tmp_path / "m.onnx"
-        onnx.save(model, p)
-        g = gs.import_onnx(load_model(p).model)
-        run_passes(g, float_pipeline(PipelineConfig()))
-        ann = AnnotatePass()
-        ann.run(g)
-        return sorted(r.role for r in ann.roles.values()), [n.name for n in g.nodes]
+        g, roles = fused_and_annotated(tmp_path, model)
+        return sorted(r.role for r in roles.values()), [n.name for n in g.nodes]
 
     unnamed = tiny_vit()
     for node in unnamed.graph.node:
