@@ -71,7 +71,7 @@ def step_rows(target: str, observer) -> list[Row]:
     if target == "ort":
         rows.append(Row("steps", "- saturation-safe weights", base, SimOptions(pair_safe_weights=False)))
     else:  # symmetric activations
-        rows.append(Row("steps", "- input centring", base, SimOptions(center=False)))
+        rows.append(Row("steps", "+ input centring", base, SimOptions(center=True)))
     rows.append(Row("steps", "+ MSE weight clipping", base, SimOptions(weight_mse_clip=True)))
     float_av = next((r for r in base.rules if r.spec.skip and r.roles and "attn_av" in r.roles), None)
     if float_av is not None:  # the default keeps attention x V float: show what int8 there costs

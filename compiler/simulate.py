@@ -44,7 +44,7 @@ class SimOptions:
     bias_correction: bool = True
     weight_mse_clip: bool = False
     pair_safe_weights: bool | None = None  # None: on for ORT
-    center: bool = True  # symmetric activations: per-channel input centring where the search finds it helps
+    center: bool = False  # symmetric activations: per-channel input centring (as BuildConfig.center: off)
 
     def describe(self) -> str:
         off = [k for k, v in (("search", self.search), ("migration", self.migrate and self.search),
@@ -52,8 +52,8 @@ class SimOptions:
         extra = ["weight MSE clip"] if self.weight_mse_clip else []
         if self.pair_safe_weights is False:
             off.append("pair-safe weights")
-        if not self.center:
-            off.append("input centring")
+        if self.center:
+            extra.append("input centring")
         return ", ".join([f"no {k}" for k in off] + extra) or "vitc default"
 
 

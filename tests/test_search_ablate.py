@@ -208,3 +208,13 @@ def test_log2_softmax_quantizer_simulated(sim):
         p = ort_run(probe, sim.feeds[0], optimize=False)[-1]
         level = -k * np.log2(np.maximum(p, 1e-45))
         assert np.abs(level - np.rint(level)).max() < 1e-3 and level.min() >= -1e-4 and level.max() <= 255.001
+
+
+def test_sim_options_defaults_are_the_builds():
+    """A simulated policy with default options must be what `vitc build` writes by default."""
+    from pathlib import Path as _P
+
+    cfg = BuildConfig(model=_P("m.onnx"), outdir=_P("o"))
+    o = SimOptions()
+    assert (o.search, o.migrate, o.bias_correction, o.weight_mse_clip, o.pair_safe_weights, o.center) == \
+        (cfg.search, cfg.migrate, cfg.bias_correction, cfg.weight_mse_clip, cfg.pair_safe_weights, cfg.center)
