@@ -43,7 +43,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from vitc.compiler import data as D
-from vitc.compiler.build import (CalibConfig, _prepare_outdir, _silence_graphsurgeon, _versions, calibration_feeds,
+from vitc.compiler.build import (CalibConfig, _prepare_outdir, _silence_graphsurgeon, _versions, held_out_feeds,
                                  input_specs, is_image_input, preprocess_for, run_calibration)
 from vitc.compiler.calibration import CalibrationTable, Observer, ObserverConfig, TensorRange
 from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
@@ -193,35 +193,6 @@ def detect_tokens(graph: gs.Graph, roles: dict[str, Role]) -> TokenInfo:
         elif patches > 0 and math.isqrt(patches) ** 2 == patches:
             info.grid = (math.isqrt(patches), math.isqrt(patches))
     return info
-
-
-def heldout_feeds(model: onnx.ModelProto, cfg: AnalyzeConfig) -> tuple[list[dict[str, np.ndarray]], dict]:
-    """``cfg.samples`` held-out inputs (whole batches): crops of the embedded evaluation photos (disjoint from the
-    calibration photos) or ``--eval`` data read like calibration data."""
-    specs = input_specs(model)
-    if cfg.eval_source is not None:
-        cc = replace(cfg.calib, source=cfg.eval_source, samples=cfg.samples)
-        feeds, summary = calibration_feeds(model, cc)
-        summary = dict(summary)
-    else:
-        if len(specs) != 1 or not is_image_input(specs[0]):
-            raise CalibrationDataError(
-                f"the embedded held-out photos cannot feed this model: its inputs "
-                f"{[f'{s.name} {list(s.shape)} {s.dtype}' for s in specs]} are not a single NCHW float image",
-                hint="pass --eval FILE.npz with one array per input name")
-        spec = specs[0]
-        if cfg.samples < spec.shape[0]:
-            raise CalibrationDataError(f"{cfg.samples} held-out samples are fewer than one batch of {spec.shape[0]}",
-                                       hint="raise --samples or lower --batch")
-        pre = preprocess_for(model, spec, cfg.calib)
-        feeds = D.batched(D.embedded_samples(pre, cfg.samples, cfg.calib.seed, photos=D.EVAL_PHOTOS), spec)
-        summary = {"source": "embedded", "kind": "embedded scikit-image photos held out from calibration "
-                   "(EVAL_PHOTOS, random crops)", "photos": list(D.EVAL_PHOTOS), "preprocess": pre.to_json()}
-    out = list(feeds)
-    if not out:
-        raise CalibrationDataError("no held-out samples", hint="give --eval data with at least one batch")
-    summary["samples"] = sum(next(iter(f.values())).shape[0] for f in out)
-    return out, summary
 
 
 # -- capturing activations --------------------------------------------------------------------------------------------
@@ -535,7 +506,8 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
         stages["load + float passes"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        feeds, held = heldout_feeds(float_model, cfg)  # before calibration: bad --eval fails early
+        # before calibration, so bad --eval data fails early
+        feeds, held = held_out_feeds(float_model, cfg.eval_source, cfg.samples, cfg.calib, cfg.calib.seed)
         if cfg.eval_source is not None and cfg.calib.source is not None \
                 and cfg.eval_source.resolve() == cfg.calib.source.resolve():
             log.warning("--eval and --calib are the same data: the samples are not held out")

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +181,39 @@ def calibration_feeds(model: onnx.ModelProto, cc: CalibConfig) -> tuple[Iterator
         kind = "image folder"
     return D.batched(samples, spec), {"source": str(src) if src else "embedded", "kind": kind,
                                       "preprocess": pre.to_json()}
+
+
+def held_out_feeds(model: onnx.ModelProto, source: Path | None, samples: int, cc: CalibConfig,
+                   seed: int) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """``samples`` held-out inputs (whole batches) and a summary: crops (drawn with ``seed``) of the embedded
+    evaluation photos, disjoint from the calibration photos, or ``source`` read like calibration data. Used by
+    `vitc analyze`, `vitc search` and `vitc ablate` to measure on data calibration never saw."""
+    if samples < 1:
+        raise CalibrationDataError(f"{samples} held-out samples requested", hint="give 1 or more")
+    if source is not None:
+        feeds, summary = calibration_feeds(model, replace(cc, source=source, samples=samples))
+        summary = dict(summary)
+    else:
+        specs = input_specs(model)
+        if len(specs) != 1 or not is_image_input(specs[0]):
+            raise CalibrationDataError(
+                f"the embedded held-out photos cannot feed this model: its inputs "
+                f"{[f'{s.name} {list(s.shape)} {s.dtype}' for s in specs]} are not a single NCHW float image",
+                hint="pass --eval FILE.npz with one array per input name")
+        spec = specs[0]
+        if samples < spec.shape[0]:
+            raise CalibrationDataError(f"{samples} held-out samples are fewer than one batch of {spec.shape[0]}",
+                                       hint="raise the number of held-out samples or lower --batch")
+        pre = preprocess_for(model, spec, cc)
+        feeds = D.batched(D.embedded_samples(pre, samples, seed, photos=D.EVAL_PHOTOS), spec)
+        summary = {"source": "embedded", "kind": "embedded scikit-image photos held out from calibration "
+                   "(EVAL_PHOTOS, random crops)", "photos": list(D.EVAL_PHOTOS), "preprocess": pre.to_json()}
+    out = list(feeds)
+    if not out:
+        raise CalibrationDataError(f"{source or 'embedded photos'}: no held-out samples",
+                                   hint="give --eval data with at least one batch")
+    summary["samples"] = sum(next(iter(f.values())).shape[0] for f in out)
+    return out, summary
 
 
 def _digest(model: onnx.ModelProto) -> str:

@@ -13,19 +13,16 @@ never saw (by default the embedded ``EVAL_PHOTOS``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler import data as D
 from vitc.compiler.build import (BuildConfig, CalibConfig, _pair_safe, _plan_for, _roles, _silence_graphsurgeon,
-                                 _target_passes, calibration_feeds, input_specs, is_image_input, preprocess_for,
-                                 refine_ranges, run_calibration)
+                                 _target_passes, held_out_feeds, input_specs, refine_ranges, run_calibration)
 from vitc.compiler.calibration import CalibrationTable
-from vitc.compiler.errors import CalibrationDataError
 from vitc.compiler.evaluate import Fidelity
 from vitc.compiler.loader import load_model
 from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
@@ -65,28 +62,6 @@ class Simulated:
     report: dict
 
 
-def held_out_feeds(model: onnx.ModelProto, source: Path | None, samples: int, calib: CalibConfig,
-                   seed: int = 11) -> list[dict]:
-    """Held-out inputs: ``samples`` crops (random crops drawn with ``seed``) of the embedded EVAL photos (never used
-    by default calibration), or the first ``samples`` of a folder / .npz."""
-    if samples < 1:
-        raise CalibrationDataError(f"{samples} held-out samples requested", hint="give --eval-samples 1 or more")
-    if source is not None:
-        feeds, _ = calibration_feeds(model, replace(calib, source=source, samples=samples))
-        out = list(feeds)
-        if not out:
-            raise CalibrationDataError(f"{source}: no held-out samples", hint="give a folder of images or a .npz")
-        return out
-    specs = input_specs(model)
-    if len(specs) != 1 or not is_image_input(specs[0]):
-        raise CalibrationDataError("the embedded photos cannot feed this model (not a single NCHW float image input)",
-                                   hint="pass --eval FILE.npz with one array per input name")
-    spec = specs[0]
-    pre = preprocess_for(model, spec, calib)
-    n = max(samples, spec.shape[0])
-    return list(D.batched(D.embedded_samples(pre, n, seed, D.EVAL_PHOTOS), spec))
-
-
 def calibrate_everything_policy(target: Target, calib: CalibConfig) -> Policy:
     """One rule: every quantizable node, per-tensor, the target's symmetry. Used only to pick what to observe."""
     return Policy("calibrate-all", (Rule("default", QuantSpec(observer=calib.observer,
@@ -121,7 +96,8 @@ class Simulator:
         self.reservoir: dict[str, list[np.ndarray]] = {}
         self.table, self.calib_summary = run_calibration(self.float_model, plan, calib, show_progress,
                                                          reservoir=self.reservoir, keep=search_samples)
-        self.feeds = held_out_feeds(self.source, eval_source, eval_samples, calib, eval_seed)
+        batch = input_specs(self.source)[0].shape[0] if eval_source is None else 1  # whole batches of crops
+        self.feeds, _ = held_out_feeds(self.source, eval_source, max(eval_samples, batch), calib, eval_seed)
         self._rt = OrtRuntime()
         self._opts = SessionOptions(threads=threads)
         ref = self._rt.session(self.source.SerializeToString(), self._opts)
