@@ -467,25 +467,23 @@ def _parse_rule(r: dict, i: int, lines: _Lines, err, defaults: PolicyDefaults):
     if glob is not None and (not isinstance(glob, str) or not glob):
         raise err(at("node"), "node must be a node-name glob string, e.g. node = \"*/blocks.5/*\"")
 
+    def member(key: str, cls: type[enum.Enum], problem: str, valid: str = "valid"):
+        """``r[key]`` as a member of ``cls``; else an error ``problem`` (formatted with the value) and the choices."""
+        v = r[key]
+        try:
+            return cls(v)
+        except (ValueError, TypeError):
+            values = [m.value for m in cls]
+            raise err(at(key), problem.format(v=repr(v)), f"{_suggest(v, values)}{valid}: {_choices(values)}") from None
+
     over: dict = {}
-    for key, field_ in (("activation", "activation"), ("weight", "weight")):
+    for key in ("activation", "weight"):
         if key in r:
-            v = r[key]
-            try:
-                over[field_] = Granularity(v)
-            except (ValueError, TypeError):
-                raise err(at(key), f"{key} = {v!r} is not a granularity",
-                          f"{_suggest(v, [g.value for g in Granularity])}valid: "
-                          f"{_choices(g.value for g in Granularity)}") from None
+            over[key] = member(key, Granularity, f"{key} = {{v}} is not a granularity")
     if "observer" in r or "percentile" in r:
         kind = Observer.PERCENTILE
         if "observer" in r:
-            try:
-                kind = Observer(r["observer"])
-            except (ValueError, TypeError):
-                raise err(at("observer"), f"unknown observer {r['observer']!r}",
-                          f"{_suggest(r['observer'], [o.value for o in Observer])}valid observers: "
-                          f"{_choices(o.value for o in Observer)}") from None
+            kind = member("observer", Observer, "unknown observer {v}", "valid observers")
         p = defaults.observer.percentile
         if "percentile" in r:
             p = r["percentile"]
@@ -504,12 +502,7 @@ def _parse_rule(r: dict, i: int, lines: _Lines, err, defaults: PolicyDefaults):
                       "use bits = 8, or load the policy for simulation (vitc build/explain --simulate)")
         over["bits"] = bits
     if "softmax" in r:
-        try:
-            sq = SoftmaxQuantizer(r["softmax"])
-        except (ValueError, TypeError):
-            raise err(at("softmax"), f"softmax = {r['softmax']!r} is not a softmax quantizer",
-                      f"{_suggest(r['softmax'], [q.value for q in SoftmaxQuantizer])}valid: "
-                      f"{_choices(q.value for q in SoftmaxQuantizer)}") from None
+        sq = member("softmax", SoftmaxQuantizer, "softmax = {v} is not a softmax quantizer")
         if sq is not SoftmaxQuantizer.UNIFORM and not defaults.simulate:
             raise err(at("softmax"), f"softmax = {sq.value!r} is simulation-only (no engine kernel runs it)",
                       "use it with --simulate (vitc build/explain), or softmax = \"uniform\"")
