@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -272,8 +271,7 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
 
 
 def run_command(a) -> int:
-    from vitc.compiler.build import _prepare_outdir
-    from vitc.compiler.outdir import publish
+    from vitc.compiler.outdir import staged
     from vitc.compiler.simulate import simulator_from_args
 
     if a.labels is not None and not a.labels.is_dir():
@@ -282,16 +280,11 @@ def run_command(a) -> int:
         raise CalibrationDataError(f"{a.labels}: not a folder", hint="give an ImageFolder: one subfolder per class")
     cfg = AblateConfig(tables=tuple(a.table or ("granularity", "steps")), latency=not a.no_latency,
                        threads=a.bench_threads, labels=a.labels, label_limit=a.label_limit, max_seconds=a.max_seconds)
-    tmp = _prepare_outdir(a.outdir, a.force)
-    try:
+    with staged(a.outdir, a.force) as tmp:
         sim = simulator_from_args(a)
         with tempfile.TemporaryDirectory(prefix="vitc-ablate-") as work:  # rows' models, for timing
             res = ablate(sim, cfg, Path(work))
         write_outputs(res, tmp)
-        final = publish(tmp, a.outdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     sys.stdout.write(format_markdown(res))
-    log.info("wrote %s (ablation.md, ablation.json, ablation.png)", final)
+    log.info("wrote %s (ablation.md, ablation.json, ablation.png)", a.outdir.absolute())
     return 0

@@ -43,7 +43,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from vitc.compiler import data as D
-from vitc.compiler.build import (CalibConfig, _prepare_outdir, _silence_graphsurgeon, _versions, held_out_feeds,
+from vitc.compiler.build import (CalibConfig, _silence_graphsurgeon, _versions, held_out_feeds,
                                  input_specs, is_image_input, preprocess_for, run_calibration)
 from vitc.compiler.calibration import CalibrationTable, Observer, ObserverConfig, TensorRange
 from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
@@ -474,7 +474,7 @@ def _image(x: np.ndarray, pre: D.Preprocess) -> np.ndarray:
 # -- the command ------------------------------------------------------------------------------------------------------
 def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     from vitc.compiler.loader import load_model
-    from vitc.compiler.outdir import publish
+    from vitc.compiler.outdir import prepare, publish
     from vitc.compiler.planner import make_plan
     from vitc.compiler.report_html import render_report
     from vitc.runtimes.ort import quiet
@@ -485,7 +485,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     stages: dict[str, float] = {}
     if cfg.samples < 1:
         raise CalibrationDataError(f"{cfg.samples} held-out samples requested", hint="give --samples 1 or more")
-    tmp = _prepare_outdir(cfg.outdir, cfg.force)
+    tmp = prepare(cfg.outdir, cfg.force)
     try:
         t = time.perf_counter()
         src = load_model(cfg.model, batch=cfg.batch, input_shapes=cfg.input_shapes)

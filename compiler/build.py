@@ -24,9 +24,9 @@ import onnx_graphsurgeon as gs
 
 from vitc.compiler import data as D
 from vitc.compiler.calibration import CalibrationTable, ObserverConfig, calibrate
-from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
+from vitc.compiler.errors import CalibrationDataError, ModelLoadError, VitcError
 from vitc.compiler.loader import LoadedModel, load_model
-from vitc.compiler.outdir import publish
+from vitc.compiler.outdir import prepare, publish
 from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
 from vitc.compiler.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
 from vitc.compiler.progress import progress
@@ -281,35 +281,6 @@ def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_pr
 
 
 # -- output -------------------------------------------------------------------------------------------------------------
-def _prepare_outdir(outdir: Path, force: bool) -> Path:
-    """Check OUTDIR can be (re)placed and make the private temporary folder beside it that the build writes into."""
-    outdir = outdir.absolute()
-    real = outdir.resolve()
-    cwd = Path.cwd().resolve()
-    if real == cwd or real in cwd.parents:
-        raise OutputError(f"{outdir}: is the current folder or one of its parents",
-                          hint="choose a new folder for -o, e.g. -o build/model")
-    if outdir.is_symlink():
-        raise OutputError(f"{outdir}: is a symbolic link", hint="give the real folder path for -o")
-    if outdir.exists() and not force:
-        raise OutputError(f"{outdir}: already exists", hint="choose another -o or pass --force to replace it")
-    if outdir.exists() and not outdir.is_dir():
-        raise OutputError(f"{outdir}: exists and is not a directory", hint="choose another -o or remove that file")
-    parent = outdir.parent
-    for p in (parent, *parent.parents):
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                raise OutputError(f"{outdir}: cannot create it, {p} is not a folder", hint="choose another -o")
-            break
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.vitc-tmp-", dir=parent))
-    except OSError as exc:
-        raise OutputError(f"{outdir}: cannot write in {parent} ({exc.strerror})",
-                          hint="choose a writable -o") from None
-    return tmp
-
-
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     if over_protobuf_limit(model) or model.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -348,7 +319,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     _silence_graphsurgeon()
     t_all = time.perf_counter()
     stages: dict[str, float] = {}
-    tmp = _prepare_outdir(cfg.outdir, cfg.force)
+    tmp = prepare(cfg.outdir, cfg.force)
     try:
         t = time.perf_counter()
         src = load_model(cfg.model, batch=cfg.batch, input_shapes=cfg.input_shapes)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -207,7 +206,6 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
         if want_pc and np_.op != "Conv" and np_.spec.activation is Granularity.PER_TENSOR:
             info.noise_per_channel = _noise(sim, only(start, info.node, replace(
                 np_.spec, activation=Granularity.PER_CHANNEL)), opts)
-    infos = {o.node: o for o in ops}
 
     def measure(policy: Policy):
         return sim.run(policy, opts).fidelity
@@ -216,14 +214,14 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
     steps = [Step(0, None, None, None, None, 0.0, 0.0, f.sqnr_db, f.worst_sample_sqnr_db, f.mean_cosine,
                   f.top1_agreement_pct)]
     log.info("search: start %r %.2f dB (target %s)", start.name, f.sqnr_db, cfg.describe())
-    chosen: list[tuple[NodePlan, str]] = []
-    state: dict[str, str] = {}  # node -> current upgrade
+    chosen: list[tuple[NodePlan, str]] = []  # the kept upgrades, in order
     total_cost = 0.0
     policy = start
     tried: set[tuple[str, str]] = set()
     attempts = 0
     while not cfg.met(f) and len(chosen) < cfg.max_upgrades and attempts < 2 * cfg.max_upgrades:
         best = None
+        state = {p.node: k for p, k in chosen}  # node -> its current upgrade
         for o in ops:
             cur = state.get(o.node)
             if cur == Upgrade.FLOAT:
@@ -251,7 +249,6 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
         kept = fn.sqnr_db >= f.sqnr_db if cfg.target_sqnr_db is not None else \
             (fn.top1_agreement_pct or 0.0, fn.sqnr_db) >= (f.top1_agreement_pct or 0.0, f.sqnr_db)
         if kept:
-            state[o.node] = kind
             chosen, policy, f = new_chosen, new_policy, fn
             total_cost += cost
         steps.append(Step(len(steps), o.node, o.role, o.block, kind, cost if kept else 0.0, total_cost, fn.sqnr_db,
@@ -263,7 +260,7 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
         bp = sim.plan(pol)
         fb = measure(pol)
         ups = sum(1 for n in bp.quantized() if n.spec.activation is Granularity.PER_CHANNEL) + \
-            sum(1 for n in bp.nodes if n.spec.skip and n.node in infos)
+            sum(1 for n in bp.nodes if n.spec.skip and n.node in by_node)
         base[name] = {"sqnr_db": round(fb.sqnr_db, 3), "worst_db": round(fb.worst_sample_sqnr_db, 3),
                       "agreement_pct": fb.top1_agreement_pct, "met": cfg.met(fb),
                       "cosine": round(fb.mean_cosine, 6), "upgrades_vs_start": ups,
@@ -316,8 +313,7 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
 
 
 def run_command(a) -> int:
-    from vitc.compiler.build import _prepare_outdir
-    from vitc.compiler.outdir import publish
+    from vitc.compiler.outdir import staged
     from vitc.compiler.policy import PolicyDefaults, load_policy, policy_to_toml
     from vitc.compiler.simulate import simulator_from_args
 
@@ -326,18 +322,14 @@ def run_command(a) -> int:
     defaults = PolicyDefaults.for_target(a.target)
     start = load_policy(a.start, defaults)
     refs = {} if a.no_reference else {"all-per-channel": load_policy("all-per-channel", defaults)}
-    tmp = _prepare_outdir(a.outdir, a.force)
-    try:
+    with staged(a.outdir, a.force) as tmp:
         sim = simulator_from_args(a)
         res = search(sim, start, cfg, baselines=refs)
         (tmp / "policy.toml").write_text(policy_to_toml(res.policy))
         (tmp / "search.json").write_text(json.dumps(res.to_json(), indent=2))
         table = format_path(res)
         (tmp / "search.md").write_text(table + "\n")
-        final = publish(tmp, a.outdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = a.outdir.absolute()
     sys.stdout.write(table + "\n")
     log.info("wrote %s (policy.toml: `vitc build %s --policy %s`)", final, a.model, final / "policy.toml")
     return 0 if res.met else 1
