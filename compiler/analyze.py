@@ -455,13 +455,14 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def quantized_model(graph_model: onnx.ModelProto, plan: Plan, table: CalibrationTable,
                     target: Target) -> onnx.ModelProto:
-    """The policy's plan with the calibrated ranges, Q/DQ inserted (no migration search, no bias correction)."""
+    """The policy's plan with the calibrated ranges, Q/DQ inserted (no migration search, no bias correction).
+    Attention stays unfused (same arithmetic as ORT's QAttention) so its Softmax outputs can be read."""
     from vitc.compiler.build import _target_passes
     from vitc.passes.insert_qdq import InsertQDQPass
 
     g = gs.import_onnx(graph_model)
     qdq = InsertQDQPass(plan, table, pair_safe_weights=target is Target.ORT)
-    run_passes(g, [qdq, *_target_passes(target)])
+    run_passes(g, [qdq, *_target_passes(target, fuse_attention=False)])
     return export(g)
 
 
@@ -645,7 +646,8 @@ def _attention(graph: gs.Graph, roles: dict[str, Role], plan: Plan, table: Calib
         out["quantized_model"] = f"{cfg.quantized} (--quantized)"
         made = {o for n in qmodel.graph.node for o in n.output}
         if any(t not in made for t in sm):
-            skip = f"the attention Softmax outputs of the float graph are not tensors of {cfg.quantized}"
+            skip = (f"the attention Softmax outputs of the float graph are not tensors of {cfg.quantized} (an ORT "
+                    "build runs attention as one QAttention kernel; build with --no-fuse-attention for maps)")
     else:
         qmodel = quantized_model(float_model, plan, table, cfg.target)
     if pre is None:

@@ -66,6 +66,8 @@ class BuildConfig:
     target: Target = Target.ORT
     precision: Precision = Precision.INT8
     fuse: bool = True
+    # ORT: QKV projection + float attention core -> one com.microsoft.QAttention (only with fuse)
+    fuse_attention: bool = True
     batch: int = 1
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calib: CalibConfig = CalibConfig()
@@ -374,8 +376,8 @@ def build(cfg: BuildConfig) -> BuildResult:
             dyn = frozenset(n.node for n in plan.quantized() if n.role in cfg.dynamic_roles and n.op == "Gemm")
             qdq = InsertQDQPass(plan, table, dynamic_nodes=dyn, weight_mse_clip=cfg.weight_mse_clip,
                                 pair_safe_weights=_pair_safe(cfg))
-            results += run_passes(graph, [qdq, *_target_passes(cfg.target)], dump_after=set(cfg.dump_after),
-                                  dump_dir=dump_dir)
+            lower = _target_passes(cfg.target, cfg.fuse and cfg.fuse_attention)
+            results += run_passes(graph, [qdq, *lower], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
             stages["insert_qdq"] = time.perf_counter() - t
             model = export(graph, src.model)
             report["policy"] = plan.to_json()
@@ -579,12 +581,17 @@ def _plan_for(graph: gs.Graph, policy: Policy, roles, target: Target) -> Plan:
     return make_plan(graph, policy, roles, target.value)
 
 
-def _target_passes(target: Target) -> list:
-    """Lowering after Q/DQ insertion: TensorRT takes no int32 bias DQ (passes/trt_lower.py)."""
+def _target_passes(target: Target, fuse_attention: bool = True) -> list:
+    """Lowering after Q/DQ insertion: TensorRT takes no int32 bias DQ (passes/trt_lower.py); on ORT each float
+    attention core with an int8 QKV projection becomes one QAttention kernel (passes/ort_attention.py)."""
     if target is Target.TRT:
         from vitc.passes.trt_lower import TrtLoweringPass
 
         return [TrtLoweringPass()]
+    if fuse_attention:
+        from vitc.passes.ort_attention import OrtAttentionFusion
+
+        return [OrtAttentionFusion()]
     return []
 
 

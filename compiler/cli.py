@@ -67,10 +67,11 @@ def _dump_pass_names() -> list[str]:
     from vitc.compiler.pipeline import PipelineConfig, float_pipeline
     from vitc.passes.insert_qdq import InsertQDQPass
     from vitc.passes.migrate_scales import ScaleMigrationPass
+    from vitc.passes.ort_attention import OrtAttentionFusion
     from vitc.passes.trt_lower import TrtLoweringPass
 
     return [p.name for p in float_pipeline(PipelineConfig())] + [
-        ScaleMigrationPass.name, InsertQDQPass.name, TrtLoweringPass.name]
+        ScaleMigrationPass.name, InsertQDQPass.name, TrtLoweringPass.name, OrtAttentionFusion.name]
 
 
 def _load_policy(a, observer: ObserverConfig):
@@ -98,6 +99,8 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", choices=[t.value for t in Target], default=Target.ORT.value)
     b.add_argument("--precision", choices=[x.value for x in Precision], default=Precision.INT8.value)
     b.add_argument("--no-fuse", action="store_true", help="skip the LayerNorm/GELU/MatMul+bias fusions")
+    b.add_argument("--no-fuse-attention", action="store_true",
+                   help="ORT: keep each attention block as separate nodes instead of one QAttention kernel")
     b.add_argument("--calib", type=Path, default=None,
                    help="image folder, .npz (one array per input) or .npy; default: embedded photos")
     b.add_argument("--calib-samples", type=_positive, default=32)
@@ -219,7 +222,7 @@ def _cmd_build(a) -> int:
     created = [p for p in outdir.parents if not p.exists()]  # parents build() will create, deepest first
     cfg = BuildConfig(
         model=a.model, outdir=outdir, target=Target(a.target), precision=Precision(a.precision),
-        fuse=not a.no_fuse, batch=a.batch, input_shapes=dict(a.input_shape),
+        fuse=not a.no_fuse, fuse_attention=not a.no_fuse_attention, batch=a.batch, input_shapes=dict(a.input_shape),
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,

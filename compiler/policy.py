@@ -147,9 +147,11 @@ def default_policy(observer: ObserverConfig | None = None, symmetric: bool = Tru
         # Conv still runs in float there: quantizing it would cost accuracy and buy no speed.
         Rule("conv-float-on-ort", QuantSpec(skip=True), roles=frozenset({"patch_embed", "conv"})),)
     return Policy("default", conv_rule + (
-        # softmax probabilities (~1/T each) lose most of their information on a linear 8-bit grid; the
-        # attention x V matmul is ~5% of a ViT's GEMM work, so it stays float by default
-        Rule("attention-probabilities-float", QuantSpec(skip=True), roles=frozenset({"attn_av"})),
+        # Both attention matmuls stay float (~8% of a ViT-S's GEMM work). Softmax probabilities (~1/T each) lose
+        # most of their information on a linear 8-bit grid, and with QK^T float too the ORT lowering runs the
+        # whole block as one QAttention kernel (int8 QKV GEMM, float core): fewer nodes and faster than an int8
+        # QK^T between Q/DQ pairs (passes/ort_attention.py).
+        Rule("attention-float", QuantSpec(skip=True), roles=frozenset({"attn_qk", "attn_av"})),
         Rule("default", QuantSpec(observer=ob, symmetric=symmetric)),
     ))
 

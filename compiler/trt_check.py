@@ -59,6 +59,7 @@ class TrtRule(enum.Enum):
     BMM1_SOFTMAX = "Q/DQ between attention BMM1 and Softmax blocks MHA fusion"
     BMM2 = "attention BMM2 input not quantized"
     RESIDUAL = "residual Add input not quantized"
+    CONTRIB_OP = "ONNX Runtime contrib op"
 
 
 # A graph that breaks these rules is still a valid TensorRT graph: it only misses a fusion it could have had
@@ -262,6 +263,9 @@ def check_model(model: onnx.ModelProto) -> CheckReport:
     for n in g.nodes:
         if n.op_type in WEIGHTED:
             _check_weighted(g, n, add)
+        if n.domain not in ("", "ai.onnx"):  # e.g. an ORT build's com.microsoft.QAttention / Gelu
+            add(n, TrtRule.CONTRIB_OP, f"{n.domain}.{n.op_type} is not an ONNX op TensorRT's parser knows "
+                                       "(build with --target trt)")
     _check_attention(g, add, rep)
     _check_residuals(g, add)
     rep.counts["weighted ops"] = sum(n.op_type in WEIGHTED for n in g.nodes)

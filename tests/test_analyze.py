@@ -74,11 +74,11 @@ def test_json_structure(vit_analysis):
                 assert v["mse"] >= 0 and v["mae"] >= 0 and v["rel"] >= 0 and np.isfinite(v["sqnr_db"])
         assert o["input_ranges"] in r["input_ranges"]
     # kept float by the ORT default policy, analysed with its default rule, per-tensor only
-    for key in (("attn_av", 0), ("patch_embed", None)):
+    for key in (("attn_qk", 0), ("attn_av", 0), ("patch_embed", None)):
         o = ops[key]
         assert not o["quantized_in_build"] and o["errors"]["per_channel"] is None and o["per_channel_note"]
-    assert set(r["policy"]["analysed_float_nodes"]) == {ops[("attn_av", 0)]["node"], ops[("attn_av", 1)]["node"],
-                                                       ops[("patch_embed", None)]["node"]}
+    assert set(r["policy"]["analysed_float_nodes"]) == {ops[(role, b)]["node"] for role in ("attn_qk", "attn_av")
+                                                        for b in (0, 1)} | {ops[("patch_embed", None)]["node"]}
     assert set(ops[("attn_qk", 0)]["errors"]["per_tensor"]) == {"all", "cls", "patch"}
     assert set(ops[("head", None)]["errors"]["per_tensor"]) == {"all"}, "the head has no token axis"
     assert set(ops[("patch_embed", None)]["errors"]["per_tensor"]) == {"all"}
@@ -238,13 +238,21 @@ def test_token_model_without_class_token(capsys, tmp_path, bert_path):
 
 def test_compare_a_built_model(capsys, tmp_path, vit_path):
     built = tmp_path / "built"
-    rc, _, err = cli(capsys, "build", vit_path, "-o", built, "--calib-samples", "8")
+    rc, _, err = cli(capsys, "build", vit_path, "-o", built, "--calib-samples", "8", "--no-fuse-attention")
     assert rc == 0, err
     out = tmp_path / "out"
     rc, _, err = cli(capsys, "analyze", vit_path, "-o", out, "--quantized", built / "model.int8.onnx", *FAST)
     assert rc == 0, err
     a = json.loads((out / "analysis.json").read_text())["attention"]
     assert a["quantized_model"].endswith("(--quantized)") and len(a["maps"]) == 2 and a["output_sqnr_db"] > 10
+    # a default ORT build has no Softmax left (QAttention): the SQNR is still measured, the maps say why not
+    rc, _, err = cli(capsys, "build", vit_path, "-o", tmp_path / "fused", "--calib-samples", "8")
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "analyze", vit_path, "-o", tmp_path / "out2", "--quantized",
+                     tmp_path / "fused" / "model.int8.onnx", *FAST)
+    assert rc == 0, err
+    a = json.loads((tmp_path / "out2" / "analysis.json").read_text())["attention"]
+    assert "maps" not in a and "--no-fuse-attention" in a["maps_skipped"] and a["output_sqnr_db"] > 10
 
 
 # -- bad input --------------------------------------------------------------------------------------------------------

@@ -488,7 +488,7 @@ def test_explain(capsys, vit_path):
     lines = out.strip().splitlines()
     assert lines[0].split() == ["node", "op", "role", "block", "act", "weight", "observer", "bits", "sym", "rule",
                                 "note"]
-    assert lines[-1].startswith("# policy default: 15 quantized, 3 kept float, 0 simulated")
+    assert lines[-1].startswith("# policy default: 13 quantized, 5 kept float, 0 simulated")
     rows = [ln.split() for ln in lines[1:-1]]
     # tiny_vit: patch Conv, per block q/k/v/proj/fc1/fc2 Gemms + 2 attention MatMuls, head Gemm; plus the float ops
     quantizable = [r for r in rows if r[1] in ("Conv", "Gemm", "MatMul")]

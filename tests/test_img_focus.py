@@ -41,8 +41,10 @@ def test_trained_encoder_structure(encoder_build, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(encoder_build.model_path), so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
-    assert ops["QGemm"] == 72 and ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == 12, ops
-    assert ops["Gemm"] == 0 and ops["FusedGemm"] == 0 and ops["MatMul"] == 12  # attention x V stays float
+    # q/k/v projections + attention core: one QAttention per block (int8 QKV GEMM, float QK^T and attention x V)
+    assert counts["QAttention fusions"] == 12 and counts["migration Mul folded into V"] == 12
+    assert ops["QAttention"] == 12 and ops["QGemm"] == 72 - 36, ops
+    assert ops["Gemm"] == 0 and ops["FusedGemm"] == 0 and ops["MatMul"] == 0 and ops["MatMulIntegerToFloat"] == 0
 
 
 def test_trained_encoder_activation_quantizers_are_per_tensor(encoder_build):

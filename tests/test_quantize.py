@@ -60,7 +60,10 @@ def test_every_gemm_input_is_dequantized_and_weights_are_int8_per_channel(vit_bu
     prod = {o: n for n in m.graph.node for o in n.output}
     inits = {t.name: t for t in m.graph.initializer}
     gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
-    assert len(gemms) == 6 * 2 + 1
+    assert len(gemms) == 3 * 2 + 1  # proj, fc1, fc2 per block + head; q/k/v live in the QAttention nodes
+    for n in (n for n in m.graph.node if n.op_type == "QAttention"):
+        x_q, w, ws = prod[n.input[0]], onnx.numpy_helper.to_array(inits[n.input[1]]), inits[n.input[4]]
+        assert x_q.op_type in ("QuantizeLinear", "Reshape") and w.dtype == np.int8 and ws.dims == [w.shape[1]]
     for n in gemms:
         x_dq, w_dq = prod[n.input[0]], prod[n.input[1]]
         assert x_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear", n.name
@@ -72,10 +75,8 @@ def test_every_gemm_input_is_dequantized_and_weights_are_int8_per_channel(vit_bu
         assert x_scale.ndim == 0, "activations are per-tensor"
         zp = onnx.numpy_helper.to_array(inits[x_dq.input[2]])
         assert zp.dtype == np.uint8, "ORT target: asymmetric uint8 activations (U8S8 kernels)"
-    # attention QK^T gets Q/DQ on both inputs; attention x V stays float by default; LayerNorm/GELU/Softmax float
-    mm = [n for n in m.graph.node if n.op_type == "MatMul"]
-    dq_inputs = [sum(prod.get(i) is not None and prod[i].op_type == "DequantizeLinear" for i in n.input) for n in mm]
-    assert sorted(dq_inputs) == [0, 0, 2, 2]
+    # both attention matmuls are float by default and live inside the QAttention nodes with q/k/v
+    assert not any(n.op_type == "MatMul" for n in m.graph.node)
     for op in ("LayerNormalization", "Gelu", "Softmax"):
         for n in (n for n in m.graph.node if n.op_type == op):
             assert prod.get(n.input[0]) is None or prod[n.input[0]].op_type != "DequantizeLinear"
@@ -90,9 +91,10 @@ def test_ort_runs_int8_kernels_not_float_gemms(vit_build, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(res.model_path), so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
-    assert ops["QGemm"] == 13, ops
+    # q/k/v + the float attention core of each block run as one QAttention (int8 QKV GEMM inside)
+    assert ops["QGemm"] == 13 - 6 and ops["QAttention"] == 2, ops
     assert ops["Gemm"] == 0 and ops["FusedGemm"] == 0, "a quantized linear fell back to float"
-    assert ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == 2, ops  # the two QK^T matmuls
+    assert ops["MatMul"] + ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == 0, ops
     # ORT has no integer-to-float Conv, so the ORT policy keeps the patch-embedding Conv float (no DQ left at all)
     assert ops["DequantizeLinear"] == 0 and ops["Conv"] == 1
 
@@ -162,7 +164,7 @@ def test_weight_mse_clip_lowers_low_bit_error():
 def test_bias_correction_is_reported_and_changes_only_biases(vit_build, tmp_path):
     src, res = vit_build
     bc = res.report["search"]["bias_correction"]
-    assert bc["corrected"] == 13 and bc["mean_abs_shift"] > 0
+    assert bc["corrected"] == 13 and bc["mean_abs_shift"] > 0  # q/k/v corrected before they fuse into QAttention
     plain = build(BuildConfig(model=src, outdir=tmp_path / "nobc", calib=CalibConfig(samples=16),
                               bias_correction=False, show_progress=False))
     assert "bias_correction" not in plain.report["search"]
@@ -174,9 +176,9 @@ def test_bias_correction_is_reported_and_changes_only_biases(vit_build, tmp_path
     for name, v in ib.items():
         if name.endswith(".weight.int8") or name.endswith(".zero_point"):
             np.testing.assert_array_equal(ia[name], v)
-    biases = [n for n in ia if n.endswith(".bias.int32")]
-    assert len(biases) == 13 and all(n in ib for n in biases)
-    assert sum(not np.array_equal(ia[n], ib[n]) for n in biases) >= 10
+    biases = [n for n in ia if n.endswith(".bias.int32") or n.endswith("qattention.bias")]
+    assert len(biases) == 7 + 2 and all(n in ib for n in biases)
+    assert sum(not np.array_equal(ia[n], ib[n]) for n in biases) >= 7
 
 
 def test_dynamic_fc2_runs_as_dynamic_quantize_matmul(vit_build, tmp_path):
@@ -192,7 +194,7 @@ def test_dynamic_fc2_runs_as_dynamic_quantize_matmul(vit_build, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(res.model_path), so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
-    assert ops["DynamicQuantizeMatMul"] == 2 and ops["QGemm"] == 11, ops
+    assert ops["DynamicQuantizeMatMul"] == 2 and ops["QGemm"] == 13 - 6 - 2 and ops["QAttention"] == 2, ops
     assert _sqnr(src, res.model_path) > 18.0
 
 

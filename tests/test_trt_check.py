@@ -166,6 +166,15 @@ def test_layernorm_input_quantized():
     assert "LayerNorm" in rep.violations[0].detail
 
 
+def test_contrib_op_is_reported():
+    g = G()
+    y = g.op("Gelu", [g.op("MatMul", [g.qdq("x"), g.weight([8, 6], axis=1)], name="mm")], name="gelu")
+    g.nodes[-1].domain = "com.microsoft"
+    rep = check_model(g.model(y))
+    assert [(v.node, v.rule) for v in rep.violations] == [("gelu", TrtRule.CONTRIB_OP)]
+    assert "com.microsoft.Gelu" in rep.violations[0].detail
+
+
 def attention(q_bmm1=(True, True), between=False, q_bmm2=(True, True)) -> onnx.ModelProto:
     """q, k, v [1, 2, 4, 8] -> MatMul(q, k^T) -> Div -> Softmax -> MatMul(p, v)."""
     g = G()
@@ -283,7 +292,8 @@ def test_vitc_ort_build_fails_check(builds, capsys):
     rc, out, err = cli(capsys, "check", builds["ort"], "--target", "trt")
     assert rc == 1
     lines = out.splitlines()
-    for rule in (TrtRule.UINT8, TrtRule.ZERO_POINT, TrtRule.QTYPE, TrtRule.BMM2):
+    # the ORT build runs attention as com.microsoft.QAttention and GELU as com.microsoft.Gelu
+    for rule in (TrtRule.UINT8, TrtRule.ZERO_POINT, TrtRule.QTYPE, TrtRule.CONTRIB_OP):
         assert any(f": {rule.value}: " in ln for ln in lines), rule
     assert "violation(s)" in err and "vitc: error" not in err
 

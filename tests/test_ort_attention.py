@@ -1,0 +1,184 @@
+"""passes/ort_attention.py: int8 QKV projection + float attention core -> one com.microsoft.QAttention (ORT target).
+
+Numerics: the fused graph and the same build with --no-fuse-attention must give the same attention output (tight:
+the only differences are float rounding; compared on the tensor the fusion writes, before any later Q rounds it),
+for both exporter spellings (timm's fused qkv + Split, HF's three projections). Structure: one QAttention per
+block, ORT's optimized graph has no QK^T MatMul left. Near-misses (a head merge that mixes heads, a softmax over
+another axis, attention probabilities that are also a graph output, a quantized QK^T) must not fuse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from conftest import cli, ort_run, sqnr_db
+
+T, C, H = 9, 16, 2
+D = C // H
+
+
+class _G:
+    def __init__(self, seed=0):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.k = [], [], 0
+
+    def const(self, v):
+        self.k += 1
+        name = f"c{self.k}"
+        self.inits.append(nh.from_array(np.asarray(v), name))
+        return name
+
+    def op(self, op, ins, name, n_out=1, **attrs):
+        outs = [f"{name}_out{i}" if n_out > 1 else f"{name}_out" for i in range(n_out)]
+        self.nodes.append(h.make_node(op, ins, outs, name=name, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+    def linear(self, x, cin, cout, name):
+        w = (self.rng.standard_normal((cin, cout)) / math.sqrt(cin)).astype(np.float32)
+        b = (0.1 * self.rng.standard_normal(cout)).astype(np.float32)
+        return self.op("Add", [self.op("MatMul", [x, self.const(w)], f"{name}/MatMul"), self.const(b)], f"{name}/Add")
+
+
+def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_output=False, seed=0):
+    """x [1, T, C] -> LayerNorm -> self-attention (timm or HF spelling) -> proj -> residual Add."""
+    g = _G(seed)
+    gamma = (1 + 0.2 * g.rng.standard_normal(C)).astype(np.float32)
+    y = g.op("LayerNormalization", ["x", g.const(gamma), g.const(np.zeros(C, np.float32))], "norm1", axis=-1)
+    if style == "timm":
+        qkv = g.linear(y, C, 3 * C, "attn/qkv")
+        r = g.op("Reshape", [qkv, g.const(np.array([1, T, 3, H, D], np.int64))], "attn/Reshape")
+        p = g.op("Transpose", [r], "attn/Transpose", perm=[2, 0, 3, 1, 4])
+        parts = g.op("Split", [p, g.const(np.array([1, 1, 1], np.int64))], "attn/Split", n_out=3, axis=0)
+        q, k, v = (g.op("Squeeze", [t, g.const(np.array([0], np.int64))], f"attn/Squeeze{i}")
+                   for i, t in enumerate(parts))
+        kt = g.op("Transpose", [k], "attn/Transpose_k", perm=[0, 1, 3, 2])
+        s = np.float32(math.sqrt(1 / math.sqrt(D)))
+        qk = g.op("MatMul", [g.op("Mul", [q, g.const(s)], "attn/Mul_q"), g.op("Mul", [kt, g.const(s)], "attn/Mul_k")],
+                  "attn/MatMul")
+    else:
+        heads = g.const(np.array([1, T, H, D], np.int64))
+        q, k, v = (g.op("Reshape", [g.linear(y, C, C, f"attn/{n}"), heads], f"attn/{n}_r") for n in "qkv")
+        q = g.op("Transpose", [q], "attn/q_t", perm=[0, 2, 1, 3])
+        kt = g.op("Transpose", [k], "attn/k_t", perm=[0, 2, 3, 1])
+        v = g.op("Transpose", [v], "attn/v_t", perm=[0, 2, 1, 3])
+        qk = g.op("Div", [g.op("MatMul", [q, kt], "attn/MatMul"), g.const(np.float32(math.sqrt(D)))], "attn/Div")
+    probs = g.op("Softmax", [qk], "attn/Softmax", axis=softmax_axis)
+    o = g.op("MatMul", [probs, v], "attn/MatMul_1")
+    o = g.op("Transpose", [o], "attn/Transpose_o", perm=list(out_perm))
+    o = g.op("Reshape", [o, g.const(np.array([1, T, C], np.int64))], "attn/Reshape_o")
+    out = g.op("Add", ["x", g.linear(o, C, C, "attn/proj")], "residual")
+    outputs = [h.make_tensor_value_info(out, TensorProto.FLOAT, [1, T, C])]
+    if probs_output:
+        outputs.append(h.make_tensor_value_info(probs, TensorProto.FLOAT, [1, H, T, T]))
+    graph = h.make_graph(g.nodes, "attention", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, C])],
+                         outputs, g.inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def _build(capsys, tmp_path, model, name, *extra):
+    src = tmp_path / f"{name}.onnx"
+    onnx.save(model, src)
+    calib = tmp_path / "calib.npz"
+    if not calib.exists():
+        np.savez(calib, x=np.random.default_rng(1).standard_normal((8, 1, T, C)).astype(np.float32).reshape(8, T, C))
+    out = tmp_path / f"{name}_out"
+    rc, _, err = cli(capsys, "--log-level", "warning", "build", src, "-o", out, "--calib", calib,
+                     "--calib-samples", "8", *extra)
+    assert rc == 0, err
+    return onnx.load(out / "model.int8.onnx"), json.loads((out / "build.json").read_text())
+
+
+def _counts(report):
+    return {k: v for p in report["passes"] for k, v in p["counts"].items()}
+
+
+def _with_output(model, name):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(h.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return m
+
+
+def _fused_output(model):
+    """The tensor the QAttention (plus its reshape) writes: what the proj's QuantizeLinear reads."""
+    qa = next(n for n in model.graph.node if n.op_type == "QAttention")
+    t = qa.output[0]
+    nxt = [n for n in model.graph.node if t in n.input]
+    return nxt[0].output[0] if nxt and nxt[0].op_type == "Reshape" else t
+
+
+@pytest.mark.parametrize("style", ["timm", "hf"])
+def test_fusion_keeps_the_attention_output(capsys, tmp_path, style):
+    fused, rep = _build(capsys, tmp_path, attention_model(style), "f")
+    plain, _ = _build(capsys, tmp_path, attention_model(style), "p", "--no-fuse-attention")
+    counts = _counts(rep)
+    assert counts["QAttention fusions"] == 1
+    # the proj input's migration factor lands in the v columns (exact), so no Mul is left before its Q
+    assert counts.get("migration Mul folded into V", 0) == counts.get("Mul inserted", 0) == 1
+    ops = Counter(n.op_type for n in fused.graph.node)
+    assert ops["QAttention"] == 1 and ops["Softmax"] == 0 and ops["MatMul"] == 0 and ops["Mul"] == 0, ops
+    qa = next(n for n in fused.graph.node if n.op_type == "QAttention")
+    attrs = {a.name: h.get_attribute_value(a) for a in qa.attribute}
+    assert attrs["num_heads"] == H and attrs["scale"] == pytest.approx(1 / math.sqrt(D), rel=1e-6)
+    name = _fused_output(fused)
+    x = np.random.default_rng(7).standard_normal((1, T, C)).astype(np.float32)
+    a = ort_run(_with_output(fused, name), {"x": x})
+    b = ort_run(_with_output(plain, name), {"x": x})
+    assert np.abs(a[1] - b[1]).max() <= 1e-4 * np.abs(b[1]).max()  # same arithmetic up to float rounding
+    assert sqnr_db(b[0], a[0]) > 40  # end to end (the proj's Q may round a value the other way)
+    src = ort_run(attention_model(style), {"x": x})[0]
+    assert sqnr_db(src, a[0]) > 20 and abs(sqnr_db(src, a[0]) - sqnr_db(src, b[0])) < 0.5
+
+
+def test_ort_runs_one_kernel_per_block(capsys, tmp_path):
+    import onnxruntime as ort
+
+    fused, _ = _build(capsys, tmp_path, attention_model("timm"), "f")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(fused.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
+    assert ops["QAttention"] == 1 and ops["QGemm"] == 1, ops  # proj
+    assert ops["MatMul"] + ops["FusedMatMul"] + ops["MatMulIntegerToFloat"] + ops["Transpose"] + ops["Split"] == 0, ops
+
+
+@pytest.mark.parametrize("case,kw,why", [
+    ("heads-mixed", {"out_perm": (0, 1, 2, 3)}, "not the inverse head merge"),
+    ("softmax-axis", {"softmax_axis": 2}, "not over the last axis"),
+    ("probs-output", {"probs_output": True}, "does not feed one attention x V MatMul"),
+])
+def test_near_misses_do_not_fuse(capsys, tmp_path, case, kw, why):
+    model = attention_model("timm", **kw)
+    fused, rep = _build(capsys, tmp_path, model, "f")
+    assert _counts(rep).get("QAttention fusions", 0) == 0
+    notes = [n for p in rep["passes"] if p["pass"] == "fuse_attention" for n in p["notes"]]
+    assert len(notes) == 1 and "not fused" in notes[0] and why in notes[0], notes
+    assert not any(n.op_type == "QAttention" for n in fused.graph.node)
+    x = np.random.default_rng(7).standard_normal((1, T, C)).astype(np.float32)
+    assert sqnr_db(ort_run(model, {"x": x})[0], ort_run(fused, {"x": x})[0]) > 20
+
+
+def test_quantized_qk_is_left_alone(capsys, tmp_path):
+    pol = tmp_path / "qk-int8.toml"
+    pol.write_text('name = "qk-int8"\n[[rule]]\nname = "av-float"\nroles = ["attn_av"]\nskip = true\n'
+                   '[[rule]]\nname = "default"\n')
+    fused, rep = _build(capsys, tmp_path, attention_model("hf"), "f", "--policy", pol)
+    notes = [n for p in rep["passes"] if p["pass"] == "fuse_attention" for n in p["notes"]]
+    assert _counts(rep).get("QAttention fusions", 0) == 0
+    assert len(notes) == 1 and "DequantizeLinear" in notes[0] and "quantized attention" in notes[0], notes
+    assert Counter(n.op_type for n in fused.graph.node)["MatMul"] == 2
+
+
+def test_trt_target_keeps_the_onnx_attention(capsys, tmp_path):
+    _, rep = _build(capsys, tmp_path, attention_model("timm"), "t", "--target", "trt")
+    assert "fuse_attention" not in [p["pass"] for p in rep["passes"]]
