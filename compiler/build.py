@@ -583,16 +583,19 @@ def _plan_for(graph: gs.Graph, policy: Policy, roles, target: Target) -> Plan:
 
 def _target_passes(target: Target, fuse_attention: bool = True) -> list:
     """Lowering after Q/DQ insertion: TensorRT takes no int32 bias DQ (passes/trt_lower.py); on ORT each float
-    attention core with an int8 QKV projection becomes one QAttention kernel (passes/ort_attention.py)."""
+    attention core with an int8 QKV projection becomes one QAttention kernel (passes/ort_attention.py) and the
+    token stream stays a 2-D matrix between the GEMMs (passes/sink_reshapes.py)."""
     if target is Target.TRT:
         from vitc.passes.trt_lower import TrtLoweringPass
 
         return [TrtLoweringPass()]
+    from vitc.passes.sink_reshapes import ReshapeSinking
+
     if fuse_attention:
         from vitc.passes.ort_attention import OrtAttentionFusion
 
-        return [OrtAttentionFusion()]
-    return []
+        return [OrtAttentionFusion(), ReshapeSinking()]
+    return [ReshapeSinking()]
 
 
 def _json_default(o):

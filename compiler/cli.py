@@ -68,10 +68,11 @@ def _dump_pass_names() -> list[str]:
     from vitc.passes.insert_qdq import InsertQDQPass
     from vitc.passes.migrate_scales import ScaleMigrationPass
     from vitc.passes.ort_attention import OrtAttentionFusion
+    from vitc.passes.sink_reshapes import ReshapeSinking
     from vitc.passes.trt_lower import TrtLoweringPass
 
     return [p.name for p in float_pipeline(PipelineConfig())] + [
-        ScaleMigrationPass.name, InsertQDQPass.name, TrtLoweringPass.name, OrtAttentionFusion.name]
+        ScaleMigrationPass.name, InsertQDQPass.name, TrtLoweringPass.name, OrtAttentionFusion.name, ReshapeSinking.name]
 
 
 def _load_policy(a, observer: ObserverConfig):
