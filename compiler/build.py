@@ -340,6 +340,10 @@ def build(cfg: BuildConfig) -> BuildResult:
                         "float_check": report_check}
         if cfg.precision is Precision.FP32:
             out_name = FP32_NAME
+            if cfg.target is Target.ORT and cfg.fuse:  # the same 2-D token stream as the int8 lowering
+                from vitc.passes.sink_reshapes import ReshapeSinking
+
+                results += run_passes(graph, [ReshapeSinking()], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
             model = export(graph, src.model)
         else:
             out_name = INT8_NAME

@@ -11,7 +11,8 @@ spell constants as Constant nodes, leave node names empty, and the model may hav
 For every example the float pipeline (canonicalize + fusions, as ``vitc build`` runs it) must, after each pass:
 pass the ONNX checker, load in ONNX Runtime and keep the fp32 outputs (rtol 1e-4, atol 1e-5 times the output
 range). At the end the pass reports must count exactly the planted patterns (near-misses not counted), the fused
-op counts in the graph must agree with the reports, and a second run of the fusions must change nothing. Examples
+op counts in the graph must agree with the reports, a second run of the fusions must change nothing, and (ORT)
+the layout pass ``sink_reshapes`` must keep the outputs. Examples
 whose LayerNorms see nearly constant rows are skipped (see ``norm_gain``): there float32 rounding, not the passes,
 decides the outputs.
 
@@ -41,6 +42,7 @@ from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipelin
 from vitc.passes.fuse_gelu import GeluFusion, GeluOp
 from vitc.passes.fuse_layernorm import LayerNormFusion
 from vitc.passes.fuse_matmul_add import MatMulAddFusion
+from vitc.passes.sink_reshapes import ReshapeSinking
 
 LN, ERF, TANH, GEMM = "LayerNorm fusions", "GELU(erf) fusions", "GELU(tanh) fusions", "MatMul+Add -> Gemm fusions"
 FUSION_KEYS = (LN, ERF, TANH, GEMM)
@@ -497,6 +499,14 @@ def check_case(case: Case, folder) -> None:
     gelu = GeluOp.ORT_CONTRIB if target is Target.ORT else GeluOp.ONNX20
     again = run_passes(graph, [LayerNormFusion(), GeluFusion(gelu), MatMulAddFusion()])
     assert not any(r.modified for r in again), [r.counts for r in again]
+
+    # the ORT lowering's layout pass on the fused graph (residuals, biases of every rank, LayerNorms over other
+    # axes, dynamic batch): only layout changes, so the outputs stay equal and the count it reports is right
+    if target is Target.ORT:
+        reshapes = sum(n.op == "Reshape" for n in graph.nodes)
+        res = ReshapeSinking().run(graph)
+        _check_equal(export(graph), feed, ref, "pass sink_reshapes")
+        assert sum(n.op == "Reshape" for n in graph.nodes) == reshapes - res.counts["Reshapes removed"], res
 
 
 @pytest.fixture(scope="module")

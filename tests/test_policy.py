@@ -370,7 +370,9 @@ def test_explain_trt_target_default(capsys, vit):
     assert rc == 0, err
     rows = [ln.split() for ln in out.strip().splitlines()[1:-1]]
     conv = next(r for r in rows if r[2] == "patch_embed")
-    assert conv[4:9] == ["per-tensor", "per-channel", "percentile(99.99)", "8", "sym"]  # TRT quantizes the Conv
+    assert conv[4] == "float" and conv[9] == "patch-embed-float"  # the first layer stays fp16 (1% of the MACs)
+    fc1 = next(r for r in rows if r[2] == "fc1")
+    assert fc1[4:10] == ["per-tensor", "per-channel", "percentile(99.99)", "8", "sym", "default"]
 
 
 def test_bad_policy_is_one_error_line_exit_2_and_no_output(capsys, vit, tmp_path):
