@@ -72,7 +72,8 @@ def _dump_pass_names() -> list[str]:
     from vitc.passes.trt_lower import TrtLoweringPass
 
     return [p.name for p in float_pipeline(PipelineConfig())] + [
-        ScaleMigrationPass.name, InsertQDQPass.name, TrtLoweringPass.name, OrtAttentionFusion.name, ReshapeSinking.name]
+        ScaleMigrationPass.name, InsertQDQPass.name, TrtLoweringPass.name, OrtAttentionFusion.name,
+        ReshapeSinking.name]
 
 
 def _load_policy(a, observer: ObserverConfig):

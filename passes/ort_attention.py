@@ -216,7 +216,7 @@ class OrtAttentionFusion:
         return None
 
 
-# -- helpers ------------------------------------------------------------------------------------------------------------
+# -- helpers -----------------------------------------------------------------------------------------------------------
 def _data_operand(node: gs.Node) -> gs.Tensor | None:
     """For a binary Mul/Div with one constant operand: the other (for Div, the constant must be the divisor)."""
     a, b = node.inputs[0], node.inputs[1]

@@ -256,6 +256,8 @@ def test_bert_with_npz(capsys, tmp_path, bert_path):
     report = json.loads((out / "build.json").read_text())
     assert report["calibration"]["samples"] == 8
     assert sum(r["counts"].get("LayerNorm fusions", 0) for r in report["passes"]) == 5
+    # the post-norm BERT attention (no mask) runs as QAttention too
+    assert sum(r["counts"].get("QAttention fusions", 0) for r in report["passes"]) == 2
 
 
 # -- output folder -----------------------------------------------------------------------------------------------------
