@@ -48,14 +48,14 @@ class _G:
         return self.op("Add", [self.op("MatMul", [x, self.const(w)], f"{name}/MatMul"), self.const(b)], f"{name}/Add")
 
 
-def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_output=False, seed=0):
-    """x [1, T, C] -> LayerNorm -> self-attention (timm or HF spelling) -> proj -> residual Add."""
+def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_output=False, seed=0, batch=1):
+    """x [batch, T, C] -> LayerNorm -> self-attention (timm or HF spelling) -> proj -> residual Add."""
     g = _G(seed)
     gamma = (1 + 0.2 * g.rng.standard_normal(C)).astype(np.float32)
     y = g.op("LayerNormalization", ["x", g.const(gamma), g.const(np.zeros(C, np.float32))], "norm1", axis=-1)
     if style == "timm":
         qkv = g.linear(y, C, 3 * C, "attn/qkv")
-        r = g.op("Reshape", [qkv, g.const(np.array([1, T, 3, H, D], np.int64))], "attn/Reshape")
+        r = g.op("Reshape", [qkv, g.const(np.array([batch, T, 3, H, D], np.int64))], "attn/Reshape")
         p = g.op("Transpose", [r], "attn/Transpose", perm=[2, 0, 3, 1, 4])
         parts = g.op("Split", [p, g.const(np.array([1, 1, 1], np.int64))], "attn/Split", n_out=3, axis=0)
         q, k, v = (g.op("Squeeze", [t, g.const(np.array([0], np.int64))], f"attn/Squeeze{i}")
@@ -65,7 +65,7 @@ def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_
         qk = g.op("MatMul", [g.op("Mul", [q, g.const(s)], "attn/Mul_q"), g.op("Mul", [kt, g.const(s)], "attn/Mul_k")],
                   "attn/MatMul")
     else:
-        heads = g.const(np.array([1, T, H, D], np.int64))
+        heads = g.const(np.array([batch, T, H, D], np.int64))
         q, k, v = (g.op("Reshape", [g.linear(y, C, C, f"attn/{n}"), heads], f"attn/{n}_r") for n in "qkv")
         q = g.op("Transpose", [q], "attn/q_t", perm=[0, 2, 1, 3])
         kt = g.op("Transpose", [k], "attn/k_t", perm=[0, 2, 3, 1])
@@ -74,12 +74,12 @@ def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_
     probs = g.op("Softmax", [qk], "attn/Softmax", axis=softmax_axis)
     o = g.op("MatMul", [probs, v], "attn/MatMul_1")
     o = g.op("Transpose", [o], "attn/Transpose_o", perm=list(out_perm))
-    o = g.op("Reshape", [o, g.const(np.array([1, T, C], np.int64))], "attn/Reshape_o")
+    o = g.op("Reshape", [o, g.const(np.array([batch, T, C], np.int64))], "attn/Reshape_o")
     out = g.op("Add", ["x", g.linear(o, C, C, "attn/proj")], "residual")
-    outputs = [h.make_tensor_value_info(out, TensorProto.FLOAT, [1, T, C])]
+    outputs = [h.make_tensor_value_info(out, TensorProto.FLOAT, [batch, T, C])]
     if probs_output:
-        outputs.append(h.make_tensor_value_info(probs, TensorProto.FLOAT, [1, H, T, T]))
-    graph = h.make_graph(g.nodes, "attention", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, C])],
+        outputs.append(h.make_tensor_value_info(probs, TensorProto.FLOAT, [batch, H, T, T]))
+    graph = h.make_graph(g.nodes, "attention", [h.make_tensor_value_info("x", TensorProto.FLOAT, [batch, T, C])],
                          outputs, g.inits)
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
 
@@ -116,10 +116,10 @@ def _fused_output(model):
     return nxt[0].output[0] if nxt and nxt[0].op_type == "Reshape" else t
 
 
-@pytest.mark.parametrize("style", ["timm", "hf"])
-def test_fusion_keeps_the_attention_output(capsys, tmp_path, style):
-    fused, rep = _build(capsys, tmp_path, attention_model(style), "f")
-    plain, _ = _build(capsys, tmp_path, attention_model(style), "p", "--no-fuse-attention")
+@pytest.mark.parametrize("style,batch", [("timm", 1), ("hf", 1), ("timm", 3)])
+def test_fusion_keeps_the_attention_output(capsys, tmp_path, style, batch):
+    fused, rep = _build(capsys, tmp_path, attention_model(style, batch=batch), "f")
+    plain, _ = _build(capsys, tmp_path, attention_model(style, batch=batch), "p", "--no-fuse-attention")
     counts = _counts(rep)
     assert counts["QAttention fusions"] == 1
     # the proj input's migration factor lands in the v columns (exact), so no Mul is left before its Q
@@ -130,12 +130,12 @@ def test_fusion_keeps_the_attention_output(capsys, tmp_path, style):
     attrs = {a.name: h.get_attribute_value(a) for a in qa.attribute}
     assert attrs["num_heads"] == H and attrs["scale"] == pytest.approx(1 / math.sqrt(D), rel=1e-6)
     name = _fused_output(fused)
-    x = np.random.default_rng(7).standard_normal((1, T, C)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((batch, T, C)).astype(np.float32)
     a = ort_run(_with_output(fused, name), {"x": x})
     b = ort_run(_with_output(plain, name), {"x": x})
     assert np.abs(a[1] - b[1]).max() <= 1e-4 * np.abs(b[1]).max()  # same arithmetic up to float rounding
     assert sqnr_db(b[0], a[0]) > 40  # end to end (the proj's Q may round a value the other way)
-    src = ort_run(attention_model(style), {"x": x})[0]
+    src = ort_run(attention_model(style, batch=batch), {"x": x})[0]
     assert sqnr_db(src, a[0]) > 20 and abs(sqnr_db(src, a[0]) - sqnr_db(src, b[0])) < 0.5
 
 
