@@ -24,7 +24,7 @@ weight scales and bias (attention x V is linear in V per channel), which removes
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -50,11 +50,6 @@ class _Gemm:
     w_scale: np.ndarray  # [N]
     w_zp: np.ndarray  # [N] int8
     bias: np.ndarray  # float32 [N]
-
-
-@dataclass
-class _Match:
-    nodes: set = field(default_factory=set)  # ids of nodes the QAttention replaces (DQs/Gemms are left to cleanup)
 
 
 class OrtAttentionFusion:
