@@ -97,11 +97,8 @@ class OrtAttentionFusion:
             return "softmax output does not feed one attention x V MatMul"
         av = sm_out.outputs[0]
         core.append(av)
-        for n in core:
-            if n is not qk and n is not av and n is not sm and any(o.name in outs for o in n.outputs):
-                return "an intermediate is a graph output"
         if any(o.name in outs or len(o.outputs) != 1 for n in core if n is not av for o in n.outputs):
-            return "QK^T or the scores have other consumers"
+            return "QK^T or the scores have other consumers (or are graph outputs)"
 
         chains = {}
         for key, tensor in (("q", qk.inputs[0]), ("k", qk.inputs[1]), ("v", av.inputs[1])):
@@ -147,22 +144,15 @@ class OrtAttentionFusion:
         if got.size != code.size or not np.array_equal(got.reshape(-1), code.transpose(0, 2, 1, 3).reshape(-1)):
             return "the output chain is not the inverse head merge"
 
-        # weights in QAttention's [K, 3 * H * D] layout: q heads, k heads, v heads
+        # weights in QAttention's [K, 3 * H * D] layout: q heads, k heads, v heads, gathered from the projections'
+        # columns side by side
         C = H * D
         K = gemms[0].weight.shape[0]
         if any(g.weight.shape[0] != K for g in gemms):
             return "the projections disagree on the input width"
-        w = np.empty((K, 3 * C), np.int8)
-        ws = np.empty(3 * C, np.float32)
-        wz = np.empty(3 * C, np.int8)
-        bias = np.empty(3 * C, np.float32)
-        for i, key in enumerate("qkv"):
-            g_idx, col = cols[key]
-            for j in range(C):
-                g = gemms[g_idx[j]]
-                c = col[j]
-                w[:, i * C + j] = g.weight[:, c]
-                ws[i * C + j], wz[i * C + j], bias[i * C + j] = g.w_scale[c], g.w_zp[c], g.bias[c]
+        idx = np.concatenate([cols[key] for key in "qkv"])
+        w = np.concatenate([g.weight for g in gemms], axis=1)[:, idx]
+        ws, wz, bias = (np.concatenate([getattr(g, f) for g in gemms])[idx] for f in ("w_scale", "w_zp", "bias"))
         v = slice(2 * C, 3 * C)
         ws[v] *= mults["v"]
         bias[v] *= mults["v"]
@@ -330,8 +320,9 @@ def _quantized_gemm(g: gs.Node):
 
 
 def _column_map(chains: dict, gemms: list[_Gemm], chain_nodes: list[gs.Node], opset: int):
-    """Run the head-split chains on index codes: for q, k and v, which (GEMM, column) feeds head h, lane d, and
-    the scalar factor on the chain. Returns (cols, mults, (B, H, T, D)) or why not."""
+    """Run the head-split chains on index codes: for q, k and v, which column of the projections side by side
+    (GEMM 0's columns, then GEMM 1's, ...) feeds head h, lane d (flattened h * D + d), and the scalar factor on the
+    chain. Returns (cols, mults, (B, H, T, D)) or why not."""
     shapes = [list(g.node.outputs[0].shape or []) for g in gemms]
     if any(len(s) != 2 or not all(isinstance(d, int) and d > 0 for d in s) for s in shapes):
         return "projection outputs have no static 2-D shape"
@@ -339,6 +330,7 @@ def _column_map(chains: dict, gemms: list[_Gemm], chain_nodes: list[gs.Node], op
     if sum(sizes) + 1 >= _EXACT:
         return "too large to verify exactly"
     bases = np.cumsum([0] + sizes)
+    col_bases = np.cumsum([0] + [s[1] for s in shapes])
     ones = {g.node.outputs[0].name: np.ones(s, np.float32) for g, s in zip(gemms, shapes)}
     codes = {g.node.outputs[0].name: (np.arange(n, dtype=np.float64) + 1 + b).reshape(s).astype(np.float32)
              for g, s, n, b in zip(gemms, shapes, sizes, bases)}
@@ -368,15 +360,14 @@ def _column_map(chains: dict, gemms: list[_Gemm], chain_nodes: list[gs.Node], op
         g_idx = np.searchsorted(bases, flat, side="right") - 1
         off = flat - bases[g_idx]
         ncol = np.array([s[1] for s in shapes])[g_idx]
-        row, col = off // ncol, off % ncol
+        row, col = off // ncol, col_bases[g_idx] + off % ncol
         b_i = np.arange(B).reshape(B, 1, 1, 1)
         t_i = np.arange(T).reshape(1, 1, T, 1)
         if not np.array_equal(row, np.broadcast_to(b_i * T + t_i, row.shape)):
             return f"{key}: tokens are not in projection-row order"
-        if not (np.array_equal(col, np.broadcast_to(col[:1, :, :1, :], col.shape))
-                and np.array_equal(g_idx, np.broadcast_to(g_idx[:1, :, :1, :], g_idx.shape))):
+        if not np.array_equal(col, np.broadcast_to(col[:1, :, :1, :], col.shape)):
             return f"{key}: a head lane reads different columns for different tokens"
-        cols[key] = (g_idx[0, :, 0, :].reshape(-1), col[0, :, 0, :].reshape(-1))
+        cols[key] = col[0, :, 0, :].reshape(-1)
         mults[key] = f
     B, H, T, D = dims
     if any(s[0] != B * T for s in shapes):
