@@ -18,69 +18,48 @@ import onnx
 import pytest
 from onnx import TensorProto
 from onnx import helper as h
-from onnx import numpy_helper as nh
 
 from conftest import cli, ort_run, sqnr_db
+from vitc.tools.tiny_models import _B
 
 T, C, H = 9, 16, 2
 D = C // H
 
 
-class _G:
-    def __init__(self, seed=0):
-        self.rng = np.random.default_rng(seed)
-        self.nodes, self.inits, self.k = [], [], 0
-
-    def const(self, v):
-        self.k += 1
-        name = f"c{self.k}"
-        self.inits.append(nh.from_array(np.asarray(v), name))
-        return name
-
-    def op(self, op, ins, name, n_out=1, **attrs):
-        outs = [f"{name}_out{i}" if n_out > 1 else f"{name}_out" for i in range(n_out)]
-        self.nodes.append(h.make_node(op, ins, outs, name=name, **attrs))
-        return outs if n_out > 1 else outs[0]
-
-    def linear(self, x, cin, cout, name):
-        w = (self.rng.standard_normal((cin, cout)) / math.sqrt(cin)).astype(np.float32)
-        b = (0.1 * self.rng.standard_normal(cout)).astype(np.float32)
-        return self.op("Add", [self.op("MatMul", [x, self.const(w)], f"{name}/MatMul"), self.const(b)], f"{name}/Add")
-
-
 def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_output=False, seed=0, batch=1):
-    """x [batch, T, C] -> LayerNorm -> self-attention (timm or HF spelling) -> proj -> residual Add."""
-    g = _G(seed)
-    gamma = (1 + 0.2 * g.rng.standard_normal(C)).astype(np.float32)
-    y = g.op("LayerNormalization", ["x", g.const(gamma), g.const(np.zeros(C, np.float32))], "norm1", axis=-1)
-    if style == "timm":
-        qkv = g.linear(y, C, 3 * C, "attn/qkv")
-        r = g.op("Reshape", [qkv, g.const(np.array([batch, T, 3, H, D], np.int64))], "attn/Reshape")
-        p = g.op("Transpose", [r], "attn/Transpose", perm=[2, 0, 3, 1, 4])
-        parts = g.op("Split", [p, g.const(np.array([1, 1, 1], np.int64))], "attn/Split", n_out=3, axis=0)
-        q, k, v = (g.op("Squeeze", [t, g.const(np.array([0], np.int64))], f"attn/Squeeze{i}")
-                   for i, t in enumerate(parts))
-        kt = g.op("Transpose", [k], "attn/Transpose_k", perm=[0, 1, 3, 2])
-        s = np.float32(math.sqrt(1 / math.sqrt(D)))
-        qk = g.op("MatMul", [g.op("Mul", [q, g.const(s)], "attn/Mul_q"), g.op("Mul", [kt, g.const(s)], "attn/Mul_k")],
-                  "attn/MatMul")
+    """x [batch, T, C] -> LayerNorm -> self-attention -> proj -> residual Add. "hf": three q/k/v projections (the
+    tiny_vit fixture's spelling, ``_B.attention``); "timm": one fused qkv, Reshape + Split, q and k scaled by
+    sqrt(1/sqrt(D)) each, with knobs for the near-misses."""
+    b = _B(seed)
+    gamma = (1 + 0.2 * b.rng.standard_normal(C)).astype(np.float32)
+    y = b.op("LayerNormalization", ["x", b.const(gamma), b.const(np.zeros(C, np.float32))], "norm1", axis=-1)
+    probs = None
+    if style == "hf":
+        assert (out_perm, softmax_axis, probs_output) == ((0, 2, 1, 3), -1, False), "near-misses: timm spelling"
+        o = b.attention(y, T, C, H, "attn")
     else:
-        heads = g.const(np.array([batch, T, H, D], np.int64))
-        q, k, v = (g.op("Reshape", [g.linear(y, C, C, f"attn/{n}"), heads], f"attn/{n}_r") for n in "qkv")
-        q = g.op("Transpose", [q], "attn/q_t", perm=[0, 2, 1, 3])
-        kt = g.op("Transpose", [k], "attn/k_t", perm=[0, 2, 3, 1])
-        v = g.op("Transpose", [v], "attn/v_t", perm=[0, 2, 1, 3])
-        qk = g.op("Div", [g.op("MatMul", [q, kt], "attn/MatMul"), g.const(np.float32(math.sqrt(D)))], "attn/Div")
-    probs = g.op("Softmax", [qk], "attn/Softmax", axis=softmax_axis)
-    o = g.op("MatMul", [probs, v], "attn/MatMul_1")
-    o = g.op("Transpose", [o], "attn/Transpose_o", perm=list(out_perm))
-    o = g.op("Reshape", [o, g.const(np.array([batch, T, C], np.int64))], "attn/Reshape_o")
-    out = g.op("Add", ["x", g.linear(o, C, C, "attn/proj")], "residual")
+        qkv = b.linear(y, C, 3 * C, "attn_qkv")
+        r = b.op("Reshape", [qkv, b.const(np.array([batch, T, 3, H, D], np.int64))], "attn_reshape")
+        p = b.op("Transpose", [r], "attn_transpose", perm=[2, 0, 3, 1, 4])
+        parts = [b.name("attn_split") for _ in range(3)]
+        b.nodes.append(h.make_node("Split", [p, b.const(np.array([1, 1, 1], np.int64))], parts, name="/attn/Split",
+                                   axis=0))
+        q, k, v = (b.op("Squeeze", [t, b.const(np.array([0], np.int64))], "attn_squeeze") for t in parts)
+        kt = b.op("Transpose", [k], "attn_transpose_k", perm=[0, 1, 3, 2])
+        s = np.float32(math.sqrt(1 / math.sqrt(D)))
+        qk = b.op("MatMul", [b.op("Mul", [q, b.const(s)], "attn_mul_q"), b.op("Mul", [kt, b.const(s)], "attn_mul_k")],
+                  "attn_qk")
+        probs = b.op("Softmax", [qk], "attn_softmax", axis=softmax_axis)
+        o = b.op("MatMul", [probs, v], "attn_av")
+        o = b.op("Transpose", [o], "attn_transpose_o", perm=list(out_perm))
+        o = b.op("Reshape", [o, b.const(np.array([batch, T, C], np.int64))], "attn_merge")
+        o = b.linear(o, C, C, "attn_proj")
+    out = b.op("Add", ["x", o], "residual")
     outputs = [h.make_tensor_value_info(out, TensorProto.FLOAT, [batch, T, C])]
     if probs_output:
         outputs.append(h.make_tensor_value_info(probs, TensorProto.FLOAT, [batch, H, T, T]))
-    graph = h.make_graph(g.nodes, "attention", [h.make_tensor_value_info("x", TensorProto.FLOAT, [batch, T, C])],
-                         outputs, g.inits)
+    graph = h.make_graph(b.nodes, "attention", [h.make_tensor_value_info("x", TensorProto.FLOAT, [batch, T, C])],
+                         outputs, b.inits)
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
 
 
