@@ -351,6 +351,7 @@ class Measurement:
     speedup_ci95: tuple[float, float] | None
     speedup_vs_first: float | None  # the same against the first model (kept for older readers)
     stop: str  # why this group stopped
+    round_ms: tuple[float, ...] = ()  # block median of each round, ms per run (any pair's ratios: pair_ratio)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -573,8 +574,20 @@ def _summarize(cands, times, blocks, batch, threads, cfg, baseline_index, first_
             ms_per_image=med / batch, p90_ms_per_image=p90 / batch, p99_ms_per_image=p99 / batch,
             images_per_s=1e3 * batch / med, ci95_ms=(lo, hi), ci95_pct=_half_pct(med, (lo, hi)),
             baseline=cands[baseline_index].label if baseline_index >= 0 else None,
-            speedup_vs_baseline=sp, speedup_ci95=sp_ci, speedup_vs_first=first, stop=stop))
+            speedup_vs_baseline=sp, speedup_ci95=sp_ci, speedup_vs_first=first, stop=stop,
+            round_ms=tuple(float(x) * 1e3 for x in meds[i])))
     return out
+
+
+def pair_ratio(num: Measurement, den: Measurement, bootstrap: int = 2000, seed: int = 0
+               ) -> tuple[float, tuple[float, float]]:
+    """How many times faster ``den`` ran than ``num`` in one run: the median over rounds of num's block median /
+    den's block median of the same round, with its 95% bootstrap CI (the same statistic as speedup_vs_baseline,
+    for any pair timed in one group)."""
+    if len(num.round_ms) != len(den.round_ms) or not num.round_ms:
+        raise ValueError(f"{num.label} and {den.label} were not timed in the same rounds")
+    ratios = np.asarray(num.round_ms) / np.asarray(den.round_ms)
+    return float(np.median(ratios)), _boot_ratio_ci(ratios, np.random.default_rng(seed), bootstrap)
 
 
 def run_suite(cands: Sequence[Candidate], cfg: SuiteConfig, notes: Sequence[str] = ()) -> BenchReport:

@@ -184,6 +184,10 @@ def test_ratios_pairwise_and_ci_stop(clock):
     assert by[("m0", 4)].ms_per_image == pytest.approx(1.0) and by[("m0", 4)].images_per_s == pytest.approx(1000.0)
     assert all(m.rounds == 3 and m.stop.startswith("95% CI") for m in rep.measurements)  # zero spread: min rounds
     assert by[("m1", 1)].block == 500  # 1 s / 2 ms, capped at the automatic block's maximum
+    r, ci = B.pair_ratio(by[("m2", 1)], by[("m1", 1)])  # any pair, from the per-round medians
+    assert r == pytest.approx(4.0) and ci == pytest.approx((4.0, 4.0)) and len(by[("m2", 1)].round_ms) == 3
+    with pytest.raises(ValueError, match="same rounds"):
+        B.pair_ratio(by[("m2", 1)], B.Measurement(**{**B.asdict(by[("m1", 1)]), "round_ms": (1.0,)}))
 
 
 def test_stop_rules(clock):
@@ -229,8 +233,16 @@ def _compare_peers(tmp_path, model: str) -> dict:
     want = [P.SOURCE, P.VITC_FP32, P.VITC_INT8, P.ORT_STATIC, P.ORT_DYNAMIC]
     if m["model"].startswith("timm"):
         want += [P.TORCH_FP32, P.TORCH_INT8]
+    want += [P.G.FP32_LABEL, P.G.INT8_LABEL]  # the model's linears alone: the int8 GEMM ceiling
     assert list(v) == want
     assert v[P.SOURCE]["speedup_vs_source"] == 1.0 and all(v[k]["speedup_vs_source"] > 0 for k in want)
+    assert v[P.G.INT8_LABEL]["linears"] >= 4 and "sqnr_db" not in v[P.G.INT8_LABEL]
+    pairs = m["pairs"]
+    assert "vitc int8 vs vitc fp32" in pairs and "int8 GEMM ceiling (linears alone, int8 vs fp32)" in pairs
+    assert ("vitc int8 vs torch dynamic int8" in pairs) == m["model"].startswith("timm")
+    for p in pairs.values():  # one round: the CI collapses onto the ratio
+        assert p["ratio"] > 0 and p["ci95"][0] <= p["ratio"] <= p["ci95"][1]
+    assert "int8 GEMM ceiling" in md
     assert v[P.VITC_FP32]["sqnr_db"] > 60 and np.isfinite(v[P.VITC_INT8]["sqnr_db"])
     assert v[P.ORT_STATIC]["config"] in [s["config"] for s in m["ort_static_grid"]]
     assert len(m["ort_static_grid"]) == 2

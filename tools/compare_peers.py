@@ -15,7 +15,13 @@ For each model this measures, side by side:
 - ORT ``quantize_dynamic`` (S8 weights, ORT's defaults);
 - for timm models: torch eager fp32 and torch dynamic int8 (``torch.ao.quantization.quantize_dynamic`` on every
   ``nn.Linear``), with ``torch.set_num_threads`` set to the same thread count. The ONNX file is exported from the
-  very same torch module (random weights, seed 0), so torch and ORT compute the same function.
+  very same torch module (random weights, seed 0), so torch and ORT compute the same function;
+- the model's linear layers alone, as an fp32 and an int8 chain (``tools/gemm_ceiling``): their ratio is the int8
+  GEMM ceiling at this model's shapes on this machine, the most that quantizing the linears can gain with ORT's
+  kernels (a whole model can only beat it by also removing other fp32 work, e.g. constant folding).
+
+Ratios of other pairs, computed the same way in the same rounds, follow the table: vitc int8 against vitc fp32
+(what quantization alone gains), against torch dynamic int8, and the ceiling.
 
 Fidelity: output SQNR (and worst image, cosine, top-1 agreement for classifiers) against ORT fp32 on random crops
 of held-out scikit-image photos that calibration never sees (``EVAL_PHOTOS``). Latency: ``vitc.compiler.bench``,
@@ -50,6 +56,7 @@ from vitc.compiler.build import BuildConfig, CalibConfig, Precision, build
 from vitc.compiler.data import CALIB_PHOTOS, EVAL_PHOTOS, Preprocess, embedded_samples
 from vitc.compiler.errors import VitcError
 from vitc.compiler.evaluate import pair_metrics
+from vitc.tools import gemm_ceiling as G
 
 log = logging.getLogger("vitc.peers")
 
@@ -112,6 +119,7 @@ class CompareConfig:
     wait_busy: float | None = None  # before timing, wait until other processes keep fewer CPUs than this busy
     wait_max_s: float = 600.0
     busy_window_s: float = 5.0  # how long other processes' CPU use is sampled before/after timing
+    ceiling: bool = True  # also time the model's linear layers alone, fp32 vs int8 (tools/gemm_ceiling)
 
 
 @dataclass
@@ -400,6 +408,19 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
         info[TORCH_FP32] = {"torch": torch.__version__}
         info[TORCH_INT8] = {"torch": torch.__version__, "engine": torch.backends.quantized.engine,
                             "config": "quantize_dynamic({nn.Linear}, qint8)"}
+    ceiling_note = None
+    if cfg.ceiling:  # the int8 GEMM ceiling at this model's shapes, timed in the same rounds as the variants
+        try:
+            fp, q, shapes, left = G.write_chains(pm.onnx, bs, work)
+        except ValueError as exc:
+            ceiling_note = f"GEMM ceiling not measured: {exc}"
+            log.warning("%s: %s", pm.name, ceiling_note)
+        else:
+            for label, p in ((G.FP32_LABEL, fp), (G.INT8_LABEL, q)):
+                cands.append(_ort_candidate(label, p, len(cands)))
+                fid[label] = {}
+                info[label] = {"linears": len(shapes), "shapes_mkn": sorted({(s.m, s.k, s.n) for s in shapes}),
+                               "left_out": [f"{s.name} ({s.m}x{s.k}x{s.n})" for s in left]}
     quiet = wait_for_quiet(cfg.wait_busy, cfg.wait_max_s, cfg.busy_window_s)
     log.info("%s: timing %d variants (other processes: %s CPUs busy; load average %.2f)", pm.name, len(cands),
              quiet["others_busy_cpus"], quiet["load_avg"][0])
@@ -418,11 +439,19 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
                          "rounds": m.rounds, **{k: v for k, v in fid[m.label].items()}, **info.get(m.label, {})}
     for s in static:
         s.pop("path", None)
+    by = {m.label: m for m in rep.measurements}
+    pairs = {}  # ratios of two variants, pair by pair per round (as the speedups against the source)
+    for key, num, den in (("vitc int8 vs vitc fp32", VITC_FP32, VITC_INT8),
+                          ("vitc int8 vs torch dynamic int8", TORCH_INT8, VITC_INT8),
+                          ("int8 GEMM ceiling (linears alone, int8 vs fp32)", G.FP32_LABEL, G.INT8_LABEL)):
+        if num in by and den in by:
+            r, ci = B.pair_ratio(by[num], by[den])
+            pairs[key] = {"ratio": round(r, 3), "ci95": [round(x, 3) for x in ci]}
     return {"model": pm.name, "source": str(pm.onnx), "preprocess": pm.pre.to_json(), "notes": pm.notes,
             "threads": cfg.threads, "batch": bs,
             "timing": {"stop": rep.measurements[0].stop, "machine": rep.machine, "before": quiet,
                        "others_busy_cpus_after": B.cpu_busy(cfg.busy_window_s)},
-            "variants": rows, "ort_static_grid": static, "seconds": round(time.perf_counter() - t_model, 1)}
+            "variants": rows, "pairs": pairs, "ceiling_note": ceiling_note, "ort_static_grid": static, "seconds": round(time.perf_counter() - t_model, 1)}
 
 
 def machine() -> dict:
@@ -493,6 +522,12 @@ def to_markdown(results: dict) -> str:
             label = name + (f" ({r['config']})" if name == ORT_STATIC else "")
             lines.append(f"| {label} | {r['ms_per_image']:.3g} +-{r['ci95_pct']:.0f}% | {sp} | {_f(r.get('sqnr_db'))} | "
                          f"{_f(r.get('worst_image_sqnr_db'))} | {_f(r.get('top1_agreement_pct'), '{:.1f}%')} |")
+        if m.get("pairs"):
+            lines += ["", "| pair (same rounds) | ratio (95% CI) |", "|---|---|"]
+            lines += [f"| {k} | {p['ratio']:.2f}x ({p['ci95'][0]:.2f}-{p['ci95'][1]:.2f}) |"
+                      for k, p in m["pairs"].items()]
+        if m.get("ceiling_note"):
+            lines.append(f"\n_{m['ceiling_note']}_")
         if m["ort_static_grid"]:
             lines += ["", f"ORT quantize_static configurations ({m['model']}; screen: a short run against the "
                           "source, speedup = median of per-round ratios):", "",
@@ -521,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=B._pos_int, default=32)
     p.add_argument("--static-grid", choices=[g.value for g in StaticGrid], default=StaticGrid.FULL.value)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="do not time the model's linear layers alone (the int8 GEMM ceiling rows)")
     p.add_argument("--ci", type=B._pos_float, default=2.0, help="target 95%% CI half-width, %% (default 2)")
     p.add_argument("--min-rounds", type=B._pos_int, default=6)
     p.add_argument("--max-rounds", type=B._pos_int, default=30)
@@ -539,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                         grid=StaticGrid(a.static_grid), torch=not a.no_torch,
                         stop=B.StopRule(a.ci, a.min_rounds, max(a.max_rounds, a.min_rounds), a.max_time),
                         screen_rounds=a.screen_rounds, block_seconds=a.block_seconds, pause_s=a.pause,
-                        wait_busy=a.wait_busy, wait_max_s=a.wait_max)
+                        wait_busy=a.wait_busy, wait_max_s=a.wait_max, ceiling=not a.no_ceiling)
     try:
         res = run(cfg)
     except VitcError as exc:
