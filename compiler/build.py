@@ -366,7 +366,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                 report["search"] = search_report
                 stages["range search + migration"] = time.perf_counter() - t
             elif cfg.migrate:
-                quantized = {n.node for n in plan.quantized()}
+                quantized = {n.node for n in plan.quantized() if n.spec.migrate}
                 cam = {k: np.asarray(v.channel_absmax) for k, v in table.ranges.items() if v.channel_absmax}
                 mig = ScaleMigrationPass.from_alpha(cam, graph, cfg.migrate_alpha, nodes=quantized)
                 results += run_passes(graph, [mig], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
@@ -441,12 +441,13 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
             continue
         ws = [const_value(node.inputs[1]) for _, node in members]
         spec = members[0][0].spec
+        migrate = cfg.migrate and all(np_.spec.migrate for np_, _ in members)  # a policy rule may turn it off
         choice, s = search_linear(reservoir[x_name], ws, np.asarray(rng.channel_min, np.float32),
                                   np.asarray(rng.channel_max, np.float32), bits=spec.bits, symmetric=spec.symmetric,
                                   per_channel_weight=spec.weight.value == "per-channel",
-                                  alphas=(None, 0.3, 0.5, 0.65, 0.8) if cfg.migrate else (None,),
+                                  alphas=(None, 0.3, 0.5, 0.65, 0.8) if migrate else (None,),
                                   weight_mse_clip=cfg.weight_mse_clip, pair_safe=_pair_safe(cfg),
-                                  center=cfg.center and spec.symmetric and cfg.migrate)
+                                  center=cfg.center and spec.symmetric and migrate)
         report["linear"][x_name] = {"nodes": [n.name for _, n in members], **choice.to_json()}
         ratio[x_name] = choice.ratio
         if choice.center is not None:

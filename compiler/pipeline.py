@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 from vitc.compiler.errors import PassError, VitcError
 from vitc.passes.base import GraphPass, PassResult
 from vitc.passes.canonicalize import CanonicalizePass
+from vitc.passes.fold_channel_scale import ChannelScaleFold
 from vitc.passes.fuse_gelu import GeluFusion, GeluOp
 from vitc.passes.fuse_layernorm import LayerNormFusion
 from vitc.passes.fuse_matmul_add import MatMulAddFusion
@@ -38,7 +39,7 @@ def float_pipeline(cfg: PipelineConfig) -> list[GraphPass]:
     passes: list[GraphPass] = [CanonicalizePass()]
     if cfg.fuse:
         gelu = GeluOp.ORT_CONTRIB if cfg.target is Target.ORT else GeluOp.ONNX20
-        passes += [LayerNormFusion(), GeluFusion(gelu), MatMulAddFusion()]
+        passes += [LayerNormFusion(), GeluFusion(gelu), MatMulAddFusion(), ChannelScaleFold()]
     return passes
 
 

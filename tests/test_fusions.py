@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from vitc.compiler.loader import load_model
 from vitc.compiler.pipeline import export
 from vitc.passes.canonicalize import CanonicalizePass
+from vitc.passes.fold_channel_scale import ChannelScaleFold
 from vitc.passes.fuse_gelu import GeluFusion, GeluOp
 from vitc.passes.fuse_layernorm import LayerNormFusion
 from vitc.passes.fuse_matmul_add import MatMulAddFusion
@@ -210,3 +211,74 @@ def test_canonicalize_honours_shape_start_end(tmp_path):
     assert r.counts["Shape folded"] == 1 and ops(graph)["Expand"] == 0
     x = np.random.default_rng(0).standard_normal((2, 4, 8)).astype(np.float32)
     np.testing.assert_array_equal(ort_run(export(graph), {"x": x})[0], ort_run(m, {"x": x}, optimize=False)[0])
+
+
+# -- fold_channel_scale: LayerScale-style per-channel Mul after a linear ------------------------------------------------
+def test_layer_scale_folds_into_linears(tmp_path, image_batch):
+    """tiny ViT with LayerScale (a Mul after every proj and fc2, gamma as [N] and as constant-first [1, 1, N]):
+    after the fusions every Mul is folded into its Gemm and the outputs are unchanged."""
+    model = tiny_vit(TinyConfig(layer_scale=True, depth=3))
+    ref = ort_run(model, {"input": image_batch}, optimize=False)[0]
+    g = _graph(model, tmp_path)
+    for p in (CanonicalizePass(), LayerNormFusion(), GeluFusion(), MatMulAddFusion()):
+        p.run(g)
+    assert ops(g)["Mul"] == 6
+    r = ChannelScaleFold().run(g)
+    assert r.counts["channel scales folded into linears"] == 6 and ops(g)["Mul"] == 0
+    out = ort_run(export(g), {"input": image_batch}, optimize=False)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert not ChannelScaleFold().run(g).modified  # idempotent
+
+
+def _scale_model(gamma, extra_nodes=(), mm_out="mm", reshape_to=None, x_shape=(1, 4, 8)):
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm0"]), helper.make_node("Add", ["mm0", "b"], ["mm"])]
+    src = mm_out
+    inits = {"w": rng.standard_normal((8, 6)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32)}
+    if reshape_to is not None:
+        nodes.append(helper.make_node("Reshape", [mm_out, "shape"], ["r"]))
+        inits["shape"] = np.array(reshape_to, np.int64)
+        src = "r"
+    if isinstance(gamma, str):
+        nodes.append(helper.make_node("Mul", [src, gamma], ["y"]))
+    else:
+        nodes.append(helper.make_node("Mul", [src, "g"], ["y"]))
+        inits["g"] = np.asarray(gamma, np.float32)
+    return _model(nodes + list(extra_nodes), inits, x_shape=x_shape)
+
+
+def test_channel_scale_fold_exact_on_3d_gemm(tmp_path):
+    m = _scale_model(np.linspace(0.1, 2, 6))
+    x = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    g = _graph(m, tmp_path)
+    MatMulAddFusion().run(g)
+    assert ChannelScaleFold().run(g).counts["channel scales folded into linears"] == 1
+    assert ops(g) == Counter({"Reshape": 2, "Gemm": 1})
+    np.testing.assert_allclose(ort_run(export(g), {"x": x})[0], ort_run(m, {"x": x}, optimize=False)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["per_token", "not_constant", "linear_used_twice", "broadcasts_up",
+                                  "reshape_changes_last_axis", "scalar"])
+def test_channel_scale_fold_near_misses(case, tmp_path):
+    """Left alone: a scale along another axis, a computed scale, a linear output read elsewhere, a Mul that
+    broadcasts to a bigger tensor, a Reshape that moves the channel axis. (A scalar is folded by nobody here: it
+    is not a per-channel vector of length N.)"""
+    kw = {"per_token": dict(gamma=np.linspace(0.5, 1.5, 4).reshape(4, 1)),
+          "not_constant": dict(gamma="x6", extra_nodes=[helper.make_node("Slice", ["x", "s0", "s6", "ax"], ["x6"])]),
+          "linear_used_twice": dict(gamma=np.linspace(0.1, 2, 6), extra_nodes=[helper.make_node("Relu", ["mm"], ["z"])]),
+          "broadcasts_up": dict(gamma=np.ones((2, 1, 6))),
+          "reshape_changes_last_axis": dict(gamma=np.linspace(0.1, 2, 3), reshape_to=[8, 3], x_shape=(4, 8)),
+          "scalar": dict(gamma=np.float32(2.0))}[case]
+    m = _scale_model(**kw)
+    if case == "not_constant":
+        for k, v in (("s0", [0]), ("s6", [6]), ("ax", [2])):
+            m.graph.initializer.append(numpy_helper.from_array(np.array(v, np.int64), k))
+    if case == "linear_used_twice":
+        m.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    g = _graph(m, tmp_path)
+    MatMulAddFusion().run(g)
+    if case == "reshape_changes_last_axis":  # Gemm [4, 6] -> Reshape [8, 3] -> Mul: one Reshape to look through
+        assert [n.op for n in g.nodes] == ["Gemm", "Reshape", "Mul"]
+    assert not ChannelScaleFold().run(g).modified
+    assert ops(g)["Mul"] == 1

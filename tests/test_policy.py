@@ -417,3 +417,44 @@ def test_block_range_outside_the_model_fails_the_build_cleanly(capsys, vit, tmp_
     assert rc == 2 and err.count("vitc: error:") == 1, err
     assert "blocks 5-6, outside the model: it has 2 blocks (0-1)" in err
     assert not out_dir.exists() and not list(tmp_path.glob(".out*"))
+
+
+# -- migrate: a per-rule switch for channel-scale migration ----------------------------------------------------------------
+def test_migrate_key_parses_round_trips_and_rejects_non_bool():
+    from vitc.compiler.policy import policy_to_toml
+
+    p = parse('[[rule]]\nname = "fc2"\nroles = ["fc2"]\nmigrate = false\n\n[[rule]]\nname = "all"\n')
+    assert p.rules[0].spec.migrate is False and p.rules[1].spec.migrate is True
+    assert "migrate=off" in p.rules[0].spec.describe() and "migrate" not in p.rules[1].spec.describe()
+    back = parse(policy_to_toml(p))
+    assert [r.spec for r in back.rules] == [r.spec for r in p.rules]
+    reject('[[rule]]\nname = "x"\nmigrate = "no"\n', 3, "migrate must be true or false")
+    reject('[[rule]]\nname = "x"\nroles = ["fc2"]\nskip = true\nmigrate = false\n\n[[rule]]\nname = "d"\n', 5,
+           "skip = true", "migrate")
+
+
+def test_ort_default_keeps_migration_off_fc2_and_trt_default_keeps_it_on(vit, tmp_path):
+    """The ORT default's rule "fc2-no-migration" reaches the build: LayerNorm-fed linears still migrate (folded
+    into norm1/norm2), fc2 gets no Mul; the TensorRT default (symmetric int8) migrates fc2 as well."""
+    from vitc.compiler.policy import target_default_policy
+
+    ort_pol, trt_pol = target_default_policy("ort"), target_default_policy("trt")
+    assert ort_pol.lookup("n", "fc2", 0).name == "fc2-no-migration" and not ort_pol.lookup("n", "fc2", 0).spec.migrate
+    assert ort_pol.lookup("n", "fc1", 0).spec.migrate and trt_pol.lookup("n", "fc2", 0).spec.migrate
+    counts = {}
+    for target in ("ort", "trt"):
+        res = build(BuildConfig(model=vit, outdir=tmp_path / target, target=Target(target),
+                                calib=CalibConfig(samples=4), show_progress=False))
+        counts[target] = {k: v for r in res.report["passes"] for k, v in r["counts"].items()}
+        m = onnx.load(res.model_path)
+        prod = {o: n for n in m.graph.node for o in n.output}
+        fc2 = [n["node"] for n in res.report["policy"]["nodes"] if n["role"] == "fc2"]
+        assert len(fc2) == 2
+        before_q = []  # what feeds each fc2's activation quantizer: DQ <- Q <- ?
+        for n in m.graph.node:
+            if n.name in fc2:
+                q = prod[prod[n.input[0]].input[0]]
+                assert q.op_type == "QuantizeLinear"
+                before_q.append(prod[q.input[0]].op_type)
+        assert before_q == (["Gelu", "Gelu"] if target == "ort" else ["Mul", "Mul"]), (target, before_q)
+    assert counts["ort"]["LayerNorm folds"] == counts["trt"]["LayerNorm folds"] == 4

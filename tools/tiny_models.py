@@ -31,6 +31,7 @@ class TinyConfig:
     opset: int = 14
     seed: int = 0
     dynamic_batch: bool = True
+    layer_scale: bool = False  # CaiT/DINOv2 LayerScale: each branch output times a learned per-channel gamma
 
 
 class _B:
@@ -141,10 +142,16 @@ def tiny_vit(cfg: TinyConfig = TinyConfig()) -> onnx.ModelProto:
     x = b.op("Add", [x, b.const(b.w(1, tokens, cfg.dim, scale=0.1))], "pos")
     for i in range(cfg.depth):
         h = b.layernorm(x, cfg.dim, cfg.ln_square, f"b{i}_norm1", outlier=cfg.outliers)
-        x = b.op("Add", [x, b.attention(h, tokens, cfg.dim, cfg.heads, f"b{i}_attn")], f"b{i}_res1")
+        a = b.attention(h, tokens, cfg.dim, cfg.heads, f"b{i}_attn")
+        if cfg.layer_scale:
+            a = b.op("Mul", [a, b.const(np.abs(b.w(cfg.dim, scale=0.3)) + 0.05)], f"b{i}_ls1")
+        x = b.op("Add", [x, a], f"b{i}_res1")
         h = b.layernorm(x, cfg.dim, cfg.ln_square, f"b{i}_norm2", outlier=cfg.outliers)
         h = b.gelu(b.linear(h, cfg.dim, cfg.dim * cfg.mlp_ratio, f"b{i}_fc1"), cfg.gelu, f"b{i}_gelu")
-        x = b.op("Add", [x, b.linear(h, cfg.dim * cfg.mlp_ratio, cfg.dim, f"b{i}_fc2")], f"b{i}_res2")
+        m = b.linear(h, cfg.dim * cfg.mlp_ratio, cfg.dim, f"b{i}_fc2")
+        if cfg.layer_scale:  # constant first, as some exporters write it
+            m = b.op("Mul", [b.const(np.abs(b.w(1, 1, cfg.dim, scale=0.3)) + 0.05), m], f"b{i}_ls2")
+        x = b.op("Add", [x, m], f"b{i}_res2")
     x = b.layernorm(x, cfg.dim, cfg.ln_square, "final_norm")
     c = b.op("Gather", [x, b.const(np.array(0, np.int64))], "cls_out", axis=1)
     logits = b.linear(c, cfg.dim, cfg.classes, "head")
