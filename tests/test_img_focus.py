@@ -62,8 +62,8 @@ def test_trained_encoder_activation_quantizers_are_per_tensor(encoder_build):
 
 
 def test_trained_encoder_searched_policy_reaches_30db(tmp_path):
-    """The policy `vitc search --target-sqnr 30.5` found (selection crops seed 5) holds on the seed-11 crops:
-    30.6 dB measured (README), every activation Q per-tensor, 16 of 84 operators float."""
+    """The policy `vitc search --target-sqnr 31.5` found (selection crops seed 5) holds 30 dB on the seed-11 crops:
+    30.3 dB measured (README), every activation Q per-tensor, 13 of 84 operators float."""
     from pathlib import Path
 
     import vitc.tools
@@ -73,7 +73,7 @@ def test_trained_encoder_searched_policy_reaches_30db(tmp_path):
                       PolicyDefaults.for_target("ort"))
     res = build(BuildConfig(model=ENCODER, outdir=tmp_path / "out", policy=pol, calib=CalibConfig(samples=32),
                             show_progress=False))
-    assert sum(1 for n in res.report["policy"]["nodes"] if n["rule"].startswith("search-")) == 16
+    assert sum(1 for n in res.report["policy"]["nodes"] if n["rule"].startswith("search-")) == 13
     feeds = [{"input_image": x[None]} for x in embedded_samples(Preprocess(), 24, 11, EVAL_PHOTOS)]
     f = fidelity(ENCODER, res.model_path, feeds, threads=2)
-    assert f.sqnr_db > 29.5, f  # 30.6 here; the default policy gives 26.8 on these crops
+    assert f.sqnr_db > 29.5, f  # 30.3 here; the default policy gives 27.1 on these crops
