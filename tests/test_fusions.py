@@ -213,7 +213,7 @@ def test_canonicalize_honours_shape_start_end(tmp_path):
     np.testing.assert_array_equal(ort_run(export(graph), {"x": x})[0], ort_run(m, {"x": x}, optimize=False)[0])
 
 
-# -- fold_channel_scale: LayerScale-style per-channel Mul after a linear ------------------------------------------------
+# -- fold_channel_scale: LayerScale-style per-channel Mul after a linear ---------------------------------------------
 def test_layer_scale_folds_into_linears(tmp_path, image_batch):
     """tiny ViT with LayerScale (a Mul after every proj and fc2, gamma as [N] and as constant-first [1, 1, N]):
     after the fusions every Mul is folded into its Gemm and the outputs are unchanged."""
@@ -266,7 +266,8 @@ def test_channel_scale_fold_near_misses(case, tmp_path):
     is not a per-channel vector of length N.)"""
     kw = {"per_token": dict(gamma=np.linspace(0.5, 1.5, 4).reshape(4, 1)),
           "not_constant": dict(gamma="x6", extra_nodes=[helper.make_node("Slice", ["x", "s0", "s6", "ax"], ["x6"])]),
-          "linear_used_twice": dict(gamma=np.linspace(0.1, 2, 6), extra_nodes=[helper.make_node("Relu", ["mm"], ["z"])]),
+          "linear_used_twice": dict(gamma=np.linspace(0.1, 2, 6),
+                                    extra_nodes=[helper.make_node("Relu", ["mm"], ["z"])]),
           "broadcasts_up": dict(gamma=np.ones((2, 1, 6))),
           "reshape_changes_last_axis": dict(gamma=np.linspace(0.1, 2, 3), reshape_to=[8, 3], x_shape=(4, 8)),
           "scalar": dict(gamma=np.float32(2.0))}[case]

@@ -419,7 +419,7 @@ def test_block_range_outside_the_model_fails_the_build_cleanly(capsys, vit, tmp_
     assert not out_dir.exists() and not list(tmp_path.glob(".out*"))
 
 
-# -- migrate: a per-rule switch for channel-scale migration ----------------------------------------------------------------
+# -- migrate: a per-rule switch for channel-scale migration -------------------------------------------------------
 def test_migrate_key_parses_round_trips_and_rejects_non_bool():
     from vitc.compiler.policy import policy_to_toml
 

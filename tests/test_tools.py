@@ -13,7 +13,7 @@ def test_fusion_table_ratio_fused_vs_unfused():
     assert "| deit_tiny_patch16_224 | 20.0 | 18.0 (1.11x) | 25.0 (0.80x) | 12.5 (1.60x) | 2.00x |" in md
 
 
-# -- tools/gemm_ceiling: the linears of a model as an fp32 and an int8 chain ---------------------------------------------
+# -- tools/gemm_ceiling: the linears of a model as an fp32 and an int8 chain ------------------------------------------
 def test_gemm_ceiling_chains(vit_path, tmp_path):
     """The chains hold the model's linears in graph order (same M, K, N), ORT runs the int8 one as QGemm kernels
     (not float Gemms between Q/DQ), and both compute finite outputs of the same shape."""

@@ -451,7 +451,8 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
             "threads": cfg.threads, "batch": bs,
             "timing": {"stop": rep.measurements[0].stop, "machine": rep.machine, "before": quiet,
                        "others_busy_cpus_after": B.cpu_busy(cfg.busy_window_s)},
-            "variants": rows, "pairs": pairs, "ceiling_note": ceiling_note, "ort_static_grid": static, "seconds": round(time.perf_counter() - t_model, 1)}
+            "variants": rows, "pairs": pairs, "ceiling_note": ceiling_note, "ort_static_grid": static,
+            "seconds": round(time.perf_counter() - t_model, 1)}
 
 
 def machine() -> dict:

@@ -175,7 +175,8 @@ def measure(path: Path, batch: int, threads: int, max_seconds: float, workdir: P
     r, ci = B.pair_ratio(a, b)
     kinds = sorted({(s.m, s.k, s.n) for s in shapes})
     return {"model": str(path), "batch": batch, "threads": threads, "linears": len(shapes),
-            "shapes_mkn": [list(x) for x in kinds], "left_out": [f"{s.name} ({s.m}x{s.k}x{s.n})" for s in left], "fp32_ms": round(a.median_ms, 3), "int8_ms": round(b.median_ms, 3),
+            "shapes_mkn": [list(x) for x in kinds], "left_out": [f"{s.name} ({s.m}x{s.k}x{s.n})" for s in left],
+            "fp32_ms": round(a.median_ms, 3), "int8_ms": round(b.median_ms, 3),
             "ceiling": round(r, 3), "ceiling_ci95": [round(x, 3) for x in ci], "rounds": a.rounds,
             "stop": a.stop, "machine": rep.machine}
 
