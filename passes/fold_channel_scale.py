@@ -96,4 +96,4 @@ class ChannelScaleFold:
                 break
         if folded:
             finish(graph)
-        return PassResult(self.name, folded > 0, {"channel scales folded into linears": folded})
+        return PassResult(self.name, folded > 0, {"channel-scale folds": folded})

@@ -224,7 +224,7 @@ def test_layer_scale_folds_into_linears(tmp_path, image_batch):
         p.run(g)
     assert ops(g)["Mul"] == 6
     r = ChannelScaleFold().run(g)
-    assert r.counts["channel scales folded into linears"] == 6 and ops(g)["Mul"] == 0
+    assert r.counts["channel-scale folds"] == 6 and ops(g)["Mul"] == 0
     out = ort_run(export(g), {"input": image_batch}, optimize=False)[0]
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
     assert not ChannelScaleFold().run(g).modified  # idempotent
@@ -252,7 +252,7 @@ def test_channel_scale_fold_exact_on_3d_gemm(tmp_path):
     x = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
     g = _graph(m, tmp_path)
     MatMulAddFusion().run(g)
-    assert ChannelScaleFold().run(g).counts["channel scales folded into linears"] == 1
+    assert ChannelScaleFold().run(g).counts["channel-scale folds"] == 1
     assert ops(g) == Counter({"Reshape": 2, "Gemm": 1})
     np.testing.assert_allclose(ort_run(export(g), {"x": x})[0], ort_run(m, {"x": x}, optimize=False)[0],
                                rtol=1e-5, atol=1e-6)
