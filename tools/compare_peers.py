@@ -419,8 +419,7 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
             for label, p in ((G.FP32_LABEL, fp), (G.INT8_LABEL, q)):
                 cands.append(_ort_candidate(label, p, len(cands)))
                 fid[label] = {}
-                info[label] = {"linears": len(shapes), "shapes_mkn": sorted({(s.m, s.k, s.n) for s in shapes}),
-                               "left_out": [f"{s.name} ({s.m}x{s.k}x{s.n})" for s in left]}
+                info[label] = G.describe(shapes, left)
     quiet = wait_for_quiet(cfg.wait_busy, cfg.wait_max_s, cfg.busy_window_s)
     log.info("%s: timing %d variants (other processes: %s CPUs busy; load average %.2f)", pm.name, len(cands),
              quiet["others_busy_cpus"], quiet["load_avg"][0])

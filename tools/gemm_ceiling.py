@@ -54,29 +54,29 @@ def linear_shapes(path: Path, batch: int = 1) -> list[LinearShape]:
     import onnx_graphsurgeon as gs
 
     from vitc.compiler.loader import load_model
-    from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
+    from vitc.compiler.pipeline import PipelineConfig, Target, float_pipeline, run_passes
+    from vitc.passes.graphutil import const_value
 
-    src = load_model(path, batch=batch)
-    graph = gs.import_onnx(src.model)
+    graph = gs.import_onnx(load_model(path, batch=batch).model)  # the loader fixes and infers every shape
     run_passes(graph, float_pipeline(PipelineConfig(Target.ORT, True)))
-    model = onnx.shape_inference.infer_shapes(export(graph, src.model))
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-    inits = {i.name: i for i in model.graph.initializer}
     out = []
-    for node in model.graph.node:
-        if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
+    for node in graph.nodes:
+        if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
             continue
-        w = inits[node.input[1]]
-        xs = shapes.get(node.input[0])
-        if len(w.dims) != 2 or not xs or any(d is None for d in xs):
+        w, xs = const_value(node.inputs[1]), node.inputs[0].shape
+        if w is None or w.ndim != 2 or not xs or any(not isinstance(d, int) for d in xs):
             continue
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        k, n = (w.dims[1], w.dims[0]) if trans_b else (w.dims[0], w.dims[1])
+        k, n = w.shape[::-1] if node.op == "Gemm" and node.attrs.get("transB", 0) else w.shape
         out.append(LinearShape(node.name, int(np.prod(xs[:-1])), int(k), int(n)))
     if not out:
         raise ValueError(f"{path}: no linear layer with a constant 2-D weight and a static input shape")
     return out
+
+
+def describe(shapes: list[LinearShape], left: list[LinearShape]) -> dict:
+    """What a chain holds, for reports: how many linears, their distinct (M, K, N), the linears left out."""
+    return {"linears": len(shapes), "shapes_mkn": [list(x) for x in sorted({(s.m, s.k, s.n) for s in shapes})],
+            "left_out": [f"{s.name} ({s.m}x{s.k}x{s.n})" for s in left]}
 
 
 def _adapt(nodes: list, inits: list, cur: str, have: int, want: int, tag: str) -> str:
@@ -173,9 +173,7 @@ def measure(path: Path, batch: int, threads: int, max_seconds: float, workdir: P
                                                            max_seconds=max_seconds)))
     a, b = rep.measurements
     r, ci = B.pair_ratio(a, b)
-    kinds = sorted({(s.m, s.k, s.n) for s in shapes})
-    return {"model": str(path), "batch": batch, "threads": threads, "linears": len(shapes),
-            "shapes_mkn": [list(x) for x in kinds], "left_out": [f"{s.name} ({s.m}x{s.k}x{s.n})" for s in left],
+    return {"model": str(path), "batch": batch, "threads": threads, **describe(shapes, left),
             "fp32_ms": round(a.median_ms, 3), "int8_ms": round(b.median_ms, 3),
             "ceiling": round(r, 3), "ceiling_ci95": [round(x, 3) for x in ci], "rounds": a.rounds,
             "stop": a.stop, "machine": rep.machine}
