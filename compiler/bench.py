@@ -584,10 +584,17 @@ def pair_ratio(num: Measurement, den: Measurement, bootstrap: int = 2000, seed: 
     """How many times faster ``den`` ran than ``num`` in one run: the median over rounds of num's block median /
     den's block median of the same round, with its 95% bootstrap CI (the same statistic as speedup_vs_baseline,
     for any pair timed in one group)."""
-    if len(num.round_ms) != len(den.round_ms) or not num.round_ms:
-        raise ValueError(f"{num.label} and {den.label} were not timed in the same rounds")
-    ratios = np.asarray(num.round_ms) / np.asarray(den.round_ms)
-    return float(np.median(ratios)), _boot_ratio_ci(ratios, np.random.default_rng(seed), bootstrap)
+    return round_statistic(lambda a, b: a / b, num, den, bootstrap=bootstrap, seed=seed)
+
+
+def round_statistic(f, *ms: Measurement, bootstrap: int = 2000, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """``f`` of several models' block medians, evaluated round by round (``f(a_ms, b_ms, ...)`` gets one array per
+    model, one entry per round), then the median over rounds and its 95% bootstrap CI: a derived quantity (a ratio,
+    an Amdahl estimate) from models timed in one group, as robust to the machine's drift as the ratios are."""
+    if not ms or not ms[0].round_ms or any(len(m.round_ms) != len(ms[0].round_ms) for m in ms):
+        raise ValueError(f"{', '.join(m.label for m in ms)} were not timed in the same rounds")
+    vals = np.asarray(f(*(np.asarray(m.round_ms, np.float64) for m in ms)), np.float64)
+    return float(np.median(vals)), _boot_ratio_ci(vals, np.random.default_rng(seed), bootstrap)
 
 
 def run_suite(cands: Sequence[Candidate], cfg: SuiteConfig, notes: Sequence[str] = ()) -> BenchReport:

@@ -190,6 +190,29 @@ def test_ratios_pairwise_and_ci_stop(clock):
         B.pair_ratio(by[("m2", 1)], B.Measurement(**{**B.asdict(by[("m1", 1)]), "round_ms": (1.0,)}))
 
 
+def test_round_statistic_and_linear_bound(clock):
+    """Derived quantities from one run, round by round: a known Amdahl bound from known costs (source 10 ms, vitc
+    fp32 8 ms of which the linears take 6 ms in fp32 and 3 ms in int8, vitc int8 5 ms: t* = 8 - 6 + 3 = 5 ms)."""
+    from vitc.tools import compare_peers as P
+
+    cands = fake_candidates(clock, [0.010, 0.008, 0.005, 0.006, 0.003])
+    rep = B.run_suite(cands, B.SuiteConfig(stop=B.StopRule.fixed(3), block=2))
+    labels = [P.SOURCE, P.VITC_FP32, P.VITC_INT8, P.G.FP32_LABEL, P.G.INT8_LABEL]
+    by = dict(zip(labels, rep.measurements))
+    r, ci = B.round_statistic(lambda a, b, c: a - b + c, *rep.measurements[1:4])
+    assert r == pytest.approx(8 - 5 + 6) and ci == pytest.approx((9.0, 9.0))
+    bound = P.linear_bound(by)
+    assert bound[P.BOUND_VS_SOURCE]["ratio"] == pytest.approx(2.0)
+    assert bound[P.BOUND_VS_FP32]["ratio"] == pytest.approx(1.6)
+    assert bound[P.VITC_VS_BOUND]["ratio"] == pytest.approx(1.0)
+    assert P.linear_bound({k: v for k, v in by.items() if k != P.G.INT8_LABEL}) == {}  # a row missing: no bound
+    slow_chain = dict(by, **{P.G.FP32_LABEL: by[P.SOURCE]})  # the chain longer than the whole build: no estimate
+    assert P.linear_bound(slow_chain) == {}
+    with pytest.raises(ValueError, match="same rounds"):
+        B.round_statistic(lambda a, b: a / b, by[P.SOURCE],
+                          B.Measurement(**{**B.asdict(by[P.VITC_FP32]), "round_ms": (1.0,)}))
+
+
 def test_stop_rules(clock):
     cands = fake_candidates(clock, [0.01, 0.02], jitter=0.3)
     rep = B.run_suite(cands, B.SuiteConfig(block=5, stop=B.StopRule(0.001, 2, 4, 1e9)))
@@ -243,6 +266,7 @@ def _compare_peers(tmp_path, model: str) -> dict:
     for p in pairs.values():  # one round: the CI collapses onto the ratio
         assert p["ratio"] > 0 and p["ci95"][0] <= p["ratio"] <= p["ci95"][1]
     assert "int8 GEMM ceiling" in md
+    assert set(m["bound"]) == {P.BOUND_VS_SOURCE, P.BOUND_VS_FP32, P.VITC_VS_BOUND} and "Amdahl bound" in md
     assert v[P.VITC_FP32]["sqnr_db"] > 60 and np.isfinite(v[P.VITC_INT8]["sqnr_db"])
     assert v[P.ORT_STATIC]["config"] in [s["config"] for s in m["ort_static_grid"]]
     assert len(m["ort_static_grid"]) == 2

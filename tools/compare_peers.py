@@ -21,7 +21,9 @@ For each model this measures, side by side:
   kernels (a whole model can only beat it by also removing other fp32 work, e.g. constant folding).
 
 Ratios of other pairs, computed the same way in the same rounds, follow the table: vitc int8 against vitc fp32
-(what quantization alone gains), against torch dynamic int8, and the ceiling.
+(what quantization alone gains), against torch dynamic int8, and the ceiling. Then the Amdahl bound
+(``linear_bound``): per round, the vitc fp32 build's time with its linears' fp32 time replaced by the int8 chain's,
+as a speedup against the source and against vitc fp32, and vitc int8's speed against it (1.0: at the bound).
 
 Fidelity: output SQNR (and worst image, cosine, top-1 agreement for classifiers) against ORT fp32 on random crops
 of held-out scikit-image photos that calibration never sees (``EVAL_PHOTOS``). Latency: ``vitc.compiler.bench``,
@@ -446,12 +448,40 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
         if num in by and den in by:
             r, ci = B.pair_ratio(by[num], by[den])
             pairs[key] = {"ratio": round(r, 3), "ci95": [round(x, 3) for x in ci]}
+    bound = linear_bound(by)
     return {"model": pm.name, "source": str(pm.onnx), "preprocess": pm.pre.to_json(), "notes": pm.notes,
             "threads": cfg.threads, "batch": bs,
             "timing": {"stop": rep.measurements[0].stop, "machine": rep.machine, "before": quiet,
                        "others_busy_cpus_after": B.cpu_busy(cfg.busy_window_s)},
-            "variants": rows, "pairs": pairs, "ceiling_note": ceiling_note, "ort_static_grid": static,
+            "variants": rows, "pairs": pairs, "bound": bound, "ceiling_note": ceiling_note, "ort_static_grid": static,
             "seconds": round(time.perf_counter() - t_model, 1)}
+
+
+BOUND_VS_SOURCE = "bound vs source"
+BOUND_VS_FP32 = "bound vs vitc fp32"
+VITC_VS_BOUND = "vitc int8 vs the bound"
+
+
+def linear_bound(by: dict[str, B.Measurement]) -> dict:
+    """The most that quantizing the linear layers can give this model with ORT's int8 kernels (Amdahl), from one
+    run: per round, the vitc fp32 build's time with its linears' fp32 time (the fp32 chain) replaced by their int8
+    time (the int8 chain), t* = vitc fp32 - linears fp32 + linears int8. Reported as the speedup t* would have
+    against the source and against vitc fp32, and vitc int8's own speed against t* (1.0: vitc int8 runs exactly
+    as fast as swapping every linear for ORT's int8 GEMM allows; above 1.0 it gains more, e.g. from running q, k
+    and v as one wider GEMM inside QAttention, which the chain times as three). Empty when a row is missing."""
+    need = (SOURCE, VITC_FP32, VITC_INT8, G.FP32_LABEL, G.INT8_LABEL)
+    if not all(k in by for k in need):
+        return {}
+    ms = [by[k] for k in need]
+    if not np.all(np.asarray(by[G.FP32_LABEL].round_ms) < np.asarray(by[VITC_FP32].round_ms)):
+        return {}  # the linears alone took longer than the whole fp32 build in some round: no meaningful estimate
+    out = {}
+    for key, f in ((BOUND_VS_SOURCE, lambda s, f32, i8, cf, ci: s / (f32 - cf + ci)),
+                   (BOUND_VS_FP32, lambda s, f32, i8, cf, ci: f32 / (f32 - cf + ci)),
+                   (VITC_VS_BOUND, lambda s, f32, i8, cf, ci: (f32 - cf + ci) / i8)):
+        r, ci95 = B.round_statistic(f, *ms)
+        out[key] = {"ratio": round(r, 3), "ci95": [round(x, 3) for x in ci95]}
+    return out
 
 
 def machine() -> dict:
@@ -501,6 +531,13 @@ def _f(v, fmt="{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _ratio_table(title: str, ratios: dict | None) -> list[str]:
+    if not ratios:
+        return []
+    return ["", f"| {title} | ratio (95% CI) |", "|---|---|"] + [
+        f"| {k} | {p['ratio']:.2f}x ({p['ci95'][0]:.2f}-{p['ci95'][1]:.2f}) |" for k, p in ratios.items()]
+
+
 def to_markdown(results: dict) -> str:
     mi = results["machine"]
     lines = [f"Machine: {mi.get('cpu', mi.get('machine'))}, {mi.get('cpus')} CPUs ({', '.join(mi.get('simd', []))}), "
@@ -522,10 +559,9 @@ def to_markdown(results: dict) -> str:
             label = name + (f" ({r['config']})" if name == ORT_STATIC else "")
             lines.append(f"| {label} | {r['ms_per_image']:.3g} +-{r['ci95_pct']:.0f}% | {sp} | {_f(r.get('sqnr_db'))} | "
                          f"{_f(r.get('worst_image_sqnr_db'))} | {_f(r.get('top1_agreement_pct'), '{:.1f}%')} |")
-        if m.get("pairs"):
-            lines += ["", "| pair (same rounds) | ratio (95% CI) |", "|---|---|"]
-            lines += [f"| {k} | {p['ratio']:.2f}x ({p['ci95'][0]:.2f}-{p['ci95'][1]:.2f}) |"
-                      for k, p in m["pairs"].items()]
+        lines += _ratio_table("pair (same rounds)", m.get("pairs"))
+        lines += _ratio_table("Amdahl bound (vitc fp32 with its linears' time swapped for the int8 chain's)",
+                              m.get("bound"))
         if m.get("ceiling_note"):
             lines.append(f"\n_{m['ceiling_note']}_")
         if m["ort_static_grid"]:
