@@ -367,8 +367,9 @@ def build(cfg: BuildConfig) -> BuildResult:
                 stages["range search + migration"] = time.perf_counter() - t
             elif cfg.migrate:
                 quantized = {n.node for n in plan.quantized() if n.spec.migrate}
+                caps = {n.node: n.spec.max_alpha for n in plan.quantized() if n.spec.max_alpha is not None}
                 cam = {k: np.asarray(v.channel_absmax) for k, v in table.ranges.items() if v.channel_absmax}
-                mig = ScaleMigrationPass.from_alpha(cam, graph, cfg.migrate_alpha, nodes=quantized)
+                mig = ScaleMigrationPass.from_alpha(cam, graph, cfg.migrate_alpha, nodes=quantized, caps=caps)
                 results += run_passes(graph, [mig], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
                 if mig.applied:
                     plan = _plan_for(graph, policy, _roles(graph), cfg.target)
@@ -417,7 +418,7 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
                   cfg: BuildConfig):
     """Search migration strength / clipping per operator, apply the migration, return the final plan and table."""
     from vitc.compiler.calibration import TensorRange
-    from vitc.compiler.search import search_linear
+    from vitc.compiler.search import capped_alphas, search_linear
     from vitc.passes.graphutil import const_value
 
     nodes = {n.name: n for n in graph.nodes}
@@ -442,10 +443,11 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
         ws = [const_value(node.inputs[1]) for _, node in members]
         spec = members[0][0].spec
         migrate = cfg.migrate and all(np_.spec.migrate for np_, _ in members)  # a policy rule may turn it off
+        cap = min((np_.spec.max_alpha for np_, _ in members if np_.spec.max_alpha is not None), default=None)
         choice, s = search_linear(reservoir[x_name], ws, np.asarray(rng.channel_min, np.float32),
                                   np.asarray(rng.channel_max, np.float32), bits=spec.bits, symmetric=spec.symmetric,
                                   per_channel_weight=spec.weight.value == "per-channel",
-                                  alphas=(None, 0.3, 0.5, 0.65, 0.8) if migrate else (None,),
+                                  alphas=capped_alphas(cap) if migrate else (None,),
                                   weight_mse_clip=cfg.weight_mse_clip, pair_safe=_pair_safe(cfg),
                                   center=cfg.center and spec.symmetric and migrate)
         report["linear"][x_name] = {"nodes": [n.name for _, n in members], **choice.to_json()}

@@ -21,6 +21,12 @@ ALPHAS: tuple[float | None, ...] = (None, 0.3, 0.5, 0.65, 0.8)  # None: no migra
 RATIOS: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
 
+def capped_alphas(cap: float | None) -> tuple[float | None, ...]:
+    """The migration strengths the search tries at a site whose policy caps them (``max_alpha``); no migration is
+    always a candidate."""
+    return ALPHAS if cap is None else tuple(a for a in ALPHAS if a is None or a <= cap + 1e-9)
+
+
 def fake_quant(x: np.ndarray, amax: float | np.ndarray, bits: int = 8) -> np.ndarray:
     qmax = 2 ** (bits - 1) - 1
     step = np.maximum(np.asarray(amax, np.float32), 1e-12) / qmax

@@ -54,8 +54,9 @@ class ScaleMigrationPass:
 
     @classmethod
     def from_alpha(cls, channel_absmax: Mapping[str, np.ndarray], graph: gs.Graph, alpha: float,
-                   nodes: set[str] | None = None) -> "ScaleMigrationPass":
-        """Factors from one fixed strength for every site (the search in vitc.compiler.search picks per site)."""
+                   nodes: set[str] | None = None, caps: Mapping[str, float] | None = None) -> "ScaleMigrationPass":
+        """Factors from one fixed strength for every site (the search in vitc.compiler.search picks per site);
+        ``caps`` (Gemm node -> max strength, the policy's ``max_alpha``) lowers it where a site's Gemm has one."""
         factors = {}
         for name, x in graph.tensors().items():
             gemms = [u for u in x.outputs if u.op == "Gemm" and u.inputs[0] is x and (nodes is None or u.name in nodes)]
@@ -66,8 +67,9 @@ class ScaleMigrationPass:
                 continue
             w_rowmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
             a = np.asarray(channel_absmax[name], np.float32)
+            site_alpha = min([alpha] + [caps[g.name] for g in gemms if caps and g.name in caps])
             if a.shape == w_rowmax.shape:
-                factors[name] = smoothing_factors(a, w_rowmax, alpha)
+                factors[name] = smoothing_factors(a, w_rowmax, site_alpha)
         return cls(factors, nodes)
 
     def run(self, graph: gs.Graph) -> PassResult:

@@ -97,8 +97,14 @@ def _fused_output(model):
 
 @pytest.mark.parametrize("style,batch", [("timm", 1), ("hf", 1), ("timm", 3)])
 def test_fusion_keeps_the_attention_output(capsys, tmp_path, style, batch):
-    fused, rep = _build(capsys, tmp_path, attention_model(style, batch=batch), "f")
-    plain, _ = _build(capsys, tmp_path, attention_model(style, batch=batch), "p", "--no-fuse-attention")
+    from vitc.compiler.policy import default_policy, policy_to_toml
+
+    # the ORT default without its proj cap (max_alpha), so the search migrates the proj input: the fold under test
+    pol = tmp_path / "uncapped.toml"
+    pol.write_text(policy_to_toml(default_policy(symmetric=False, quantize_conv=False, migrate_fc2=False)))
+    fused, rep = _build(capsys, tmp_path, attention_model(style, batch=batch), "f", "--policy", pol)
+    plain, _ = _build(capsys, tmp_path, attention_model(style, batch=batch), "p", "--policy", pol,
+                      "--no-fuse-attention")
     counts = _counts(rep)
     assert counts["QAttention fusions"] == 1
     # the proj input's migration factor lands in the v columns (exact), so no Mul is left before its Q

@@ -458,3 +458,59 @@ def test_ort_default_keeps_migration_off_fc2_and_trt_default_keeps_it_on(vit, tm
                 before_q.append(prod[q.input[0]].op_type)
         assert before_q == (["Gelu", "Gelu"] if target == "ort" else ["Mul", "Mul"]), (target, before_q)
     assert counts["ort"]["LayerNorm folds"] == counts["trt"]["LayerNorm folds"] == 4
+
+
+# -- max_alpha: a per-rule cap on the channel-scale migration strength ---------------------------------------------
+def _capped(policy, cap):
+    """``policy`` with every quantizing rule capped at migration strength ``cap``."""
+    from dataclasses import replace
+
+    return replace(policy, rules=tuple(r if r.spec.skip else replace(r, spec=replace(r.spec, max_alpha=cap))
+                                       for r in policy.rules))
+
+
+def test_max_alpha_key_parses_round_trips_and_rejects_bad_values():
+    from vitc.compiler.policy import policy_to_toml
+    from vitc.compiler.search import ALPHAS, capped_alphas
+
+    p = parse('[[rule]]\nname = "proj"\nroles = ["proj"]\nmax_alpha = 0.3\n\n[[rule]]\nname = "all"\n')
+    assert p.rules[0].spec.max_alpha == 0.3 and p.rules[1].spec.max_alpha is None
+    assert "max_alpha=0.3" in p.rules[0].spec.describe() and "max_alpha" not in p.rules[1].spec.describe()
+    assert [r.spec for r in parse(policy_to_toml(p)).rules] == [r.spec for r in p.rules]
+    for bad in ("0", "1.5", "-0.1", '"0.3"', "true"):
+        reject(f'[[rule]]\nname = "x"\nmax_alpha = {bad}\n', 3, "max_alpha must be a number in (0, 1]")
+    assert capped_alphas(None) == ALPHAS and capped_alphas(0.3) == (None, 0.3) and capped_alphas(0.1) == (None,)
+    assert capped_alphas(1.0) == ALPHAS
+
+
+def test_ort_default_caps_migration_at_proj_only(vit, tmp_path):
+    """The ORT default's rule "proj-mild-migration" reaches the range search: every proj site migrates with at most
+    alpha 0.3, while the LayerNorm-fed sites still pick stronger ones. The TensorRT default has no cap."""
+    from vitc.compiler.policy import target_default_policy
+
+    ort_pol, trt_pol = target_default_policy("ort"), target_default_policy("trt")
+    assert ort_pol.lookup("n", "proj", 0).name == "proj-mild-migration"
+    assert ort_pol.lookup("n", "proj", 0).spec.max_alpha == 0.3 and ort_pol.lookup("n", "fc1", 0).spec.max_alpha is None
+    assert all(r.spec.max_alpha is None for r in trt_pol.rules)
+    res = build(BuildConfig(model=vit, outdir=tmp_path / "ort", calib=CalibConfig(samples=4), show_progress=False))
+    by_role = {}
+    roles = {n["node"]: n["role"] for n in res.report["policy"]["nodes"]}
+    for site in res.report["search"]["linear"].values():
+        by_role.setdefault(roles[site["nodes"][0]], []).append(site["alpha"])
+    assert len(by_role["proj"]) == 2 and all(a is None or a <= 0.3 for a in by_role["proj"]), by_role
+    assert any(a is not None and a > 0.3 for r, al in by_role.items() if r != "proj" for a in al), by_role  # local
+
+
+def test_max_alpha_caps_the_fixed_strength_too(vit, tmp_path):
+    """Without the search (--alpha A), a capped site migrates with min(A, max_alpha): a build at alpha 0.8 capped
+    at 0.3 everywhere writes the same model, byte for byte, as an uncapped build at alpha 0.3, and not the same
+    as an uncapped one at 0.8."""
+    from vitc.compiler.policy import target_default_policy
+
+    pol = target_default_policy("ort")
+    models = {}
+    for label, policy, alpha in (("capped", _capped(pol, 0.3), 0.8), ("0.3", pol, 0.3), ("0.8", pol, 0.8)):
+        res = build(BuildConfig(model=vit, outdir=tmp_path / label, policy=policy, search=False, migrate_alpha=alpha,
+                                calib=CalibConfig(samples=4), show_progress=False))
+        models[label] = res.model_path.read_bytes()
+    assert models["capped"] == models["0.3"] and models["capped"] != models["0.8"]
