@@ -553,6 +553,9 @@ def _parse_rule(r: dict, i: int, lines: _Lines, err, defaults: PolicyDefaults):
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 < a <= 1.0:
             raise err(at("max_alpha"), f"max_alpha must be a number in (0, 1], got {a!r}",
                       "the strongest channel-scale migration the range search may pick, e.g. max_alpha = 0.3")
+        if r.get("migrate") is False:
+            raise err(at("max_alpha"), f"rule {name!r} has migrate = false and also sets max_alpha",
+                      "remove one of them: max_alpha caps a migration the rule allows")
         over["max_alpha"] = float(a)
     skip = r.get("skip", False)
     if not isinstance(skip, bool):

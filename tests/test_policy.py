@@ -479,6 +479,7 @@ def test_max_alpha_key_parses_round_trips_and_rejects_bad_values():
     assert [r.spec for r in parse(policy_to_toml(p)).rules] == [r.spec for r in p.rules]
     for bad in ("0", "1.5", "-0.1", '"0.3"', "true"):
         reject(f'[[rule]]\nname = "x"\nmax_alpha = {bad}\n', 3, "max_alpha must be a number in (0, 1]")
+    reject('[[rule]]\nname = "x"\nmigrate = false\nmax_alpha = 0.3\n', 4, "migrate = false", "max_alpha")
     assert capped_alphas(None) == ALPHAS and capped_alphas(0.3) == (None, 0.3) and capped_alphas(0.1) == (None,)
     assert capped_alphas(1.0) == ALPHAS
 
