@@ -88,6 +88,23 @@ def fused_and_annotated(tmp_path: Path, model: onnx.ModelProto):
     return g, ann.roles
 
 
+def with_max_alpha(policy, cap):
+    """``policy`` with every quantizing rule's migration cap (``max_alpha``) set to ``cap`` (None: uncapped)."""
+    from dataclasses import replace
+
+    return replace(policy, rules=tuple(r if r.spec.skip else replace(r, spec=replace(r.spec, max_alpha=cap))
+                                       for r in policy.rules))
+
+
+def search_alphas_by_role(report: dict) -> dict[str, list]:
+    """build.json's range-search choices: role of each linear site -> the migration strengths picked there."""
+    roles = {n["node"]: n["role"] for n in report["policy"]["nodes"]}
+    out: dict[str, list] = {}
+    for site in report["search"]["linear"].values():
+        out.setdefault(roles[site["nodes"][0]], []).append(site["alpha"])
+    return out
+
+
 def ort_run(model, feeds, optimize=True):
     import onnxruntime as ort
 

@@ -4,6 +4,7 @@ from collections import Counter
 
 import onnx
 import pytest
+from conftest import search_alphas_by_role
 
 from vitc.compiler.build import BuildConfig, CalibConfig, build
 from vitc.compiler.data import EVAL_PHOTOS, Preprocess, embedded_samples
@@ -43,8 +44,7 @@ def test_trained_encoder_structure(encoder_build, tmp_path):
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
     # q/k/v projections + attention core: one QAttention per block (int8 QKV GEMM, float QK^T and attention x V)
     # every proj site that migrates (at most alpha 0.3 on the ORT default) has its factor folded into V
-    roles = {n["node"]: n["role"] for n in encoder_build.report["policy"]["nodes"]}
-    proj = [s["alpha"] for s in encoder_build.report["search"]["linear"].values() if roles[s["nodes"][0]] == "proj"]
+    proj = search_alphas_by_role(encoder_build.report)["proj"]
     assert len(proj) == 12 and all(a is None or a <= 0.3 for a in proj), proj
     migrated = sum(a is not None for a in proj)
     assert counts["QAttention fusions"] == 12 and counts["migration Mul folded into V"] == migrated > 0

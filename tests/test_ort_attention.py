@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto
 from onnx import helper as h
 
-from conftest import cli, ort_run, sqnr_db
+from conftest import cli, ort_run, sqnr_db, with_max_alpha
 from vitc.tools.tiny_models import _B
 
 T, C, H = 9, 16, 2
@@ -97,11 +97,11 @@ def _fused_output(model):
 
 @pytest.mark.parametrize("style,batch", [("timm", 1), ("hf", 1), ("timm", 3)])
 def test_fusion_keeps_the_attention_output(capsys, tmp_path, style, batch):
-    from vitc.compiler.policy import default_policy, policy_to_toml
+    from vitc.compiler.policy import policy_to_toml, target_default_policy
 
     # the ORT default without its proj cap (max_alpha), so the search migrates the proj input: the fold under test
     pol = tmp_path / "uncapped.toml"
-    pol.write_text(policy_to_toml(default_policy(symmetric=False, quantize_conv=False, migrate_fc2=False)))
+    pol.write_text(policy_to_toml(with_max_alpha(target_default_policy("ort"), None)))
     fused, rep = _build(capsys, tmp_path, attention_model(style, batch=batch), "f", "--policy", pol)
     plain, _ = _build(capsys, tmp_path, attention_model(style, batch=batch), "p", "--policy", pol,
                       "--no-fuse-attention")

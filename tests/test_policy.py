@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import ort_run
+from conftest import ort_run, search_alphas_by_role, with_max_alpha
 
 from vitc.compiler.build import BuildConfig, CalibConfig, build
 from vitc.compiler.calibration import Observer, ObserverConfig
@@ -461,14 +461,6 @@ def test_ort_default_keeps_migration_off_fc2_and_trt_default_keeps_it_on(vit, tm
 
 
 # -- max_alpha: a per-rule cap on the channel-scale migration strength ---------------------------------------------
-def _capped(policy, cap):
-    """``policy`` with every quantizing rule capped at migration strength ``cap``."""
-    from dataclasses import replace
-
-    return replace(policy, rules=tuple(r if r.spec.skip else replace(r, spec=replace(r.spec, max_alpha=cap))
-                                       for r in policy.rules))
-
-
 def test_max_alpha_key_parses_round_trips_and_rejects_bad_values():
     from vitc.compiler.policy import policy_to_toml
     from vitc.compiler.search import ALPHAS, capped_alphas
@@ -494,10 +486,7 @@ def test_ort_default_caps_migration_at_proj_only(vit, tmp_path):
     assert ort_pol.lookup("n", "proj", 0).spec.max_alpha == 0.3 and ort_pol.lookup("n", "fc1", 0).spec.max_alpha is None
     assert all(r.spec.max_alpha is None for r in trt_pol.rules)
     res = build(BuildConfig(model=vit, outdir=tmp_path / "ort", calib=CalibConfig(samples=4), show_progress=False))
-    by_role = {}
-    roles = {n["node"]: n["role"] for n in res.report["policy"]["nodes"]}
-    for site in res.report["search"]["linear"].values():
-        by_role.setdefault(roles[site["nodes"][0]], []).append(site["alpha"])
+    by_role = search_alphas_by_role(res.report)
     assert len(by_role["proj"]) == 2 and all(a is None or a <= 0.3 for a in by_role["proj"]), by_role
     assert any(a is not None and a > 0.3 for r, al in by_role.items() if r != "proj" for a in al), by_role  # local
 
@@ -510,7 +499,7 @@ def test_max_alpha_caps_the_fixed_strength_too(vit, tmp_path):
 
     pol = target_default_policy("ort")
     models = {}
-    for label, policy, alpha in (("capped", _capped(pol, 0.3), 0.8), ("0.3", pol, 0.3), ("0.8", pol, 0.8)):
+    for label, policy, alpha in (("capped", with_max_alpha(pol, 0.3), 0.8), ("0.3", pol, 0.3), ("0.8", pol, 0.8)):
         res = build(BuildConfig(model=vit, outdir=tmp_path / label, policy=policy, search=False, migrate_alpha=alpha,
                                 calib=CalibConfig(samples=4), show_progress=False))
         models[label] = res.model_path.read_bytes()
