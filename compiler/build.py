@@ -69,6 +69,9 @@ class BuildConfig:
     # ORT: QKV projection + float attention core -> one com.microsoft.QAttention (only with fuse)
     fuse_attention: bool = True
     batch: int = 1
+    # a source with a symbolic batch dim keeps it in the artifact (the build itself runs at ``batch``); False, or a
+    # batch other than 1, writes an artifact fixed to ``batch``
+    dynamic_batch: bool = True
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     calib: CalibConfig = CalibConfig()
     policy: Policy | None = None
@@ -390,6 +393,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                 entry["qparams"] = qdq.params.get(entry["node"])
             report["calibration"] = calib_summary
             report["calibration_table"] = table.to_json()["ranges"]
+        model, report["dynamic_batch"] = _restore_batch(model, graph, src, cfg, tmp, results, dump_dir)
         model.producer_name = "vitc"
         from vitc import __version__
         model.producer_version = __version__
@@ -573,6 +577,54 @@ def _verify_float(source: onnx.ModelProto, rewritten: onnx.ModelProto, cc: Calib
         raise PassError("float passes", f"outputs changed by {worst:.2e} (relative to the output range)",
                         hint="rerun with --dump-after all to find the pass; --no-fuse bypasses the fusions")
     return {"max_abs_diff_relative": worst}
+
+
+def _restore_batch(model: onnx.ModelProto, graph: gs.Graph, src: LoadedModel, cfg: BuildConfig, scratch: Path,
+                   results: list[PassResult], dump_dir: Path | None) -> tuple[onnx.ModelProto, dict]:
+    """The artifact with the source's symbolic batch dim back (passes/dynamic_batch.py), checked: samples run one by
+    one and stacked must give the same per-sample outputs. Where the pass cannot follow the batch or the check fails,
+    the batch-``cfg.batch`` model is kept and the reason recorded."""
+    from vitc.passes.dynamic_batch import DynamicBatch
+    from vitc.runtimes.base import SessionOptions
+
+    if not src.batch_symbols:
+        return model, {"kept": False, "reason": "the source has no dynamic batch dimension"}
+    if not cfg.dynamic_batch or cfg.batch != 1:
+        return model, {"kept": False, "reason": f"fixed to batch {cfg.batch} as asked (--batch)"}
+    g = graph.copy()
+    res = run_passes(g, [DynamicBatch(src.batch_symbols)], dump_after=set(cfg.dump_after), dump_dir=dump_dir)[0]
+    if not res.modified:
+        log.warning("the artifact keeps batch 1: %s", "; ".join(res.notes))
+        results.append(res)
+        return model, {"kept": False, "reason": "; ".join(res.notes)}
+    dyn = export(g, src.model)
+    dyn.producer_name = model.producer_name
+    stack = 3
+    try:
+        feeds, _ = calibration_feeds(src.model, replace(cfg.calib, samples=stack))
+        samples = list(feeds)[:stack]
+        sess = _ort_session(dyn, SessionOptions(threads=1), scratch)
+        one = [sess.run(f) for f in samples]
+        many = sess.run({k: np.concatenate([f[k] for f in samples]) for k in samples[0]})
+        worst = 0.0
+        for j, out in enumerate(many):
+            ref = np.concatenate([o[j] for o in one])
+            if ref.shape != out.shape:
+                raise ValueError(f"output {j} has shape {out.shape} at batch {stack}, expected {ref.shape}")
+            scale = max(1e-6, float(np.abs(ref).max()))
+            worst = max(worst, float(np.abs(ref.astype(np.float64) - out).max()) / scale)
+        if not worst <= 1e-3:
+            raise ValueError(f"per-sample outputs at batch {stack} differ from batch 1 by {worst:.2e}")
+    except Exception as exc:
+        reason = f"the any-batch graph failed its check ({' '.join(str(exc).split())[:200]})"
+        log.warning("the artifact keeps batch 1: %s", reason)
+        res.notes.append(reason)
+        res.modified = False
+        results.append(res)
+        return model, {"kept": False, "reason": reason}
+    results.append(res)
+    return dyn, {"kept": True, "symbols": dict(src.batch_symbols), "checked_batch": stack,
+                 "max_abs_diff_relative": worst}
 
 
 def _roles(graph: gs.Graph):

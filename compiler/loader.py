@@ -32,6 +32,7 @@ class LoadedModel:
     path: Path
     opset: int
     fixed_dims: dict[str, list[str]] = field(default_factory=dict)  # input -> ["dim 0: 'batch_size' -> 1", ...]
+    batch_symbols: dict[str, str] = field(default_factory=dict)  # input -> name of its dynamic batch dim (dim 0)
 
     @property
     def input_names(self) -> list[str]:
@@ -142,15 +143,19 @@ def load_model(path: str | os.PathLike, *, batch: int = 1, input_shapes: dict[st
                                  hint="re-save the model with its external data next to it") from None
     _check_tensor_sizes(model, path)
 
-    fixed = _fix_input_shapes(model, batch, input_shapes or {}, path)
+    symbols: dict[str, str] = {}
+    fixed = _fix_input_shapes(model, batch, input_shapes or {}, path, symbols)
     try:
         model = infer_shapes(model)  # also past protobuf's 2 GiB limit (external-data models)
     except Exception as exc:
         raise ModelLoadError(f"{path}: ONNX shape inference failed: {str(exc)[:200]}") from None
-    return LoadedModel(model=model, path=path, opset=opset, fixed_dims=fixed)
+    return LoadedModel(model=model, path=path, opset=opset, fixed_dims=fixed, batch_symbols=symbols)
 
 
-def _fix_input_shapes(model: onnx.ModelProto, batch: int, overrides: dict[str, list[int]], path: Path) -> dict[str, list[str]]:
+def _fix_input_shapes(model: onnx.ModelProto, batch: int, overrides: dict[str, list[int]], path: Path,
+                      batch_symbols: dict[str, str]) -> dict[str, list[str]]:
+    """Fix every dynamic input dim; ``batch_symbols`` receives input -> name of each dynamic dim 0 fixed to
+    ``batch`` (not the ones ``overrides`` fix)."""
     inits = _initializer_names(model)
     fixed: dict[str, list[str]] = {}
     symbols: dict[str, int] = {}
@@ -196,6 +201,7 @@ def _fix_input_shapes(model: onnx.ModelProto, batch: int, overrides: dict[str, l
                 )
             name = d.dim_param
             fixed.setdefault(inp.name, []).append(f"dim 0: {name or '?'!r} -> {batch}")
+            batch_symbols[inp.name] = name or "batch"
             if name:
                 symbols[name] = batch
             d.Clear()

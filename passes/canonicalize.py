@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import UniqueNames, finish, graph_output_names, infer_shapes
+from vitc.passes.graphutil import UniqueNames, const_value, finish, graph_output_names, infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def refresh_shapes(graph: gs.Graph) -> None:
 
 class CanonicalizePass:
     name: ClassVar[str] = "canonicalize"
-    max_rounds = 4
+    max_rounds = 64  # each round folds one more link of a chain (Swin: pads from shapes, per block)
 
     def run(self, graph: gs.Graph) -> PassResult:
         before = Counter(n.op for n in graph.nodes)
@@ -66,10 +66,14 @@ class CanonicalizePass:
             if len(graph.nodes) == n_before:
                 break
         refresh_shapes(graph)
+        noops = self._drop_noops(graph)
+        if noops:
+            finish(graph)
         after = Counter(n.op for n in graph.nodes)
         removed = {f"removed {op}": before[op] - after.get(op, 0) for op in sorted(before) if before[op] > after.get(op, 0)}
         counts = {"nodes before": sum(before.values()), "nodes after": sum(after.values()), "nodes named": named,
-                  "Identity removed": identities, "Shape folded": shapes_folded, **removed}
+                  "Identity removed": identities, "Shape folded": shapes_folded, "no-op nodes removed": noops,
+                  **removed}
         return PassResult(self.name, named > 0 or sum(before.values()) != sum(after.values()), counts)
 
     @staticmethod
@@ -111,6 +115,63 @@ class CanonicalizePass:
             if out.name in {t.name for t in graph.outputs}:
                 continue
             node.outputs.clear()
+            n += 1
+        return n
+
+    @staticmethod
+    def _is_noop(node: gs.Node) -> bool:
+        """A node whose output equals its data input once shapes are fixed: zero Pad, full Slice, identity
+        Transpose, Reshape/Expand to the input's own static shape, one-input Concat."""
+        if not node.inputs or len(node.outputs) != 1:
+            return False
+        x = node.inputs[0]
+        shape = x.shape
+        static = shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+        if node.op == "Pad":
+            pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+            axes = node.inputs[3] if len(node.inputs) > 3 else None
+            return pads is not None and not pads.any() and (axes is None or not axes.name)
+        if node.op == "Slice" and static and len(node.inputs) >= 3:
+            vals = [const_value(t) if t.name else None for t in node.inputs[1:]]
+            if any(v is None for v in vals[:2]) or any(v is None for v, t in zip(vals[2:], node.inputs[3:]) if t.name):
+                return False
+            starts, ends = vals[0], vals[1]
+            rank = len(shape)
+            axes = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
+            steps = vals[3] if len(vals) > 3 and vals[3] is not None else np.ones(len(starts), np.int64)
+            for s_, e, a, st in zip(starts, ends, axes, steps):
+                dim = shape[int(a) % rank]
+                if int(st) != 1 or int(s_) not in (0, -dim) and not (int(s_) < -dim) or int(e) < dim:
+                    return False
+            return True
+        if node.op == "Transpose":
+            perm = node.attrs.get("perm")
+            return perm is not None and list(perm) == list(range(len(perm)))
+        if node.op in ("Reshape", "Expand") and static and len(node.inputs) == 2:
+            target = const_value(node.inputs[1])
+            out = node.outputs[0].shape
+            return (target is not None and out is not None and list(out) == list(shape)
+                    and (node.op == "Reshape" or list(target) == list(shape)))
+        if node.op == "Concat":
+            return len(node.inputs) == 1
+        return False
+
+    @classmethod
+    def _drop_noops(cls, graph: gs.Graph) -> int:
+        outs = graph_output_names(graph)
+        n = 0
+        for node in list(graph.nodes):
+            if not cls._is_noop(node) or node.outputs[0].name in outs:
+                continue
+            src, dst = node.inputs[0], node.outputs[0]
+            if src.dtype is not None and dst.dtype is not None and src.dtype != dst.dtype:
+                continue
+            for c in list(dst.outputs):
+                for i, t in enumerate(c.inputs):
+                    if t is dst:
+                        c.inputs[i] = src
+            node.outputs.clear()
+            node.inputs.clear()
             n += 1
         return n
 

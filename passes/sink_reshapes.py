@@ -76,11 +76,14 @@ class ReshapeSinking:
                         if t is y:
                             c.inputs[k] = x
                 r.outputs.clear()
+                r.inputs.clear()  # detached both ways: x's consumer list must not keep a dead Reshape
                 counts["removed (identity)"] += 1
                 return True
             if y.name in self.outs:
                 continue
             for c in list(y.outputs):
+                if not c.outputs:
+                    continue
                 if len(ys) <= len(xs) and c.op != "Reshape":
                     continue  # only un-flattening Reshapes move down (flattening ones are where they cancel)
                 if c.op == "Reshape" and c.inputs[0] is y:

@@ -110,3 +110,93 @@ def profile_op_types(model: str | bytes, feeds: dict[str, np.ndarray], threads: 
         total[op] = total.get(op, 0.0) + e.get("dur", 0) / 1000.0
         nodes.setdefault(op, set()).add(e["name"])
     return {op: {"ms": ms / runs, "nodes": len(nodes[op])} for op, ms in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
+# Kernels that multiply by a weight, as ORT names them after its graph optimizations: op -> (int8?, index of the
+# weight input, index of the activation input).
+_LINEAR_KERNELS = {
+    "QGemm": (True, 3, 0), "QLinearMatMul": (True, 3, 0), "MatMulInteger": (True, 1, 0),
+    "MatMulIntegerToFloat": (True, 1, 0), "DynamicQuantizeMatMul": (True, 1, 0), "QAttention": (True, 1, 0),
+    "QLinearConv": (True, 3, 0), "ConvInteger": (True, 1, 0),
+    "MatMul": (False, 1, 0), "FusedMatMul": (False, 1, 0), "Gemm": (False, 1, 0), "Attention": (False, 1, 0),
+    "Conv": (False, 1, 0), "FusedConv": (False, 1, 0), "FusedGemm": (False, 1, 0), "NhwcFusedConv": (False, 1, 0),
+}
+
+
+def _macs(op: str, attrs: dict, shapes_in: list[list[int]], shapes_out: list[list[int]], w: list[int]) -> int:
+    out = shapes_out[0] if shapes_out else []
+    numel = int(np.prod(out)) if out else 0
+    if op in ("Conv", "FusedConv", "NhwcFusedConv", "QLinearConv", "ConvInteger"):
+        return numel * int(np.prod(w[1:]))  # per output: Cin/group x kernel
+    if op in ("QAttention", "Attention"):
+        x = shapes_in[0]
+        return int(np.prod(x)) * int(w[-1])  # the fused q, k, v projection (the attention core is not a linear)
+    k = shapes_in[0][-1] if shapes_in and shapes_in[0] else 0
+    if op in ("Gemm", "FusedGemm") and attrs.get("transA"):
+        k = shapes_in[0][0]
+    return numel * int(k)
+
+
+def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int = 0) -> dict:
+    """What ORT's CPU provider runs for the weighted layers of ``model`` after its graph optimizations, with the
+    real shapes of one inference (its profiler): every MatMul/Gemm/Conv-like kernel whose weight is a constant, its
+    op, whether it is an int8 kernel, and its multiply-accumulates. Returns ``{"int8_macs", "float_macs",
+    "int8_share", "float_nodes": [(name, op, macs)], "ops": {op: count}}``; the attention core (two activations
+    multiplied) is not counted."""
+    import json
+    import shutil
+    import tempfile
+
+    import onnx
+
+    ort = _ort()
+    tmp = tempfile.mkdtemp(prefix="vitc-census-")
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = f"{tmp}/optimized.onnx"
+        so.enable_profiling = True
+        so.profile_file_prefix = f"{tmp}/ort"
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+        opt = onnx.load(f"{tmp}/optimized.onnx", load_external_data=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    consts = {t.name for t in opt.graph.initializer}
+    consts |= {o for n in opt.graph.node if n.op_type == "Constant" for o in n.output}
+    nodes = {n.name: n for n in opt.graph.node}
+    dims = {t.name: list(t.dims) for t in opt.graph.initializer}
+    res = {"int8_macs": 0, "float_macs": 0, "float_nodes": [], "ops": {}}
+    seen = set()
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        args = e.get("args", {})
+        op = args.get("op_name", "")
+        name = e["name"][: -len("_kernel_time")]
+        if op not in _LINEAR_KERNELS or name in seen or name not in nodes:
+            continue
+        seen.add(name)
+        int8, wi, _ = _LINEAR_KERNELS[op]
+        node = nodes[name]
+        if wi >= len(node.input) or node.input[wi] not in consts:
+            continue  # both operands are activations: the attention core, not a linear layer
+        shapes_in = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
+        shapes_out = [next(iter(d.values())) for d in args.get("output_type_shape", [])]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w = dims.get(node.input[wi]) or (shapes_in[wi] if wi < len(shapes_in) else [])
+        macs = _macs(op, attrs, shapes_in, shapes_out, w)
+        res["int8_macs" if int8 else "float_macs"] += macs
+        res["ops"][op] = res["ops"].get(op, 0) + 1
+        if not int8:
+            res["float_nodes"].append((name, op, macs))
+    total = res["int8_macs"] + res["float_macs"]
+    res["int8_share"] = res["int8_macs"] / total if total else 0.0
+    res["float_nodes"].sort(key=lambda t: -t[2])
+    return res

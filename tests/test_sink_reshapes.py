@@ -110,3 +110,23 @@ def test_merged_reshape_with_a_copied_dim_keeps_its_meaning():
     after = export(g)
     x = rng.standard_normal((1, T, C)).astype(np.float32)
     np.testing.assert_array_equal(ort_run(before, {"x": x}, optimize=False)[0], ort_run(after, {"x": x}, optimize=False)[0])
+
+
+def test_identity_reshape_removed_before_its_producer_is_visited():
+    """A Reshape that became the identity is detached both ways: the producer Reshape visited next must not see it
+    among its consumers (an exporter order that is not topological, as Swin's window reshapes give)."""
+    x0 = gs.Variable("x0", np.float32, [6, 4])
+    t = gs.Variable("t", np.float32, [2, 3, 4])
+    u = gs.Variable("u", np.float32, [2, 3, 4])
+    y = gs.Variable("y", np.float32, [2, 3, 4])
+    shape = gs.Constant("s", np.array([2, 3, 4], np.int64))
+    nodes = [gs.Node("Reshape", "r_id", inputs=[t, shape], outputs=[u]),
+             gs.Node("Reshape", "r1", inputs=[x0, gs.Constant("s1", np.array([2, 3, 4], np.int64))], outputs=[t]),
+             gs.Node("Relu", "relu", inputs=[u], outputs=[y])]
+    g = gs.Graph(nodes=nodes, inputs=[x0], outputs=[y], opset=17)
+    ref = export(g.copy())
+    res = ReshapeSinking().run(g)
+    assert res.counts["Reshapes removed"] == 1
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    g.toposort()
+    np.testing.assert_array_equal(ort_run(export(g), {"x0": x})[0], ort_run(ref, {"x0": x})[0])
