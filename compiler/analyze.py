@@ -909,7 +909,7 @@ def run_command(a: argparse.Namespace) -> int:
                                   hint="write to another -o")
     created = [p for p in outdir.parents if not p.exists()]
     cfg = AnalyzeConfig(
-        model=a.model, outdir=outdir, target=Target(a.target), batch=a.batch, input_shapes=dict(a.input_shape),
+        model=a.model, outdir=outdir, target=Target(a.target), batch=a.batch or 1, input_shapes=dict(a.input_shape),
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         eval_source=a.eval, samples=a.samples, maps=a.maps, policy=policy, quantized=a.quantized, top=a.top,
         eps=a.eps, force=a.force)

@@ -224,7 +224,8 @@ def _cmd_build(a) -> int:
     created = [p for p in outdir.parents if not p.exists()]  # parents build() will create, deepest first
     cfg = BuildConfig(
         model=a.model, outdir=outdir, target=Target(a.target), precision=Precision(a.precision),
-        fuse=not a.no_fuse, fuse_attention=not a.no_fuse_attention, batch=a.batch, input_shapes=dict(a.input_shape),
+        fuse=not a.no_fuse, fuse_attention=not a.no_fuse_attention, batch=a.batch or 1, dynamic_batch=a.batch is None,
+        input_shapes=dict(a.input_shape),
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,

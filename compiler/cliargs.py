@@ -9,7 +9,8 @@ from collections.abc import Callable
 def add_input_options(p: argparse.ArgumentParser, *, shape_type: Callable, floats3_type: Callable,
                       std3_type: Callable, positive_type: Callable) -> None:
     """--batch, --input-shape, --mean, --std and --force, with the same meaning everywhere."""
-    p.add_argument("--batch", type=positive_type, default=1, help="fix a dynamic batch dim to this size")
+    p.add_argument("--batch", type=positive_type, default=None,
+                   help="fix a dynamic batch dim to this size (default: build at 1; the artifact keeps the dynamic batch)")
     p.add_argument("--input-shape", type=shape_type, action="append", default=[], metavar="NAME=D0,D1,...")
     p.add_argument("--mean", type=floats3_type, default=None, help="override normalization mean, e.g. 0.5,0.5,0.5")
     p.add_argument("--std", type=std3_type, default=None)

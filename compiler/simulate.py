@@ -209,5 +209,5 @@ def simulator_from_args(a) -> Simulator:
     calib = CalibConfig(source=a.calib, samples=a.calib_samples, observer=ObserverConfig(Observer(a.observer),
                                                                                           a.percentile),
                         mean=a.mean, std=a.std)
-    return Simulator(a.model, target=Target(a.target), calib=calib, batch=a.batch, input_shapes=dict(a.input_shape),
+    return Simulator(a.model, target=Target(a.target), calib=calib, batch=a.batch or 1, input_shapes=dict(a.input_shape),
                      eval_source=a.eval, eval_samples=a.eval_samples, threads=a.threads, eval_seed=a.eval_seed)

@@ -24,7 +24,15 @@ log = logging.getLogger(__name__)
 def refresh_shapes(graph: gs.Graph) -> None:
     """Re-run ONNX shape inference and write the shapes back onto the graph's tensors (in place)."""
     model = gs.export_onnx(graph, do_type_check=False)
+    # ONNX cannot infer through contrib ops (com.microsoft.Gelu, QAttention): keep their outputs' known shapes
+    custom = {o.name for n in graph.nodes if n.domain not in ("", "ai.onnx") for o in n.outputs}
+    kept = [vi for vi in model.graph.value_info if vi.name in custom]
     del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    if any(n.op == "LayerNormalization" and not n.domain for n in graph.nodes):  # an op of opset 17
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx") and imp.version < 17:
+                imp.version = 17
     try:
         model = infer_shapes(model)
     except Exception as exc:  # inference is an aid here, never a reason to fail

@@ -112,7 +112,7 @@ class DynamicBatch:
         for t in graph.tensors().values():  # batch-1 intermediate shapes would be stale value_info
             if isinstance(t, gs.Variable) and t.name not in out_names and t not in inputs and t.name in axis:
                 t.shape = None
-        graph.cleanup()
+        graph.cleanup().toposort()
         return PassResult(self.name, True, {"dynamic inputs": len(inputs), **self.counts})
 
     # ---- per-op rules: the batch axis of each output, rewriting constants on the way ----
@@ -200,9 +200,9 @@ class DynamicBatch:
             return [pos[a]]
         if op == "Gather":
             (i, a), = carried
-            if i != 0:
-                raise BatchUnknown(f"Gather node {node.name!r} indexes with a batch-carrying tensor")
             g = node.attrs.get("axis", 0) % _rank(node.inputs[0])
+            if i == 1:  # a lookup (embedding table) by batch-carrying indices
+                return [g + a]
             if g == a:
                 raise BatchUnknown(f"Gather node {node.name!r} indexes the batch axis")
             return [a if g > a else a + _rank(node.inputs[1]) - 1]
@@ -250,7 +250,13 @@ class DynamicBatch:
             raise BatchUnknown(f"Reshape node {node.name!r}: batch in its shape input")
         xs, ys = _static(node.inputs[0]), _static(node.outputs[0])
         target = const_value(node.inputs[1])
-        if xs is None or ys is None or target is None:
+        if ys is None and xs is not None and target is not None:  # shape inference may stop at a newer-opset op
+            ys = [int(xs[j]) if int(d) == 0 and not node.attrs.get("allowzero", 0) else int(d)
+                  for j, d in enumerate(target)]
+            if ys.count(-1) == 1:
+                ys[ys.index(-1)] = int(np.prod(xs)) // max(1, -int(np.prod(ys)))
+            node.outputs[0].shape = ys
+        if xs is None or ys is None or target is None or min(ys) < 0:
             raise BatchUnknown(f"Reshape node {node.name!r}: shapes not static")
         if int(np.prod(xs[:a])) != 1:
             raise BatchUnknown(f"Reshape node {node.name!r}: the batch is not the outermost factor")
