@@ -90,6 +90,7 @@ class BuildConfig:
     dynamic_roles: frozenset[str] = frozenset()  # ORT only: roles whose input range is computed per inference
     force: bool = False
     dump_after: frozenset[str] = frozenset()
+    allow_float: bool = False  # write a model with nothing quantized (no quantizable op) instead of failing
     keep_temp: bool = False  # on failure keep the temporary build folder (dumps, partial outputs) and log its path
     show_progress: bool = True
 
@@ -355,6 +356,20 @@ def build(cfg: BuildConfig) -> BuildResult:
             ann = AnnotatePass()
             results.append(ann.run(graph))
             plan = _plan_for(graph, policy, ann.roles, cfg.target)
+            from vitc.compiler.planner import float_ops, unrecognised_summary
+
+            report["float_ops"] = float_ops(graph, plan, ann.roles)
+            if not plan.quantized():
+                what = unrecognised_summary(report["float_ops"])
+                if not cfg.allow_float:
+                    raise VitcError(f"{cfg.model}: nothing to quantize under policy {plan.policy!r} ({what})",
+                                    hint="pass --allow-float to write the float-equivalent model anyway, or "
+                                         "--precision fp32")
+                log.warning("nothing to quantize (%s): the model stays float (--allow-float)", what)
+            elif report["float_ops"]:
+                n_un = sum(not f["why"].startswith("policy rule") for f in report["float_ops"])
+                log.info("%d weighted op(s) stay float: %d by the policy, %d not recognised (build.json float_ops)",
+                         len(report["float_ops"]), len(report["float_ops"]) - n_un, n_un)
             float_model = export(graph, src.model)
             t = time.perf_counter()
             reservoir: dict[str, list[np.ndarray]] = {}

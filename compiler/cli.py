@@ -135,6 +135,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="allow simulation-only policy settings (bits 4/6): an accuracy model, not an engine")
     b.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="also write the graph after PASS into OUTDIR/dumps (repeatable; 'all')")
+    b.add_argument("--allow-float", action="store_true",
+                   help="a model with nothing to quantize is written float instead of refused (exit 2)")
     b.add_argument("--keep-temp", action="store_true",
                    help="if the build fails, keep its temporary folder (dumps, partial outputs) and log its path")
 
@@ -229,7 +231,7 @@ def _cmd_build(a) -> int:
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,
-        pair_safe_weights=False if a.no_saturation_guard else None, keep_temp=a.keep_temp,
+        pair_safe_weights=False if a.no_saturation_guard else None, keep_temp=a.keep_temp, allow_float=a.allow_float,
         dynamic_roles=_expand_roles(a.dynamic))
     from vitc.compiler.policy import RULE_ROLES
 
@@ -350,6 +352,11 @@ def _cmd_explain(a) -> int:
     ann.run(g)
     plan = make_plan(g, policy, ann.roles, a.target)
     sys.stdout.write(format_plan(plan, ann.roles, g) + "\n")
+    from vitc.compiler.planner import float_ops
+
+    un = [f for f in float_ops(g, plan, ann.roles) if not f["why"].startswith("policy rule")]
+    for f in un:
+        sys.stdout.write(f"# stays float: {f['node']} ({f['op']}): {f['why']}\n")
     _log_plan_notes(plan.to_json())
     return 0
 

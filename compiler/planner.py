@@ -113,3 +113,48 @@ def make_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role], target: s
             if why and not n.simulated:
                 n.simulated, n.simulation = True, why
     return plan
+
+
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
+
+
+def float_ops(graph: gs.Graph, plan: Plan, roles: dict[str, Role]) -> list[dict]:
+    """Every MatMul/Gemm/Conv-like node the plan leaves float, and why: a policy rule keeps it float, or nothing
+    recognised it (no role, no constant weight, an op vitc does not quantize). In graph order."""
+    planned = {n.node: n for n in plan.nodes}
+    out = []
+    for node in graph.nodes:
+        if node.op not in WEIGHTED_OPS:
+            continue
+        n = planned.get(node.name)
+        if n is not None:
+            if n.spec.skip:
+                out.append({"node": node.name, "op": node.op, "role": n.role, "why": f"policy rule {n.rule!r}"})
+            continue
+        r = roles.get(node.name)
+        if node.op in ("ConvTranspose", "Einsum"):
+            why = f"{node.op} is not quantized by vitc"
+        elif r is None:
+            why = "not recognised by annotate (no role)"
+        elif node.op == "Gemm" and node.attrs.get("transA", 0):
+            why = "Gemm with transA"
+        else:
+            why = "no constant weight"
+        out.append({"node": node.name, "op": node.op, "role": r.role if r else None, "why": why})
+    return out
+
+
+def unrecognised_summary(floats: list[dict]) -> str:
+    """One line on the float weighted ops: how many the policy keeps float, how many nothing recognised (the first
+    ones named)."""
+    if not floats:
+        return "no MatMul, Gemm or Conv node in the model"
+    un = [f for f in floats if not f["why"].startswith("policy rule")]
+    rules = sorted({f["why"].removeprefix("policy rule ") for f in floats if f not in un})
+    parts = []
+    if len(floats) > len(un):
+        parts.append(f"{len(floats) - len(un)} weighted op(s) kept float by {', '.join(rules)}")
+    if un:
+        names = ", ".join(f"{f['node']} ({f['op']}: {f['why']})" for f in un[:3])
+        parts.append(f"{len(un)} not recognised, e.g. {names}")
+    return "; ".join(parts)
