@@ -48,6 +48,8 @@ def resolve_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role]) -> Pla
         acts: list[str] = []
         weight = axis = None
         if node.op == "MatMul":
+            if const_value(node.inputs[0]) is not None and not has_const_weight(node):
+                continue  # a constant first operand (a learned query, folded): stays float, float_ops says why
             if has_const_weight(node):
                 acts, weight = [node.inputs[0].name], node.inputs[1].name
                 axis = len(const_value(node.inputs[1]).shape) - 1  # [.., K, N]: one scale per output column
@@ -138,6 +140,8 @@ def float_ops(graph: gs.Graph, plan: Plan, roles: dict[str, Role]) -> list[dict]
             why = "not recognised by annotate (no role)"
         elif node.op == "Gemm" and node.attrs.get("transA", 0):
             why = "Gemm with transA"
+        elif node.op == "MatMul" and const_value(node.inputs[0]) is not None:
+            why = "constant first operand (e.g. a learned query): float"
         else:
             why = "no constant weight"
         out.append({"node": node.name, "op": node.op, "role": r.role if r else None, "why": why})

