@@ -43,8 +43,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from vitc.compiler import data as D
-from vitc.compiler.build import (CalibConfig, _silence_graphsurgeon, _versions, held_out_feeds,
-                                 input_specs, is_image_input, preprocess_for, run_calibration)
+from vitc.compiler.build import (CalibConfig, held_out_feeds, input_specs, is_image_input, package_versions,
+                                 preprocess_for, run_calibration, silence_graphsurgeon)
 from vitc.compiler.calibration import CalibrationTable, Observer, ObserverConfig, TensorRange
 from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
 from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
@@ -457,12 +457,12 @@ def quantized_model(graph_model: onnx.ModelProto, plan: Plan, table: Calibration
                     target: Target) -> onnx.ModelProto:
     """The policy's plan with the calibrated ranges, Q/DQ inserted (no migration search, no bias correction).
     Attention stays unfused (same arithmetic as ORT's QAttention) so its Softmax outputs can be read."""
-    from vitc.compiler.build import _target_passes
+    from vitc.compiler.build import target_passes
     from vitc.passes.insert_qdq import InsertQDQPass
 
     g = gs.import_onnx(graph_model)
     qdq = InsertQDQPass(plan, table, pair_safe_weights=target is Target.ORT)
-    run_passes(g, [qdq, *_target_passes(target, fuse_attention=False)])
+    run_passes(g, [qdq, *target_passes(target, fuse_attention=False)])
     return export(g)
 
 
@@ -481,7 +481,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     from vitc.runtimes.ort import quiet
 
     quiet()
-    _silence_graphsurgeon()
+    silence_graphsurgeon()
     t_all = time.perf_counter()
     stages: dict[str, float] = {}
     if cfg.samples < 1:
@@ -822,7 +822,7 @@ def _report(cfg, fixed_dims, policy, plan, aplan, tok, held, calib_summary, tabl
         "histograms": hist,
         "attention": attention,
         "passes": [r.to_json() for r in results],
-        "versions": _versions(),
+        "versions": package_versions(),
     }
 
 
@@ -850,23 +850,23 @@ def _round(v: float) -> float | None:
 def add_arguments(p: argparse.ArgumentParser, shape_type, floats3_type, std3_type) -> None:
     from vitc.compiler.cliargs import add_input_options
 
-    from vitc.compiler.bench import _pos_int
+    from vitc.compiler.cliargs import pos_int
 
     p.add_argument("model", type=Path)
     p.add_argument("-o", "--outdir", type=Path, required=True,
                    help="output folder for report.html and analysis.json (must not exist unless --force)")
     p.add_argument("--calib", type=Path, default=None,
                    help="calibration data: image folder, .npz (one array per input) or .npy; default: embedded photos")
-    p.add_argument("--calib-samples", type=_pos_int, default=32)
+    p.add_argument("--calib-samples", type=pos_int, default=32)
     p.add_argument("--eval", type=Path, default=None,
                    help="held-out data the errors are measured on (same formats as --calib); default: crops of the "
                         "embedded photos calibration never sees")
-    p.add_argument("--samples", type=_pos_int, default=8, help="held-out samples (memory grows with it)")
+    p.add_argument("--samples", type=pos_int, default=8, help="held-out samples (memory grows with it)")
     p.add_argument("--maps", type=int, default=4, help="held-out inputs drawn with attention maps (0: none)")
     p.add_argument("--quantized", type=Path, default=None, metavar="MODEL.int8.onnx",
                    help="a built int8 model of this model for the attention maps and the whole-model SQNR "
                         "(default: the policy's plan with the calibrated ranges, no migration search)")
-    p.add_argument("--top", type=_pos_int, default=10, help="rows of the ranked table of the worst operators")
+    p.add_argument("--top", type=pos_int, default=10, help="rows of the ranked table of the worst operators")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", choices=[t.value for t in Target], default=Target.ORT.value)
     p.add_argument("--policy", default=None, metavar="FILE|PRESET",
@@ -877,7 +877,7 @@ def add_arguments(p: argparse.ArgumentParser, shape_type, floats3_type, std3_typ
     p.add_argument("--eps", type=float, default=AnalyzeConfig.eps,
                    help="eps of the relative error mean((q - fp)^2 / (fp^2 + eps))")
     add_input_options(p, shape_type=shape_type, floats3_type=floats3_type, std3_type=std3_type,
-                      positive_type=_pos_int)
+                      positive_type=pos_int)
 
 
 def run_command(a: argparse.Namespace) -> int:

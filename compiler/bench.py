@@ -36,6 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
+from vitc.compiler.cliargs import nonneg_int, pos_float, pos_int
 from vitc.compiler.errors import ModelLoadError, OutputError, RuntimeUnavailableError, VitcError
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,8 @@ def trt_engines_from_onnx(models: Sequence[Path], labels: Sequence[str], workdir
         msg = f"--tensorrt: TensorRT not available ({why}); ONNX Runtime only"
         log.warning(msg)
         return [], [msg]
-    mod = importlib.import_module("vitc.runtimes.tensorrt")
+    from vitc.compiler.engine import build_engine  # fp16 float regions, as `vitc engine` builds them
+
     cands, notes = [], []
     for i, (m, lab) in enumerate(zip(models, labels)):
         if m.suffix.lower() in ENGINE_SUFFIXES:
@@ -280,7 +282,7 @@ def trt_engines_from_onnx(models: Sequence[Path], labels: Sequence[str], workdir
             continue
         engine = workdir / f"{i}.engine"
         try:
-            mod.build_engine(m, engine)
+            build_engine(m, engine)
         except VitcError as exc:
             notes.append(f"{lab}: no TensorRT engine ({' '.join(str(exc).split())[:200]})")
             continue
@@ -788,36 +790,6 @@ def _int_list(s: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(v))
 
 
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
-
-
-def _pos_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
 def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("models", type=Path, nargs="+", help=".onnx models (ONNX Runtime CPU) or TensorRT .engine files")
     be.add_argument("--labels", default=None, help="comma-separated names for the models (default: the shortest distinct tail of each path)")
@@ -826,16 +798,16 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--batch", type=_int_list, default=(1,), metavar="B[,B...]",
                     help="batch sizes, e.g. 1,8,32 (a model whose batch dim is fixed skips the others)")
     be.add_argument("--threads", type=_int_list, default=(2,), metavar="T[,T...]", help="intra-op threads, e.g. 1,2")
-    be.add_argument("--warmup", type=_nonneg_int, default=5, help="untimed runs per model before timing")
-    be.add_argument("--block", type=_pos_int, default=None,
+    be.add_argument("--warmup", type=nonneg_int, default=5, help="untimed runs per model before timing")
+    be.add_argument("--block", type=pos_int, default=None,
                     help="timed runs per block (default: sized so a block lasts about a second, 3..500 runs)")
-    be.add_argument("--rounds", type=_pos_int, default=None,
+    be.add_argument("--rounds", type=pos_int, default=None,
                     help="exactly this many rounds (turns off the confidence-interval stopping rule)")
-    be.add_argument("--ci", type=_pos_float, default=2.0, metavar="PCT",
+    be.add_argument("--ci", type=pos_float, default=2.0, metavar="PCT",
                     help="stop once every median and ratio is known to +-PCT %% (95%% CI; default 2)")
-    be.add_argument("--min-rounds", type=_pos_int, default=5)
-    be.add_argument("--max-rounds", type=_pos_int, default=40)
-    be.add_argument("--max-time", type=_pos_float, default=120.0, metavar="S",
+    be.add_argument("--min-rounds", type=pos_int, default=5)
+    be.add_argument("--max-rounds", type=pos_int, default=40)
+    be.add_argument("--max-time", type=pos_float, default=120.0, metavar="S",
                     help="stop a batch/threads group after S seconds (after --min-rounds; default 120)")
     be.add_argument("--pause", type=float, default=0.3, metavar="S", help="pause before each block (default 0.3)")
     be.add_argument("--tensorrt", action="store_true",

@@ -295,7 +295,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def _versions() -> dict:
+def package_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
@@ -322,7 +322,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     from vitc.runtimes.ort import quiet
 
     quiet()
-    _silence_graphsurgeon()
+    silence_graphsurgeon()
     t_all = time.perf_counter()
     stages: dict[str, float] = {}
     tmp = prepare(cfg.outdir, cfg.force)
@@ -355,7 +355,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             policy = cfg.policy or target_default_policy(cfg.target.value, cfg.calib.observer)
             ann = AnnotatePass()
             results.append(ann.run(graph))
-            plan = _plan_for(graph, policy, ann.roles, cfg.target)
+            plan = plan_for(graph, policy, ann.roles, cfg.target)
             from vitc.compiler.planner import float_ops, unrecognised_summary
 
             report["float_ops"] = float_ops(graph, plan, ann.roles)
@@ -390,7 +390,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                 mig = ScaleMigrationPass.from_alpha(cam, graph, cfg.migrate_alpha, nodes=quantized, caps=caps)
                 results += run_passes(graph, [mig], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
                 if mig.applied:
-                    plan = _plan_for(graph, policy, _roles(graph), cfg.target)
+                    plan = plan_for(graph, policy, node_roles(graph), cfg.target)
                     table, calib_summary = run_calibration(export(graph, src.model), plan, cfg.calib, cfg.show_progress,
                                                            label="recalibrating", scratch=tmp)
                 stages["migration + recalibration"] = time.perf_counter() - t
@@ -398,8 +398,8 @@ def build(cfg: BuildConfig) -> BuildResult:
             t = time.perf_counter()
             dyn = frozenset(n.node for n in plan.quantized() if n.role in cfg.dynamic_roles and n.op == "Gemm")
             qdq = InsertQDQPass(plan, table, dynamic_nodes=dyn, weight_mse_clip=cfg.weight_mse_clip,
-                                pair_safe_weights=_pair_safe(cfg))
-            lower = _target_passes(cfg.target, cfg.fuse and cfg.fuse_attention)
+                                pair_safe_weights=uses_pair_safe_weights(cfg))
+            lower = target_passes(cfg.target, cfg.fuse and cfg.fuse_attention)
             results += run_passes(graph, [qdq, *lower], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
             stages["insert_qdq"] = time.perf_counter() - t
             model = export(graph, src.model)
@@ -419,7 +419,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         stages["save + check"] = time.perf_counter() - t
         stages["total"] = time.perf_counter() - t_all
         report["passes"] = [r.to_json() for r in results]
-        report["versions"] = _versions()
+        report["versions"] = package_versions()
         report["seconds"] = {k: round(v, 3) for k, v in stages.items()}
         report["outputs"] = [out_name]
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=False, default=_json_default))
@@ -467,7 +467,7 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
                                   np.asarray(rng.channel_max, np.float32), bits=spec.bits, symmetric=spec.symmetric,
                                   per_channel_weight=spec.weight.value == "per-channel",
                                   alphas=capped_alphas(cap) if migrate else (None,),
-                                  weight_mse_clip=cfg.weight_mse_clip, pair_safe=_pair_safe(cfg),
+                                  weight_mse_clip=cfg.weight_mse_clip, pair_safe=uses_pair_safe_weights(cfg),
                                   center=cfg.center and spec.symmetric and migrate)
         report["linear"][x_name] = {"nodes": [n.name for _, n in members], **choice.to_json()}
         ratio[x_name] = choice.ratio
@@ -480,7 +480,7 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
     mig = ScaleMigrationPass(factors, nodes={n.node for n in plan.quantized()}, shifts=shifts)
     mig_res = mig.run(graph)
     factors = {k: v for k, v in factors.items() if k in mig.applied}  # sites the pass skipped keep their ranges
-    new_plan = _plan_for(graph, policy, _roles(graph), cfg.target)
+    new_plan = plan_for(graph, policy, node_roles(graph), cfg.target)
     ranges = dict(table.ranges)
     for new_name, old in mig.renamed.items():
         ranges[new_name] = ranges[old]
@@ -513,7 +513,7 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
     return graph, new_plan, new_table, report, mig_res
 
 
-def _pair_safe(cfg: BuildConfig) -> bool:
+def uses_pair_safe_weights(cfg: BuildConfig) -> bool:
     return cfg.target is Target.ORT if cfg.pair_safe_weights is None else cfg.pair_safe_weights
 
 
@@ -545,7 +545,7 @@ def _correct_biases(graph: gs.Graph, groups: dict, factors: dict, reservoir: dic
             xq = fake_quant(x, rng.amax, spec.bits) if spec.symmetric else \
                 fake_quant_asym(x, rng.min, rng.max, spec.bits)
             wq = fake_quant_weight(w, spec.bits, spec.weight.value == "per-channel", cfg.weight_mse_clip,
-                                   _pair_safe(cfg))
+                                   uses_pair_safe_weights(cfg))
             err = (xq @ wq - x @ w).mean(axis=0)
             node.inputs[2] = gs.Constant(f"{node.name}.bias.corrected", (b.reshape(-1) - err).astype(b.dtype))
             shifts.append(float(np.abs(err).mean() / max(float(np.abs(b).mean()), 1e-12)))
@@ -558,7 +558,7 @@ def _absmax(r) -> float:
     return float(max(abs(r.min), abs(r.max)))
 
 
-def _silence_graphsurgeon() -> None:
+def silence_graphsurgeon() -> None:
     """graphsurgeon's logger prints warnings (e.g. about large folded constants) straight to stdout."""
     try:
         gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -642,20 +642,20 @@ def _restore_batch(model: onnx.ModelProto, graph: gs.Graph, src: LoadedModel, cf
                  "max_abs_diff_relative": worst}
 
 
-def _roles(graph: gs.Graph):
+def node_roles(graph: gs.Graph):
     ann = AnnotatePass()
     ann.run(graph)
     return ann.roles
 
 
-def _plan_for(graph: gs.Graph, policy: Policy, roles, target: Target) -> Plan:
-    """The policy's plan; for TensorRT plus the residual Adds (passes/trt_residual_qdq.py)."""
+def plan_for(graph: gs.Graph, policy: Policy, roles, target: Target) -> Plan:
+    """The policy's plan; for TensorRT plus the residual Adds (compiler/trt_residual.py)."""
     from vitc.compiler.planner import make_plan
 
     return make_plan(graph, policy, roles, target.value)
 
 
-def _target_passes(target: Target, fuse_attention: bool = True) -> list:
+def target_passes(target: Target, fuse_attention: bool = True) -> list:
     """Lowering after Q/DQ insertion: TensorRT takes no int32 bias DQ (passes/trt_lower.py); on ORT each float
     attention core with an int8 QKV projection becomes one QAttention kernel (passes/ort_attention.py) and the
     token stream stays a 2-D matrix between the GEMMs (passes/sink_reshapes.py)."""

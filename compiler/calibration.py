@@ -6,36 +6,19 @@ by merging bin pairs), its min/max and a per-channel |x| maximum over the last a
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from vitc.compiler.errors import CalibrationDataError
+# the table's types live below the compiler (passes/ consumes them); importable from here as before
+from vitc.passes.quant_types import CalibrationTable, Observer, ObserverConfig, TensorRange
 
 log = logging.getLogger(__name__)
 
 NUM_BINS = 2048
-
-
-class Observer(enum.Enum):
-    PERCENTILE = "percentile"
-    MINMAX = "minmax"
-    ENTROPY = "entropy"
-    MSE = "mse"
-
-
-@dataclass(frozen=True)
-class ObserverConfig:
-    kind: Observer = Observer.PERCENTILE
-    percentile: float = 99.99  # the research's choice; only used by PERCENTILE
-
-    def describe(self) -> str:
-        return f"percentile({self.percentile})" if self.kind is Observer.PERCENTILE else self.kind.value
 
 
 class TensorObserver:
@@ -143,45 +126,6 @@ def _mse_threshold(hist: np.ndarray, edges: np.ndarray, bits: int) -> float:
         if err < best:
             best, best_t = err, t
     return best_t
-
-
-@dataclass
-class TensorRange:
-    """Calibrated range of one tensor."""
-
-    amax: float
-    min: float
-    max: float
-    observer: str
-    channel_absmax: list[float] | None = None
-    channel_min: list[float] | None = None
-    channel_max: list[float] | None = None
-
-
-@dataclass
-class CalibrationTable:
-    """The calibration stage's product: tensor name -> range. JSON-serializable, keyed by the model's digest."""
-
-    model_digest: str
-    observer: str
-    samples: int
-    ranges: dict[str, TensorRange] = field(default_factory=dict)
-
-    def to_json(self, with_channels: bool = False) -> dict:
-        out = asdict(self)
-        if not with_channels:
-            for r in out["ranges"].values():
-                for k in ("channel_absmax", "channel_min", "channel_max"):
-                    r.pop(k, None)
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict) -> "CalibrationTable":
-        ranges = {k: TensorRange(**v) for k, v in data["ranges"].items()}
-        return cls(data["model_digest"], data["observer"], data["samples"], ranges)
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(with_channels=True), sort_keys=True)
 
 
 def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], tensors: Iterable[str],

@@ -37,9 +37,9 @@ def _shape(s: str) -> tuple[str, list[int]]:
 
 
 def _positive(s: str) -> int:
-    from vitc.compiler.bench import _pos_int  # one parser for positive integers, shared with `vitc bench`
+    from vitc.compiler.cliargs import pos_int  # one parser for positive integers, shared with `vitc bench`
 
-    return _pos_int(s)
+    return pos_int(s)
 
 
 def _std3(s: str) -> tuple[float, float, float]:
@@ -242,7 +242,7 @@ def _cmd_build(a) -> int:
         raise VitcError("--dynamic needs --target ort", hint="TensorRT runs only static int8 activation scales")
     trt_engine = a.target == "trt" and cfg.precision is Precision.INT8
     if trt_engine and a.require_engine:  # before any work: no OUTDIR when the engine cannot be built
-        from vitc.runtimes.tensorrt import require_available
+        from vitc.compiler.engine import require_available
 
         require_available("--require-engine")
     try:
@@ -267,8 +267,9 @@ def _trt_engine_step(a, res) -> None:
     """After a `--target trt` build: build the engine if TensorRT and a GPU are here, else say how (one line)."""
     import shutil
 
-    from vitc.runtimes.tensorrt import (ENGINE_NAME, EngineConfig, availability, build_commands, engine_in_outdir,
-                                        not_built_message, record_engine)
+    from vitc.compiler.engine import (EngineConfig, build_commands, engine_in_outdir, not_built_message,
+                                      record_engine)
+    from vitc.runtimes.tensorrt import ENGINE_NAME, availability
 
     av = availability()
     if not av.ok:
@@ -312,7 +313,8 @@ def _cmd_check(a) -> int:
 
 
 def _cmd_engine(a) -> int:
-    from vitc.runtimes.tensorrt import ENGINE_NAME, EngineConfig, engine_in_outdir
+    from vitc.compiler.engine import EngineConfig, engine_in_outdir
+    from vitc.runtimes.tensorrt import ENGINE_NAME
 
     sc = engine_in_outdir(a.outdir, EngineConfig(fp16=not a.no_fp16, workspace_mb=a.workspace_mb,
                                                  timing_cache=a.timing_cache, force=a.force))

@@ -1,8 +1,10 @@
-"""Command-line options shared by the subcommands that load and calibrate a model (build, analyze, search, ablate)."""
+"""Command-line options shared by the subcommands that load and calibrate a model (build, analyze, search, ablate),
+and the argparse value types every command shares (positive/non-negative integers, positive numbers)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -15,3 +17,33 @@ def add_input_options(p: argparse.ArgumentParser, *, shape_type: Callable, float
     p.add_argument("--mean", type=floats3_type, default=None, help="override normalization mean, e.g. 0.5,0.5,0.5")
     p.add_argument("--std", type=std3_type, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
+
+
+def pos_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def pos_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v

@@ -408,7 +408,7 @@ def format_result(r: EvalResult) -> str:
 
 # -- command line -----------------------------------------------------------------------------------------------------
 def add_arguments(ev: argparse.ArgumentParser, shape_type, floats3_type, std3_type) -> None:
-    from vitc.compiler.bench import _nonneg_int, _pos_int
+    from vitc.compiler.cliargs import nonneg_int, pos_int
 
     ev.add_argument("model", type=Path)
     ev.add_argument("--data", type=Path, required=True,
@@ -417,11 +417,11 @@ def add_arguments(ev: argparse.ArgumentParser, shape_type, floats3_type, std3_ty
                     help="float model for label-free fidelity (top-1 agreement, logit cosine, SQNR, KL)")
     ev.add_argument("--class-map", type=Path, default=None,
                     help="folder name -> output index: .json, or one class per line (ImageNet synset order)")
-    ev.add_argument("--batch", type=_pos_int, default=None,
+    ev.add_argument("--batch", type=pos_int, default=None,
                     help=f"images per inference (default {DEFAULT_BATCH}; a model with a fixed batch dim runs "
                          "in chunks of it, and refuses another --batch)")
-    ev.add_argument("--threads", type=_nonneg_int, default=0, help="ORT intra-op threads (0: ORT's default)")
-    ev.add_argument("--limit", type=_pos_int, default=None, help="evaluate N images spread evenly over the folder")
+    ev.add_argument("--threads", type=nonneg_int, default=0, help="ORT intra-op threads (0: ORT's default)")
+    ev.add_argument("--limit", type=pos_int, default=None, help="evaluate N images spread evenly over the folder")
     ev.add_argument("--input-shape", type=shape_type, action="append", default=[], metavar="NAME=D0,D1,...")
     ev.add_argument("--mean", type=floats3_type, default=None)
     ev.add_argument("--std", type=std3_type, default=None)

@@ -30,7 +30,7 @@ class ExportConfig:
     force: bool = False
 
 
-def _imports():
+def import_torch_timm():
     try:
         import timm
         import torch
@@ -41,7 +41,7 @@ def _imports():
 
 
 def load_checkpoint(path: Path):
-    torch, _ = _imports()
+    torch, _ = import_torch_timm()
     if not path.is_file():
         raise ModelLoadError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
@@ -71,7 +71,7 @@ def load_checkpoint(path: Path):
 
 
 def export_timm(cfg: ExportConfig) -> Path:
-    torch, timm = _imports()
+    torch, timm = import_torch_timm()
     out = cfg.output.absolute()
     if out.exists() and not cfg.force:
         raise OutputError(f"{out}: already exists", hint="pass --force to replace it")

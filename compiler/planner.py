@@ -101,10 +101,10 @@ def _unused(policy: Policy, nodes: list[NodePlan]) -> list[str]:
 
 def make_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role], target: str = "ort") -> Plan:
     """The plan a build for ``target`` quantizes: :func:`resolve_plan`, plus for TensorRT one entry per residual Add
-    (passes/trt_residual_qdq.py)."""
+    (compiler/trt_residual.py)."""
     plan = resolve_plan(graph, policy, roles)
     if target == "trt":
-        from vitc.passes.trt_residual_qdq import extend_plan
+        from vitc.compiler.trt_residual import extend_plan
 
         extended = extend_plan(graph, plan, policy)
         extended.warnings = _unused(policy, extended.nodes) + [w for w in plan.warnings if "matches no node" not in w]

@@ -13,16 +13,18 @@ import fnmatch
 import functools
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from vitc.compiler.calibration import Observer, ObserverConfig
 from vitc.compiler.errors import PolicyError
 from vitc.passes.annotate import FLOAT_ROLES, QUANTIZABLE_ROLES, ROLES
+# the plan's types live below the compiler (passes/ consumes them); importable from here as before
+from vitc.passes.quant_types import (Granularity, NodePlan, Observer, ObserverConfig, Plan, QuantSpec,
+                                     SoftmaxQuantizer, simulation_reasons)
 
 # Roles a rule can name. ``residual`` is the skip input of a residual Add that the TensorRT target quantizes
-# (passes/trt_residual_qdq.py); everything else comes from passes/annotate.py.
+# (compiler/trt_residual.py); everything else comes from passes/annotate.py.
 RULE_ROLES: tuple[str, ...] = QUANTIZABLE_ROLES + ("residual", "residual_add")
 # A group name in a rule matches each of its members: ``qkv`` covers separate q/k/v projections too (so one rule
 # serves timm's fused projection and HF's separate ones), ``residual_add`` covers TensorRT's ``residual`` entries,
@@ -43,46 +45,6 @@ def expand_roles(roles: frozenset[str]) -> frozenset[str]:
     for r in roles:
         out |= ROLE_GROUPS.get(r, frozenset())
     return frozenset(out)
-
-
-class Granularity(enum.Enum):
-    PER_TENSOR = "per-tensor"
-    PER_CHANNEL = "per-channel"
-
-
-class SoftmaxQuantizer(enum.Enum):
-    """How attention x V's probability input is quantized. Only ``uniform`` runs on engines; the log quantizers
-    (levels 2^-q, or 2^-q/2 for log-sqrt2) put their resolution near 0, where softmax probabilities (~1/T) live,
-    and are simulated as float ops."""
-
-    UNIFORM = "uniform"
-    LOG2 = "log2"
-    LOG_SQRT2 = "log-sqrt2"
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one operator is quantized. ``skip`` keeps it in float."""
-
-    skip: bool = False
-    activation: Granularity = Granularity.PER_TENSOR
-    weight: Granularity = Granularity.PER_CHANNEL
-    observer: ObserverConfig = ObserverConfig()
-    bits: int = 8
-    symmetric: bool = True
-    softmax: SoftmaxQuantizer = SoftmaxQuantizer.UNIFORM  # attention x V only (its probability input)
-    migrate: bool = True  # channel-scale migration into this linear's weights may be applied (build --migrate)
-    # the strongest migration (SmoothQuant alpha) the range search may pick for this linear; None: any in its grid
-    max_alpha: float | None = None
-
-    def describe(self) -> str:
-        if self.skip:
-            return "float"
-        return (f"int{self.bits} {'sym' if self.symmetric else 'asym'} act={self.activation.value} "
-                f"weight={self.weight.value} observer={self.observer.describe()}"
-                + ("" if self.softmax is SoftmaxQuantizer.UNIFORM else f" softmax={self.softmax.value}")
-                + ("" if self.migrate else " migrate=off")
-                + ("" if self.max_alpha is None or not self.migrate else f" max_alpha={self.max_alpha:g}"))
 
 
 @dataclass(frozen=True)
@@ -185,7 +147,7 @@ def trt_policy(observer: ObserverConfig | None = None, attention: TrtAttention =
     Unlike the ORT policy, the attention x V matmul is quantized too by default: TensorRT's fused int8 MHA needs
     Q/DQ after the softmax and on V. ``attention=TrtAttention.FLOAT`` keeps both attention matmuls float instead.
     Role ``residual`` is the skip input of an Add that follows a quantized linear (found by the TRT-only
-    ``passes/trt_residual_qdq.py``); quantizing it lets TensorRT fuse the Add into the GEMM epilogue.
+    ``compiler/trt_residual.py``); quantizing it lets TensorRT fuse the Add into the GEMM epilogue.
     ``vitc check --target trt`` reports a residual left float as a lost fusion. ``quantize_patch_embed=False``
     keeps the patch-embedding Conv (the first layer, ~1% of a ViT-S's MACs) in fp16.
     """
@@ -202,70 +164,6 @@ def trt_policy(observer: ObserverConfig | None = None, attention: TrtAttention =
 
 # -- the plan -------------------------------------------------------------------------------------------------------
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
-
-
-@dataclass
-class NodePlan:
-    node: str
-    op: str
-    role: str
-    block: int | None
-    spec: QuantSpec
-    rule: str
-    activations: list[str] = field(default_factory=list)  # tensor names quantized as activations
-    weight: str | None = None  # constant weight tensor name (quantized per spec.weight)
-    weight_axis: int | None = None
-    simulated: bool = False  # settings no int8 kernel runs (see ``simulation`` for which)
-    simulation: tuple[str, ...] = ()  # e.g. ("per-channel activations", "int4"): why it is simulated
-
-    def to_json(self) -> dict:
-        return {"node": self.node, "op": self.op, "role": self.role, "block": self.block, "rule": self.rule,
-                "quant": self.spec.describe(), "activations": self.activations, "weight": self.weight,
-                "weight_axis": self.weight_axis, "simulated": self.simulated, "simulation": list(self.simulation)}
-
-
-def simulation_reasons(spec: QuantSpec) -> tuple[str, ...]:
-    """Why a spec cannot run on an int8 engine kernel (TensorRT or ORT): per-channel activation scales (every
-    int8 GEMM kernel takes one activation scale) and bit widths other than 8. Such nodes still run, as Q/DQ
-    around a float op: an accuracy simulation, not a deployable speed-up."""
-    if spec.skip:
-        return ()
-    out = []
-    if spec.activation is Granularity.PER_CHANNEL:
-        out.append("per-channel activations")
-    if spec.bits != 8:
-        out.append(f"int{spec.bits}")
-    if spec.softmax is not SoftmaxQuantizer.UNIFORM:
-        out.append(f"{spec.softmax.value} softmax")
-    return tuple(out)
-
-
-@dataclass
-class Plan:
-    policy: str
-    nodes: list[NodePlan]
-    warnings: list[str] = field(default_factory=list)  # e.g. a rule that matched nothing
-
-    def quantized(self) -> list[NodePlan]:
-        return [n for n in self.nodes if not n.spec.skip]
-
-    def simulated(self) -> list[NodePlan]:
-        return [n for n in self.quantized() if n.simulated]
-
-    def activation_tensors(self) -> list[str]:
-        return list(dict.fromkeys(t for n in self.quantized() for t in n.activations))
-
-    def observer_overrides(self) -> dict[str, ObserverConfig]:
-        """Activation tensor -> the observer of the rule that quantizes it (the first consumer's, if several)."""
-        out: dict[str, ObserverConfig] = {}
-        for n in self.quantized():
-            for t in n.activations:
-                out.setdefault(t, n.spec.observer)
-        return out
-
-    def to_json(self) -> dict:
-        return {"policy": self.policy, "nodes": [n.to_json() for n in self.nodes],
-                "simulated": [n.node for n in self.simulated()], "warnings": list(self.warnings)}
 
 
 # -- policy files and presets -----------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.build import (BuildConfig, CalibConfig, _pair_safe, _plan_for, _roles, _silence_graphsurgeon,
-                                 _target_passes, held_out_feeds, input_specs, refine_ranges, run_calibration)
+from vitc.compiler.build import (BuildConfig, CalibConfig, held_out_feeds, input_specs, node_roles, plan_for,
+                                 refine_ranges, run_calibration, silence_graphsurgeon, target_passes,
+                                 uses_pair_safe_weights)
 from vitc.compiler.calibration import CalibrationTable
 from vitc.compiler.evaluate import Fidelity
 from vitc.compiler.loader import load_model
@@ -79,7 +80,7 @@ class Simulator:
         from vitc.runtimes.ort import OrtRuntime, quiet
 
         quiet()
-        _silence_graphsurgeon()
+        silence_graphsurgeon()
         self.path = Path(model)
         self.target = target
         self.calib = calib
@@ -91,8 +92,8 @@ class Simulator:
         self.float_passes = run_passes(graph, float_pipeline(PipelineConfig(target, fuse)))
         self.float_model = export(graph, self.source)
         self._float_graph = graph  # read-only from here on (constants and attributes for cost models)
-        self.roles = _roles(graph)
-        plan = _plan_for(graph, calibrate_everything_policy(target, calib), self.roles, target)
+        self.roles = node_roles(graph)
+        plan = plan_for(graph, calibrate_everything_policy(target, calib), self.roles, target)
         self.reservoir: dict[str, list[np.ndarray]] = {}
         self.table, self.calib_summary = run_calibration(self.float_model, plan, calib, show_progress,
                                                          reservoir=self.reservoir, keep=search_samples)
@@ -116,12 +117,12 @@ class Simulator:
 
     def plan(self, policy: Policy) -> Plan:
         graph = gs.import_onnx(self.float_model)
-        return _plan_for(graph, policy, _roles(graph), self.target)
+        return plan_for(graph, policy, node_roles(graph), self.target)
 
     def quantize(self, policy: Policy, opts: SimOptions = SimOptions()) -> tuple[onnx.ModelProto, Plan, dict]:
         """The int8 model `vitc build --policy` would write with these options (calibration shared)."""
         graph = gs.import_onnx(self.float_model)
-        plan = _plan_for(graph, policy, _roles(graph), self.target)
+        plan = plan_for(graph, policy, node_roles(graph), self.target)
         cfg = BuildConfig(model=self.path, outdir=self.path, target=self.target, calib=self.calib, policy=policy,
                           migrate=opts.migrate, search=opts.search, search_samples=self.search_samples,
                           bias_correction=opts.bias_correction and opts.search,
@@ -131,12 +132,13 @@ class Simulator:
         report: dict = {}
         if opts.search:
             graph, plan, table, report, _ = refine_ranges(graph, plan, table, self.reservoir, policy, cfg)
-        qdq = InsertQDQPass(plan, table, weight_mse_clip=opts.weight_mse_clip, pair_safe_weights=_pair_safe(cfg))
+        qdq = InsertQDQPass(plan, table, weight_mse_clip=opts.weight_mse_clip,
+                            pair_safe_weights=uses_pair_safe_weights(cfg))
         pipe_log = logging.getLogger("vitc.compiler.pipeline")
         level = pipe_log.level
         pipe_log.setLevel(max(level, logging.WARNING))  # one report line per policy would drown the search's own log
         try:
-            run_passes(graph, [qdq, *_target_passes(self.target)])
+            run_passes(graph, [qdq, *target_passes(self.target)])
         finally:
             pipe_log.setLevel(level)
         return export(graph, self.source), plan, report

@@ -17,11 +17,10 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.calibration import CalibrationTable
-from vitc.compiler.errors import PassError
-from vitc.compiler.policy import Granularity, NodePlan, Plan, SoftmaxQuantizer
+from vitc.errors import PassError
 from vitc.passes.base import PassResult
 from vitc.passes.graphutil import const_value, finish
+from vitc.passes.quant_types import CalibrationTable, Granularity, NodePlan, Plan, SoftmaxQuantizer
 
 log = logging.getLogger(__name__)
 

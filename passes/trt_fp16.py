@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from vitc.compiler.errors import PassError
+from vitc.errors import PassError
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,13 @@ Engine build (:func:`build_engine`): the network is strongly typed (``NetworkDef
 TYPED``; TensorRT 11 makes every network strongly typed), so precisions come from the graph, not from builder
 flags: int8 where the Q/DQ say so, and the float regions in the graph's float type. TensorRT refuses the FP16
 precision flag on a strongly typed network, so ``fp16=True`` hands the parser a copy of the graph whose float
-regions are fp16 (:func:`vitc.passes.trt_fp16.to_fp16`); ``fp16=False`` builds exactly what ``trtexec
---onnx=model.int8.onnx --stronglyTyped`` builds. A timing cache file is loaded before and saved after the build.
+regions are fp16 (the caller supplies the conversion, :func:`vitc.passes.trt_fp16.to_fp16`); ``fp16=False``
+builds exactly what ``trtexec --onnx=model.int8.onnx --stronglyTyped`` builds. A timing cache file is loaded
+before and saved after the build.
+
+This module only builds, loads and runs engines: it imports nothing of vitc.compiler or vitc.passes
+(tests/test_layering.py). `vitc engine OUTDIR` and the engine step of `vitc build --target trt` are
+compiler/engine.py.
 
 The sidecar ``model.engine.json`` records the TensorRT version, GPU name and compute capability, input/output
 shapes and build flags: TensorRT engines only load in the TensorRT version and on the GPU model that built them,
@@ -26,12 +31,13 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from vitc.compiler.errors import RuntimeUnavailableError, VitcError
+from vitc.errors import RuntimeUnavailableError, VitcError
 
 log = logging.getLogger(__name__)
 
@@ -248,19 +254,25 @@ def _trt_logger(trt):
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, fp16: bool = True,
-                 workspace_mb: int = DEFAULT_WORKSPACE_MB, timing_cache: str | os.PathLike | None = None
-                 ) -> EngineSidecar:
+                 workspace_mb: int = DEFAULT_WORKSPACE_MB, timing_cache: str | os.PathLike | None = None,
+                 to_fp16: Callable | None = None) -> EngineSidecar:
     """Build a strongly typed TensorRT engine from the Q/DQ graph ``onnx_path``; write it and its sidecar.
 
-    ``timing_cache``: a file loaded before and saved after the build (None: one per TensorRT version and GPU
-    under ~/.cache/vitc). Raises RuntimeUnavailableError without TensorRT/GPU, EngineBuildError if TensorRT
-    cannot parse or build. UNTESTED on a GPU (see the module docstring).
+    ``fp16``: TensorRT parses ``to_fp16(onnx.load(onnx_path))``, the graph with fp16 float regions; the caller
+    passes the conversion (:func:`vitc.passes.trt_fp16.to_fp16`, which is what
+    :func:`vitc.compiler.engine.build_engine` does), as a runtime imports no passes. ``timing_cache``: a file
+    loaded before and saved after the build (None: one per TensorRT version and GPU under ~/.cache/vitc). Raises
+    RuntimeUnavailableError without TensorRT/GPU, EngineBuildError if TensorRT cannot parse or build. UNTESTED on
+    a GPU (see the module docstring).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if workspace_mb < 1:
         raise VitcError(f"workspace of {workspace_mb} MiB is not valid", hint="give --workspace-mb 1 or more")
     if not onnx_path.is_file():
         raise VitcError(f"{onnx_path}: no such model", hint="build it first: vitc build MODEL --target trt -o OUTDIR")
+    if fp16 and to_fp16 is None:
+        raise ValueError("build_engine(fp16=True) needs to_fp16, the graph conversion (vitc.passes.trt_fp16.to_fp16; "
+                         "vitc.compiler.engine.build_engine passes it)")
     trt = import_tensorrt()
     dev = current_device()
     version = str(trt.__version__)
@@ -272,8 +284,6 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, f
     parser = trt.OnnxParser(network, logger)
     if fp16:
         import onnx
-
-        from vitc.passes.trt_fp16 import to_fp16
 
         parsed = parser.parse(to_fp16(onnx.load(str(onnx_path))).SerializeToString(), str(onnx_path))
     else:
@@ -458,81 +468,3 @@ class TensorRtRuntime:
         if isinstance(model, bytes):
             raise VitcError("the TensorRT runtime loads engine files, not ONNX bytes", hint="give an engine path")
         return TrtRunner(model)
-
-
-def build_commands(outdir: str | os.PathLike) -> tuple[str, str]:
-    """The two ways to build the engine on a GPU host: (vitc command, trtexec command with fp32 float regions)."""
-    import shlex
-
-    d = str(outdir)
-    q = shlex.quote
-    return (f"vitc engine {q(d)}",
-            f"trtexec --onnx={q(os.path.join(d, 'model.int8.onnx'))} --stronglyTyped "
-            f"--saveEngine={q(os.path.join(d, ENGINE_NAME))}")
-
-
-# -- the CLI's engine steps (`vitc build --target trt`, `vitc engine OUTDIR`) -----------------------------------------
-ONNX_NAME = "model.int8.onnx"
-REPORT_NAME = "build.json"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    fp16: bool = True  # float regions in fp16 (the graph handed to TensorRT is converted; see passes/trt_fp16.py)
-    workspace_mb: int = DEFAULT_WORKSPACE_MB
-    timing_cache: Path | None = None  # None: one per TensorRT version and GPU under ~/.cache/vitc
-    force: bool = False  # replace an existing model.engine
-
-
-def require_available(what: str) -> Availability:
-    """Availability, or RuntimeUnavailableError (exit 4) naming ``what`` needed it and why it is missing."""
-    a = availability()
-    if not a.ok:
-        raise RuntimeUnavailableError(f"{what}: cannot build a TensorRT engine here: {a.reason}", hint=INSTALL_HINT)
-    return a
-
-
-def not_built_message(outdir: str, reason: str) -> str:
-    """The one line `vitc build --target trt` logs when it cannot build the engine."""
-    vitc_cmd, trtexec_cmd = build_commands(outdir)
-    return (f"TensorRT engine not built: {reason}; model.int8.onnx is the TensorRT-ready graph. On a GPU host run "
-            f"`{vitc_cmd}` (float regions fp16), or without vitc `{trtexec_cmd}` (float regions fp32, the same as "
-            f"`{vitc_cmd} --no-fp16`)")
-
-
-def record_engine(outdir: Path, entry: dict) -> None:
-    """Add what happened to the engine to OUTDIR/build.json (best effort: the build itself is complete)."""
-    p = outdir / REPORT_NAME
-    try:
-        report = json.loads(p.read_text(encoding="utf-8"))
-        report["engine"] = entry
-        p.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    except (OSError, ValueError) as exc:
-        log.debug("could not record the engine step in %s: %s", p, exc)
-
-
-def engine_in_outdir(outdir: str | os.PathLike, cfg: EngineConfig = EngineConfig()) -> EngineSidecar:
-    """`vitc engine OUTDIR`: build OUTDIR/model.engine (+ sidecar) from OUTDIR/model.int8.onnx."""
-    from vitc.compiler.errors import OutputError
-
-    d = Path(outdir)
-    onnx_path = d / ONNX_NAME
-    if not d.is_dir():
-        raise VitcError(f"{d}: no such folder", hint="give the OUTDIR of `vitc build MODEL --target trt -o OUTDIR`")
-    if not onnx_path.is_file():
-        raise VitcError(f"{d}: has no {ONNX_NAME}", hint="build it first: vitc build MODEL --target trt -o OUTDIR")
-    engine = d / ENGINE_NAME
-    if engine.exists() and not cfg.force:
-        raise OutputError(f"{engine}: already exists", hint="pass --force to rebuild it")
-    from vitc.compiler.trt_check import check_file
-
-    rep = check_file(onnx_path)
-    if not rep.ok:
-        log.warning("%s breaks %d TensorRT rule(s) (`vitc check %s --target trt` lists them); TensorRT may refuse "
-                    "it or run parts unfused", onnx_path, len(rep.violations), onnx_path)
-    require_available(f"vitc engine {d}")
-    sidecar = build_engine(onnx_path, engine, fp16=cfg.fp16, workspace_mb=cfg.workspace_mb,
-                           timing_cache=cfg.timing_cache)
-    record_engine(d, {"built": True, "engine": ENGINE_NAME, "sidecar": sidecar_path(engine).name,
-                      **sidecar.to_json()})
-    return sidecar

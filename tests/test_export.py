@@ -43,6 +43,7 @@ def test_legacy_export_records_preprocessing_and_builds(legacy_export, tmp_path)
     assert roles["attn_qk"] == 12 and roles["attn_av"] == 12 and roles["head"] == 1
 
 
+@pytest.mark.slow
 def test_dynamo_export_fuses_and_builds(tmp_path):
     pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
     out = export_timm(ExportConfig(MODEL, tmp_path / "deit_t_dynamo.onnx", dynamo=True))

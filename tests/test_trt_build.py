@@ -136,7 +136,7 @@ def _layerscale_graph():
 
 
 def test_residual_site_through_layerscale():
-    from vitc.passes.trt_residual_qdq import extend_plan, residual_sites
+    from vitc.compiler.trt_residual import extend_plan, residual_sites
 
     g = _layerscale_graph()
     lin = NodePlan("lin", "Gemm", "proj", 0, QuantSpec(), "default", ["x"], "w", 1)

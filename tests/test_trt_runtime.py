@@ -1,5 +1,6 @@
 """runtimes/tensorrt.py without a GPU: availability messages, the sidecar and its mismatch refusals, the build flow
-against a *fake* `tensorrt` module (it checks vitc's control flow and files, not TensorRT), the `vitc engine` CLI.
+against a *fake* `tensorrt` module (it checks vitc's control flow and files, not TensorRT), the `vitc engine` CLI
+(compiler/engine.py, which also hands the runtime the fp16 conversion).
 The tests marked `gpu` build and run a real engine; they are skipped here (no GPU has ever run them)."""
 
 import json
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from vitc.compiler import engine as E
 from vitc.compiler.errors import RuntimeUnavailableError, VitcError
 from vitc.runtimes import tensorrt as T
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
@@ -167,7 +169,7 @@ def outdir(tmp_path):
 
 # -- import and availability ------------------------------------------------------------------------------------------
 def test_importing_the_runtime_needs_neither_tensorrt_nor_pycuda():
-    code = ("import sys, vitc.runtimes.tensorrt, vitc.compiler.cli; "
+    code = ("import sys, vitc.runtimes.tensorrt, vitc.compiler.engine, vitc.compiler.cli; "
             "assert 'tensorrt' not in sys.modules and 'pycuda' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -254,7 +256,7 @@ def test_build_engine_flow(outdir, tmp_path, monkeypatch):
     fake_pycuda(monkeypatch)
     cache = tmp_path / "tc" / "timing.cache"
     eng = outdir / "model.engine"
-    sc = T.build_engine(outdir / "model.int8.onnx", eng, fp16=True, workspace_mb=512, timing_cache=cache)
+    sc = E.build_engine(outdir / "model.int8.onnx", eng, fp16=True, workspace_mb=512, timing_cache=cache)
     assert eng.read_bytes() == b"ENGINE-BYTES" and cache.read_bytes() == b"CACHE:"
     assert trt.calls["flags"] == [1 << 5], "strongly typed network"
     assert trt.calls["pool"] == [(0, 512 << 20)] and trt.calls["cache_in"] == [b""]
@@ -284,6 +286,8 @@ def test_build_engine_errors(outdir, monkeypatch):
     assert not (outdir / "model.engine").exists()
     with pytest.raises(VitcError, match="workspace"):
         T.build_engine(outdir / "model.int8.onnx", outdir / "model.engine", workspace_mb=0)
+    with pytest.raises(ValueError, match="needs to_fp16"):  # the runtime imports no passes: the caller converts
+        T.build_engine(outdir / "model.int8.onnx", outdir / "model.engine", fp16=True)
 
 
 def test_engine_cli_with_fake_tensorrt(outdir, tmp_path, monkeypatch, capsys):
@@ -314,7 +318,7 @@ def test_gpu_engine_matches_onnxruntime(outdir, fp16):
     from conftest import ort_run, sqnr_db
 
     eng = outdir / "model.engine"
-    sc = T.build_engine(outdir / "model.int8.onnx", eng, fp16=fp16)
+    sc = E.build_engine(outdir / "model.int8.onnx", eng, fp16=fp16)
     assert sc.inputs == {"input": [1, 3, 32, 32]}
     runner = T.TrtRunner(eng)
     try:

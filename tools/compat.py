@@ -74,7 +74,7 @@ def _export(spec: str, exporter: str, work: Path) -> Path:
         return path
     if spec.endswith(".onnx"):
         return Path(spec)
-    from vitc.compiler.export import ExportConfig, _imports, export_timm
+    from vitc.compiler.export import ExportConfig, export_timm, import_torch_timm as _imports
 
     torch, _ = _imports()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""TensorRT only: quantize the residual (skip) input of Adds that follow a quantized linear.
+"""TensorRT only: quantize the residual (skip) input of Adds that follow a quantized linear (a plan extension).
 
 TensorRT fuses an elementwise Add that follows a Conv/GEMM into the GEMM's epilogue when the Add's other input is
 quantized (its Q/DQ placement guide: "quantize the residual input of skip-Adds"); left in float, the Add runs as
@@ -6,10 +6,11 @@ its own kernel reading a float/fp16 tensor. In a transformer block that is ``x +
 the linear's output goes straight into the Add (through at most a Reshape), and ``x``, the skip input, is what
 gets Q/DQ. The Add's output stays float (it feeds LayerNorm and the next skip connection).
 
-This module does not insert anything itself: :func:`extend_plan` adds one plan entry per residual Add (role
-``residual``, op ``Add``, the skip tensor as its only activation) *before calibration*, so the skip tensor is
-calibrated with everything else and :class:`~vitc.passes.insert_qdq.InsertQDQPass` gives it its Q/DQ like any
-other planned activation. The policy decides (``trt_policy(quantize_residual=False)`` keeps the skip in float).
+This module does not insert anything itself, so it is not a pass: :func:`extend_plan` (called by
+compiler/planner.py) adds one plan entry per residual Add (role ``residual``, op ``Add``, the skip tensor as its
+only activation) *before calibration*, so the skip tensor is calibrated with everything else and
+:class:`~vitc.passes.insert_qdq.InsertQDQPass` gives it its Q/DQ like any other planned activation. The policy
+decides (``trt_policy(quantize_residual=False)`` keeps the skip in float).
 """
 
 from __future__ import annotations
