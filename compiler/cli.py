@@ -192,6 +192,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="timing cache file reused between builds (default: one per TensorRT version and GPU "
                         "under ~/.cache/vitc)")
     g.add_argument("--force", action="store_true", help="replace an existing model.engine")
+    for flag, default, what in (("--min-batch", 1, "smallest"), ("--opt-batch", 8, "tuned-for"),
+                                ("--max-batch", 32, "largest")):
+        g.add_argument(flag, type=_positive, default=default,
+                       help=f"{what} batch of the engine's optimization profile (dynamic-batch graphs; default "
+                            f"{default})")
     return p
 
 
@@ -316,8 +321,11 @@ def _cmd_engine(a) -> int:
     from vitc.compiler.engine import EngineConfig, engine_in_outdir
     from vitc.runtimes.tensorrt import ENGINE_NAME
 
+    from vitc.runtimes.tensorrt import BatchProfile
+
     sc = engine_in_outdir(a.outdir, EngineConfig(fp16=not a.no_fp16, workspace_mb=a.workspace_mb,
-                                                 timing_cache=a.timing_cache, force=a.force))
+                                                 timing_cache=a.timing_cache, force=a.force,
+                                                 batch=BatchProfile(a.min_batch, a.opt_batch, a.max_batch)))
     log.info("wrote %s (TensorRT %s, %s, compute capability %s)", a.outdir / ENGINE_NAME, sc.tensorrt_version,
              sc.gpu_name, sc.compute_capability)
     return 0

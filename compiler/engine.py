@@ -16,8 +16,8 @@ from pathlib import Path
 
 from vitc.errors import OutputError, RuntimeUnavailableError, VitcError
 from vitc.runtimes import tensorrt as trt_runtime
-from vitc.runtimes.tensorrt import (DEFAULT_WORKSPACE_MB, ENGINE_NAME, INSTALL_HINT, Availability, EngineSidecar,
-                                    availability, sidecar_path)
+from vitc.runtimes.tensorrt import (DEFAULT_WORKSPACE_MB, ENGINE_NAME, INSTALL_HINT, Availability, BatchProfile,
+                                    EngineSidecar, availability, sidecar_path)
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,14 @@ REPORT_NAME = "build.json"
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, fp16: bool = True,
-                 workspace_mb: int = DEFAULT_WORKSPACE_MB, timing_cache: str | os.PathLike | None = None
-                 ) -> EngineSidecar:
+                 workspace_mb: int = DEFAULT_WORKSPACE_MB, timing_cache: str | os.PathLike | None = None,
+                 batch: BatchProfile = BatchProfile()) -> EngineSidecar:
     """:func:`vitc.runtimes.tensorrt.build_engine`, handing TensorRT the fp16 copy of the graph
     (:func:`vitc.passes.trt_fp16.to_fp16`) when ``fp16``; ``fp16=False`` builds the graph as it is."""
     from vitc.passes.trt_fp16 import to_fp16
 
     return trt_runtime.build_engine(onnx_path, engine_path, fp16=fp16, workspace_mb=workspace_mb,
-                                    timing_cache=timing_cache, to_fp16=to_fp16 if fp16 else None)
+                                    timing_cache=timing_cache, to_fp16=to_fp16 if fp16 else None, batch=batch)
 
 
 def build_commands(outdir: str | os.PathLike) -> tuple[str, str]:
@@ -54,6 +54,7 @@ class EngineConfig:
     workspace_mb: int = DEFAULT_WORKSPACE_MB
     timing_cache: Path | None = None  # None: one per TensorRT version and GPU under ~/.cache/vitc
     force: bool = False  # replace an existing model.engine
+    batch: BatchProfile = BatchProfile()  # the batch sizes a dynamic-batch graph's engine accepts
 
 
 def require_available(what: str) -> Availability:
@@ -102,7 +103,7 @@ def engine_in_outdir(outdir: str | os.PathLike, cfg: EngineConfig = EngineConfig
                     "it or run parts unfused", onnx_path, len(rep.violations), onnx_path)
     require_available(f"vitc engine {d}")
     sidecar = build_engine(onnx_path, engine, fp16=cfg.fp16, workspace_mb=cfg.workspace_mb,
-                           timing_cache=cfg.timing_cache)
+                           timing_cache=cfg.timing_cache, batch=cfg.batch)
     record_engine(d, {"built": True, "engine": ENGINE_NAME, "sidecar": sidecar_path(engine).name,
                       **sidecar.to_json()})
     return sidecar

@@ -253,9 +253,29 @@ def _trt_logger(trt):
     return _Logger()
 
 
+@dataclass(frozen=True)
+class BatchProfile:
+    """The batch sizes an engine built from a dynamic-batch graph accepts (one TensorRT optimization profile):
+    any batch in [min, max], kernels tuned for ``opt``."""
+
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+    def __post_init__(self):
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise VitcError(f"batch profile min {self.min} / opt {self.opt} / max {self.max} is not valid",
+                            hint="need 1 <= --min-batch <= --opt-batch <= --max-batch")
+
+    def shapes(self, shape: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) shapes of an input whose dim 0 is the batch."""
+        rest = tuple(int(d) for d in shape[1:])
+        return (self.min, *rest), (self.opt, *rest), (self.max, *rest)
+
+
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, fp16: bool = True,
                  workspace_mb: int = DEFAULT_WORKSPACE_MB, timing_cache: str | os.PathLike | None = None,
-                 to_fp16: Callable | None = None) -> EngineSidecar:
+                 to_fp16: Callable | None = None, batch: BatchProfile = BatchProfile()) -> EngineSidecar:
     """Build a strongly typed TensorRT engine from the Q/DQ graph ``onnx_path``; write it and its sidecar.
 
     ``fp16``: TensorRT parses ``to_fp16(onnx.load(onnx_path))``, the graph with fp16 float regions; the caller
@@ -311,6 +331,16 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, f
 
     inputs = shapes(network.num_inputs, network.get_input)
     outputs = shapes(network.num_outputs, network.get_output)
+    dynamic = {n: shp for n, shp in inputs.items() if any(d < 0 for d in shp)}
+    for n, shp in dynamic.items():
+        if any(d < 0 for d in shp[1:]):
+            raise EngineBuildError(f"{onnx_path}: input {n!r} {shp} has a dynamic dim other than the batch",
+                                   hint="rebuild the graph with that dim fixed: vitc build --input-shape NAME=...")
+    if dynamic:  # one optimization profile over the batch
+        profile = builder.create_optimization_profile()
+        for n, shp in dynamic.items():
+            profile.set_shape(n, *batch.shapes(shp))
+        config.add_optimization_profile(profile)
     log.info("building TensorRT %s engine for %s (compute capability %s), strongly typed, float regions %s, "
              "workspace %d MiB", version, dev.name, dev.compute_capability, "fp16" if fp16 else "fp32", workspace_mb)
     serialized = builder.build_serialized_network(network, config)
@@ -330,7 +360,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, f
         tensorrt_version=version, gpu_name=dev.name, compute_capability=dev.compute_capability,
         inputs=inputs, outputs=outputs,
         flags={"strongly_typed": True, "fp16": bool(fp16), "workspace_mb": int(workspace_mb),
-               "timing_cache": str(cache_path)},
+               "timing_cache": str(cache_path),
+               **({"batch_profile": {"min": batch.min, "opt": batch.opt, "max": batch.max}} if dynamic else {})},
         onnx=onnx_path.name, onnx_sha256=_sha256(onnx_path), vitc_version=__version__,
         built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     write_sidecar(engine_path, sidecar)
@@ -391,12 +422,16 @@ class TrtRunner:
         self.stream = cuda.Stream()
         self.inputs: list[_Binding] = []
         self.outputs: list[_Binding] = []
+        prof = self.sidecar.flags.get("batch_profile")
+        self.max_batch = int(prof["max"]) if prof else None
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             shape = tuple(int(d) for d in self.engine.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise VitcError(f"{engine_path}: tensor {name!r} has a dynamic shape {list(shape)}",
-                                hint="vitc builds fixed-shape engines; rebuild with --batch N")
+            if any(d < 0 for d in shape):  # the batch: buffers for the profile's largest batch
+                if self.max_batch is None or any(d < 0 for d in shape[1:]):
+                    raise VitcError(f"{engine_path}: tensor {name!r} has a dynamic shape {list(shape)} and the "
+                                    "sidecar names no batch profile", hint="rebuild it with `vitc engine OUTDIR`")
+                shape = (self.max_batch, *shape[1:])
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
             host = cuda.pagelocked_empty(shape, dtype)
             dev = cuda.mem_alloc(max(host.nbytes, 1))
@@ -422,15 +457,24 @@ class TrtRunner:
             if b.name not in feeds:
                 raise VitcError(f"missing input {b.name!r}", hint=f"the engine takes {self.input_names}")
             x = np.asarray(feeds[b.name])
-            if tuple(x.shape) != b.shape:
+            if self.max_batch is not None and x.ndim == len(b.shape) and tuple(x.shape[1:]) == b.shape[1:]:
+                if not 1 <= x.shape[0] <= self.max_batch:
+                    raise VitcError(f"input {b.name!r} has batch {x.shape[0]}, the engine takes 1..{self.max_batch}")
+                self.context.set_input_shape(b.name, tuple(x.shape))
+            elif tuple(x.shape) != b.shape:
                 raise VitcError(f"input {b.name!r} has shape {list(x.shape)}, the engine takes {list(b.shape)}")
-            np.copyto(b.host, x.astype(b.dtype, copy=False))
-            cuda.memcpy_htod_async(b.device, b.host, self.stream)
+            host = b.host.reshape(-1)[:x.size].reshape(x.shape)
+            np.copyto(host, x.astype(b.dtype, copy=False))
+            cuda.memcpy_htod_async(b.device, host, self.stream)
         self._enqueue()
+        views = []
         for b in self.outputs:
-            cuda.memcpy_dtoh_async(b.host, b.device, self.stream)
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(b.name))
+            view = b.host.reshape(-1)[:int(np.prod(shape))].reshape(shape)
+            cuda.memcpy_dtoh_async(view, b.device, self.stream)
+            views.append(view)
         self.stream.synchronize()
-        return [b.host.copy() for b in self.outputs]
+        return [v.copy() for v in views]
 
     def time_ms(self, feeds: dict[str, np.ndarray], warmup: int = 10, iters: int = 100) -> list[float]:
         """GPU time of each of ``iters`` executions (CUDA events around the enqueue; inputs copied once)."""

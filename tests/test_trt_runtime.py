@@ -62,7 +62,7 @@ class FakeTrt(types.ModuleType):
     def __init__(self, version="10.99.0", parse_ok=True, build_ok=True):
         super().__init__("tensorrt")
         self.__version__ = version
-        self.calls: dict = {"parse": [], "flags": [], "pool": [], "cache_in": []}
+        self.calls: dict = {"parse": [], "flags": [], "pool": [], "cache_in": [], "profiles": []}
         trt = self
 
         class ILogger:
@@ -98,7 +98,8 @@ class FakeTrt(types.ModuleType):
             def _load(self, m):
                 for vi, dst in ((m.graph.input, self.network.ins), (m.graph.output, self.network.outs)):
                     for v in vi:
-                        dst.append(_T(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)))
+                        dst.append(_T(v.name, tuple(d.dim_value if d.HasField("dim_value") else -1
+                                                    for d in v.type.tensor_type.shape.dim)))
                 return parse_ok
 
             def parse(self, data, path=None):
@@ -136,6 +137,17 @@ class FakeTrt(types.ModuleType):
             def get_timing_cache(self):
                 return self.cache
 
+            def add_optimization_profile(self, profile):
+                trt.calls["profiles"].append(dict(profile.shapes))
+                return 0
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, min, opt, max):  # noqa: A002 - TensorRT's keyword names
+                self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
+
         class Builder:
             def __init__(self, logger):
                 pass
@@ -146,6 +158,9 @@ class FakeTrt(types.ModuleType):
 
             def create_builder_config(self):
                 return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
 
             def build_serialized_network(self, network, config):
                 return b"ENGINE-BYTES" if build_ok else None
@@ -265,8 +280,11 @@ def test_build_engine_flow(outdir, tmp_path, monkeypatch):
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in parsed.graph.initializer), "fp16 float regions"
     on_disk = T.read_sidecar(eng)
     assert on_disk == sc and sc.tensorrt_version == "10.99.0" and sc.gpu_name == "NVIDIA L4"
-    assert sc.inputs == {"input": [1, 3, 32, 32]} and sc.outputs == {"logits": [1, 10]}
-    assert sc.flags == {"strongly_typed": True, "fp16": True, "workspace_mb": 512, "timing_cache": str(cache)}
+    # the graph keeps the source's dynamic batch: one optimization profile over it, recorded in the sidecar
+    assert sc.inputs == {"input": [-1, 3, 32, 32]} and sc.outputs == {"logits": [-1, 10]}
+    assert trt.calls["profiles"] == [{"input": ((1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32))}]
+    assert sc.flags == {"strongly_typed": True, "fp16": True, "workspace_mb": 512, "timing_cache": str(cache),
+                        "batch_profile": {"min": 1, "opt": 8, "max": 32}}
     assert len(sc.onnx_sha256) == 64 and sc.onnx == "model.int8.onnx"
     # second build: the cache is read back; --no-fp16 parses the file as it is (= trtexec --stronglyTyped)
     T.build_engine(outdir / "model.int8.onnx", eng, fp16=False, timing_cache=cache)
@@ -301,6 +319,13 @@ def test_engine_cli_with_fake_tensorrt(outdir, tmp_path, monkeypatch, capsys):
     assert "wrote" in err and "NVIDIA L4" in err
     report = json.loads((outdir / "build.json").read_text())
     assert report["engine"]["built"] is True and report["engine"]["flags"]["workspace_mb"] == 256
+    assert report["engine"]["flags"]["batch_profile"] == {"min": 1, "opt": 8, "max": 32}
+    rc = main(["engine", str(outdir), "--force", "--min-batch", "2", "--opt-batch", "4", "--max-batch", "16"])
+    assert rc == 0 and json.loads((outdir / "build.json").read_text())["engine"]["flags"]["batch_profile"] == \
+        {"min": 2, "opt": 4, "max": 16}
+    capsys.readouterr()
+    assert main(["engine", str(outdir), "--force", "--min-batch", "8", "--max-batch", "4"]) == 2
+    assert "min-batch" in capsys.readouterr().err
     assert main(["engine", str(outdir)]) == 2  # exists: --force needed
     capsys.readouterr()
 
@@ -318,14 +343,17 @@ def test_gpu_engine_matches_onnxruntime(outdir, fp16):
     from conftest import ort_run, sqnr_db
 
     eng = outdir / "model.engine"
-    sc = E.build_engine(outdir / "model.int8.onnx", eng, fp16=fp16)
-    assert sc.inputs == {"input": [1, 3, 32, 32]}
+    sc = E.build_engine(outdir / "model.int8.onnx", eng, fp16=fp16, batch=T.BatchProfile(1, 4, 8))
+    assert sc.inputs == {"input": [-1, 3, 32, 32]}
     runner = T.TrtRunner(eng)
     try:
-        x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-        got = runner.run({"input": x})[0]
-        ref = ort_run(outdir / "model.int8.onnx", {"input": x})[0]
-        assert got.shape == ref.shape and sqnr_db(ref, got) > 20.0
+        for b in (1, 4, 8):  # any batch of the profile
+            x = np.random.default_rng(b).standard_normal((b, 3, 32, 32)).astype(np.float32)
+            got = runner.run({"input": x})[0]
+            ref = ort_run(outdir / "model.int8.onnx", {"input": x})[0]
+            assert got.shape == ref.shape and sqnr_db(ref, got) > 20.0
+        with pytest.raises(VitcError, match="batch 9"):
+            runner.run({"input": np.zeros((9, 3, 32, 32), np.float32)})
         times = runner.time_ms({"input": x}, warmup=2, iters=5)
         assert len(times) == 5 and min(times) > 0
     finally:
