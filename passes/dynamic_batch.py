@@ -163,6 +163,15 @@ class DynamicBatch:
                 if r_a is not None and r_a >= 2 and a == r_a - 1:
                     raise BatchUnknown(f"{op} node {node.name!r} contracts over the batch axis")
                 return [r_out - r_a + a]
+            (i, a), = carried  # only the second operand: a batched right side of a broadcast matmul
+            r_b = _rank(node.inputs[i])
+            if op == "MatMul" and i == 1 and r_b >= 3 and a < r_b - 2:
+                b = r_out - r_b + a
+                x = node.inputs[0].shape
+                if x is not None and b - (r_out - len(x)) >= 0 and x[b - (r_out - len(x))] != 1:
+                    raise BatchUnknown(f"MatMul node {node.name!r}: its first operand does not broadcast over the "
+                                       "batch")
+                return [b]
             raise BatchUnknown(f"{op} node {node.name!r}: only its second operand carries the batch")
         if op == "Transpose":
             (_, a), = carried

@@ -170,6 +170,8 @@ def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int
         shutil.rmtree(tmp, ignore_errors=True)
     consts = {t.name for t in opt.graph.initializer}
     consts |= {o for n in opt.graph.node if n.op_type == "Constant" for o in n.output}
+    # a weight ORT left as DequantizeLinear(constant) still multiplies in float: count it as a float weight
+    consts |= {n.output[0] for n in opt.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
     nodes = {n.name: n for n in opt.graph.node}
     dims = {t.name: list(t.dims) for t in opt.graph.initializer}
     res = {"int8_macs": 0, "float_macs": 0, "float_nodes": [], "ops": {}}
@@ -191,6 +193,9 @@ def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int
         shapes_out = [next(iter(d.values())) for d in args.get("output_type_shape", [])]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         w = dims.get(node.input[wi]) or (shapes_in[wi] if wi < len(shapes_in) else [])
+        if not w:
+            dq = next((n for n in opt.graph.node if node.input[wi] in n.output), None)
+            w = dims.get(dq.input[0], []) if dq is not None else []
         macs = _macs(op, attrs, shapes_in, shapes_out, w)
         res["int8_macs" if int8 else "float_macs"] += macs
         res["ops"][op] = res["ops"].get(op, 0) + 1

@@ -83,3 +83,16 @@ def test_a_graph_that_mixes_samples_stays_fixed_and_says_where():
     assert not res.modified and "ReduceMean" in res.notes[0] and "batch" in res.notes[0]
     assert export(g).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     assert len(export(g).graph.node) == len(before.graph.node)
+
+
+def test_a_constant_query_broadcasts_over_the_batch():
+    """SigLIP's attention pool: a learned query (constant once folded) times batch-carrying keys."""
+    q = np.random.default_rng(1).standard_normal((1, 2, 1, 4)).astype(np.float32)
+    g = h.make_graph([h.make_node("MatMul", ["q", "k"], ["s"]), h.make_node("Reshape", ["s", "shape"], ["y"])], "pool",
+                     [h.make_tensor_value_info("k", TensorProto.FLOAT, [1, 2, 4, 5])],
+                     [h.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                     [onnx.numpy_helper.from_array(q, "q"), onnx.numpy_helper.from_array(np.array([1, 10]), "shape")])
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(h.make_model(g, opset_imports=[h.make_opsetid("", 17)])))
+    assert DynamicBatch({"k": "N"}).run(graph).modified
+    k = np.random.default_rng(2).standard_normal((3, 2, 4, 5)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(export(graph), {"k": k})[0], (q @ k).reshape(3, 10), rtol=1e-5, atol=1e-6)
