@@ -47,11 +47,11 @@ from vitc.compiler.build import (CalibConfig, held_out_feeds, input_specs, is_im
                                  preprocess_for, run_calibration, silence_graphsurgeon)
 from vitc.compiler.calibration import CalibrationTable, Observer, ObserverConfig, TensorRange
 from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
-from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
-from vitc.compiler.policy import Granularity, NodePlan, Plan, Policy, QuantSpec, target_default_policy
+from vitc.compiler.pipeline import Target, export, run_passes
+from vitc.compiler.policy import Granularity, NodePlan, Plan, Policy, QuantSpec
 from vitc.compiler.progress import progress
 from vitc.compiler.search import fake_quant, fake_quant_asym
-from vitc.passes.annotate import AnnotatePass, Role
+from vitc.passes.annotate import Role
 from vitc.passes.graphutil import const_value
 
 log = logging.getLogger(__name__)
@@ -457,12 +457,12 @@ def quantized_model(graph_model: onnx.ModelProto, plan: Plan, table: Calibration
                     target: Target) -> onnx.ModelProto:
     """The policy's plan with the calibrated ranges, Q/DQ inserted (no migration search, no bias correction).
     Attention stays unfused (same arithmetic as ORT's QAttention) so its Softmax outputs can be read."""
-    from vitc.compiler.build import target_passes
+    from vitc.compiler.stages import lowering_passes
     from vitc.passes.insert_qdq import InsertQDQPass
 
     g = gs.import_onnx(graph_model)
     qdq = InsertQDQPass(plan, table, pair_safe_weights=target is Target.ORT)
-    run_passes(g, [qdq, *target_passes(target, fuse_attention=False)])
+    run_passes(g, [qdq, *lowering_passes(target, fuse_attention=False)])
     return export(g)
 
 
@@ -474,9 +474,8 @@ def _image(x: np.ndarray, pre: D.Preprocess) -> np.ndarray:
 
 # -- the command ------------------------------------------------------------------------------------------------------
 def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
-    from vitc.compiler.loader import load_model
+    from vitc.compiler.frontend import front_end
     from vitc.compiler.outdir import prepare, publish
-    from vitc.compiler.planner import make_plan
     from vitc.compiler.report_html import render_report
     from vitc.runtimes.ort import quiet
 
@@ -489,20 +488,13 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     tmp = prepare(cfg.outdir, cfg.force)
     try:
         t = time.perf_counter()
-        src = load_model(cfg.model, batch=cfg.batch, input_shapes=cfg.input_shapes)
-        graph = gs.import_onnx(src.model)
-        fixed_dims, meta = src.fixed_dims, list(src.model.metadata_props)
-        del src  # the graph holds the weights; one copy less
-        results = run_passes(graph, float_pipeline(PipelineConfig(cfg.target, True)))
-        policy = cfg.policy or target_default_policy(cfg.target.value, cfg.calib.observer)
-        ann = AnnotatePass()
-        results.append(ann.run(graph))
-        roles = ann.roles
-        plan = make_plan(graph, policy, roles, cfg.target.value)
+        fe = front_end(cfg.model, cfg.target, batch=cfg.batch, input_shapes=cfg.input_shapes, policy=cfg.policy,
+                       observer=cfg.calib.observer)
+        float_model = fe.float_model()  # with the preprocessing `vitc export` recorded
+        fixed_dims, graph, results, roles, policy, plan = (fe.source.fixed_dims, fe.graph, fe.results, fe.roles,
+                                                           fe.policy, fe.plan)
+        del fe  # the graph holds the weights; the loaded source is one copy more
         aplan = analysis_plan(plan, policy)
-        float_model = export(graph)
-        del float_model.metadata_props[:]
-        float_model.metadata_props.extend(meta)  # the preprocessing `vitc export` recorded
         tok = detect_tokens(graph, roles)
         stages["load + float passes"] = time.perf_counter() - t
 

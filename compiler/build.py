@@ -1,4 +1,6 @@
-"""`vitc build`: load -> canonicalize/fuse -> annotate/plan -> calibrate -> migrate -> insert Q/DQ -> save.
+"""`vitc build`: the stages declared in ``compiler/stages.py`` (load -> float passes -> annotate/plan -> calibrate ->
+migrate -> insert Q/DQ -> lower -> save), run over one context; the configuration, calibration inputs, the range
+search with bias correction, and the output checks they use.
 
 Everything is written into a temporary folder beside OUTDIR and renamed at the end, so a failed build leaves
 no OUTDIR and nothing else is written anywhere.
@@ -24,16 +26,14 @@ import onnx_graphsurgeon as gs
 
 from vitc.compiler import data as D
 from vitc.compiler.calibration import CalibrationTable, ObserverConfig, calibrate
-from vitc.compiler.errors import CalibrationDataError, ModelLoadError, VitcError
-from vitc.compiler.loader import LoadedModel, load_model
+from vitc.compiler.errors import CalibrationDataError, VitcError
+from vitc.compiler.loader import LoadedModel
 from vitc.compiler.outdir import prepare, publish
-from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
+from vitc.compiler.pipeline import Dumps, Target, run_passes
 from vitc.compiler.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
 from vitc.compiler.progress import progress
-from vitc.passes.annotate import AnnotatePass
-from vitc.passes.base import PassResult
+from vitc.passes.annotate import AnnotatePass, Role
 from vitc.passes.graphutil import over_protobuf_limit
-from vitc.passes.insert_qdq import InsertQDQPass
 from vitc.passes.migrate_scales import ScaleMigrationPass
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def _digest(model: onnx.ModelProto) -> str:
     return h.hexdigest()[:16]
 
 
-def _ort_session(model: onnx.ModelProto, options, scratch: Path | None):
+def ort_session(model: onnx.ModelProto, options, scratch: Path | None):
     """An ONNX Runtime session for an in-memory model. One over protobuf's 2 GiB limit goes through a file with
     external data in a temporary folder under ``scratch``, removed at once (``model`` gets its data back)."""
     from onnx.external_data_helper import load_external_data_for_model
@@ -265,7 +265,7 @@ def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_pr
     outs = list(model.graph.output)
     del probe.graph.output[:]
     probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(t) for t in tensors] + outs)
-    sess = _ort_session(probe, SessionOptions(), scratch)
+    sess = ort_session(probe, SessionOptions(), scratch)
     feeds, summary = calibration_feeds(model, cc)
     n_out = len(tensors)
 
@@ -307,10 +307,12 @@ def package_versions() -> dict:
     return out
 
 
-def _check_runnable(path: Path, src: LoadedModel) -> None:
+def save_and_check(model: onnx.ModelProto, path: Path, src: LoadedModel) -> None:
+    """Save the artifact, then check it: onnx's checker, ONNX Runtime loads it, the source's inputs and outputs."""
     from vitc.runtimes.base import SessionOptions
     from vitc.runtimes.ort import OrtRuntime
 
+    save_model(model, path)
     onnx.checker.check_model(str(path))
     sess = OrtRuntime().session(str(path), SessionOptions(threads=1))
     if sess.input_names != src.input_names or sess.output_names != src.output_names:
@@ -319,108 +321,23 @@ def _check_runnable(path: Path, src: LoadedModel) -> None:
 
 
 def build(cfg: BuildConfig) -> BuildResult:
+    """Run the stages ``compiler/stages.build_stages(cfg)`` declares, write build.json, publish OUTDIR."""
+    from vitc.compiler.stages import BuildContext, artifact_name, build_stages, run_stages
     from vitc.runtimes.ort import quiet
 
     quiet()
     silence_graphsurgeon()
     t_all = time.perf_counter()
-    stages: dict[str, float] = {}
     tmp = prepare(cfg.outdir, cfg.force)
     try:
-        t = time.perf_counter()
-        src = load_model(cfg.model, batch=cfg.batch, input_shapes=cfg.input_shapes)
-        stages["load"] = time.perf_counter() - t
-        graph = gs.import_onnx(src.model)
-        dump_dir = tmp / "dumps" if cfg.dump_after else None
-        t = time.perf_counter()
-        results: list[PassResult] = run_passes(graph, float_pipeline(PipelineConfig(cfg.target, cfg.fuse)),
-                                               dump_after=set(cfg.dump_after), dump_dir=dump_dir)
-        stages["float passes"] = time.perf_counter() - t
-        t = time.perf_counter()
-        report_check = _verify_float(src.model, export(graph, src.model), cfg.calib, src.path, tmp)
-        stages["float check"] = time.perf_counter() - t
-        report: dict = {"source": str(cfg.model), "target": cfg.target.value, "precision": cfg.precision.value,
-                        "fuse": cfg.fuse, "batch": cfg.batch, "fixed_dims": src.fixed_dims, "opset": src.opset,
-                        "float_check": report_check}
-        if cfg.precision is Precision.FP32:
-            out_name = FP32_NAME
-            if cfg.target is Target.ORT and cfg.fuse:  # the same 2-D token stream as the int8 lowering
-                from vitc.passes.sink_reshapes import ReshapeSinking
-
-                results += run_passes(graph, [ReshapeSinking()], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
-            model = export(graph, src.model)
-        else:
-            out_name = INT8_NAME
-            # the same default `vitc explain` shows (policy.target_default_policy: trt_policy / ORT default_policy)
-            policy = cfg.policy or target_default_policy(cfg.target.value, cfg.calib.observer)
-            ann = AnnotatePass()
-            results.append(ann.run(graph))
-            plan = plan_for(graph, policy, ann.roles, cfg.target)
-            from vitc.compiler.planner import float_ops, unrecognised_summary
-
-            report["float_ops"] = float_ops(graph, plan, ann.roles)
-            if not plan.quantized():
-                what = unrecognised_summary(report["float_ops"])
-                if not cfg.allow_float:
-                    raise VitcError(f"{cfg.model}: nothing to quantize under policy {plan.policy!r} ({what})",
-                                    hint="pass --allow-float to write the float-equivalent model anyway, or "
-                                         "--precision fp32")
-                log.warning("nothing to quantize (%s): the model stays float (--allow-float)", what)
-            elif report["float_ops"]:
-                n_un = sum(not f["why"].startswith("policy rule") for f in report["float_ops"])
-                log.info("%d weighted op(s) stay float: %d by the policy, %d not recognised (build.json float_ops)",
-                         len(report["float_ops"]), len(report["float_ops"]) - n_un, n_un)
-            float_model = export(graph, src.model)
-            t = time.perf_counter()
-            reservoir: dict[str, list[np.ndarray]] = {}
-            table, calib_summary = run_calibration(float_model, plan, cfg.calib, cfg.show_progress,
-                                                   reservoir=reservoir, keep=cfg.search_samples if cfg.search else 0,
-                                                   scratch=tmp)
-            stages["calibration"] = time.perf_counter() - t
-            t = time.perf_counter()
-            if cfg.search:
-                graph, plan, table, search_report, mig_res = refine_ranges(graph, plan, table, reservoir, policy, cfg)
-                results.append(mig_res)
-                report["search"] = search_report
-                stages["range search + migration"] = time.perf_counter() - t
-            elif cfg.migrate:
-                quantized = {n.node for n in plan.quantized() if n.spec.migrate}
-                caps = {n.node: n.spec.max_alpha for n in plan.quantized() if n.spec.max_alpha is not None}
-                cam = {k: np.asarray(v.channel_absmax) for k, v in table.ranges.items() if v.channel_absmax}
-                mig = ScaleMigrationPass.from_alpha(cam, graph, cfg.migrate_alpha, nodes=quantized, caps=caps)
-                results += run_passes(graph, [mig], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
-                if mig.applied:
-                    plan = plan_for(graph, policy, node_roles(graph), cfg.target)
-                    table, calib_summary = run_calibration(export(graph, src.model), plan, cfg.calib, cfg.show_progress,
-                                                           label="recalibrating", scratch=tmp)
-                stages["migration + recalibration"] = time.perf_counter() - t
-            del reservoir
-            t = time.perf_counter()
-            dyn = frozenset(n.node for n in plan.quantized() if n.role in cfg.dynamic_roles and n.op == "Gemm")
-            qdq = InsertQDQPass(plan, table, dynamic_nodes=dyn, weight_mse_clip=cfg.weight_mse_clip,
-                                pair_safe_weights=uses_pair_safe_weights(cfg))
-            lower = target_passes(cfg.target, cfg.fuse and cfg.fuse_attention)
-            results += run_passes(graph, [qdq, *lower], dump_after=set(cfg.dump_after), dump_dir=dump_dir)
-            stages["insert_qdq"] = time.perf_counter() - t
-            model = export(graph, src.model)
-            report["policy"] = plan.to_json()
-            for entry in report["policy"]["nodes"]:
-                entry["qparams"] = qdq.params.get(entry["node"])
-            report["calibration"] = calib_summary
-            report["calibration_table"] = table.to_json()["ranges"]
-        model, report["dynamic_batch"] = _restore_batch(model, graph, src, cfg, tmp, results, dump_dir)
-        model.producer_name = "vitc"
-        from vitc import __version__
-        model.producer_version = __version__
-        t = time.perf_counter()
-        out_path = tmp / out_name
-        save_model(model, out_path)
-        _check_runnable(out_path, src)
-        stages["save + check"] = time.perf_counter() - t
-        stages["total"] = time.perf_counter() - t_all
-        report["passes"] = [r.to_json() for r in results]
+        dumps = Dumps(cfg.dump_after, tmp / "dumps") if cfg.dump_after else None
+        ctx = run_stages(build_stages(cfg), BuildContext(cfg, scratch=tmp, dumps=dumps))
+        out_name = artifact_name(cfg)
+        ctx.seconds["total"] = time.perf_counter() - t_all
+        report = ctx.report
+        report["passes"] = [r.to_json() for r in ctx.results]
         report["versions"] = package_versions()
-        report["seconds"] = {k: round(v, 3) for k, v in stages.items()}
+        report["seconds"] = {k: round(v, 3) for k, v in ctx.seconds.items()}
         report["outputs"] = [out_name]
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=False, default=_json_default))
         final = publish(tmp, cfg.outdir)
@@ -434,8 +351,10 @@ def build(cfg: BuildConfig) -> BuildResult:
 
 
 def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoir: dict, policy: Policy,
-                  cfg: BuildConfig):
-    """Search migration strength / clipping per operator, apply the migration, return the final plan and table."""
+                  cfg: BuildConfig, dumps: Dumps | None = None):
+    """Search migration strength / clipping per operator, apply the migration (``migrate_scales``, through
+    run_passes: ``dumps`` as --dump-after asks; logged at debug level), correct the biases; return the graph, the
+    final plan and table, the search report and the migration's PassResult."""
     from vitc.compiler.calibration import TensorRange
     from vitc.compiler.search import capped_alphas, search_linear
     from vitc.passes.graphutil import const_value
@@ -478,11 +397,12 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
         if s is not None:
             factors[x_name] = s
     mig = ScaleMigrationPass(factors, nodes={n.node for n in plan.quantized()}, shifts=shifts)
-    mig_res = mig.run(graph)
-    factors = {k: v for k, v in factors.items() if k in mig.applied}  # sites the pass skipped keep their ranges
+    mig_res = run_passes(graph, [mig], dumps=dumps, quiet=True)[0]  # counts: build.json and `wrote` line
+    done = mig_res.artifacts
+    factors = {k: v for k, v in factors.items() if k in done.applied}  # sites the pass skipped keep their ranges
     new_plan = plan_for(graph, policy, node_roles(graph), cfg.target)
     ranges = dict(table.ranges)
-    for new_name, old in mig.renamed.items():
+    for new_name, old in done.renamed.items():
         ranges[new_name] = ranges[old]
     final: dict[str, TensorRange] = {}
     for np_ in new_plan.quantized():
@@ -492,7 +412,7 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
                 final[name] = TensorRange(_absmax(src), src.min, src.max, "minmax", src.channel_absmax)
             continue
         for name in np_.activations:
-            orig = mig.renamed.get(name, name)
+            orig = done.renamed.get(name, name)
             src = ranges[name]
             if orig in factors:
                 inv = 1.0 / factors[orig]
@@ -507,7 +427,7 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
             elif name not in final:
                 final[name] = src
     if cfg.bias_correction:
-        applied_shifts = {k: v for k, v in shifts.items() if k in mig.applied}
+        applied_shifts = {k: v for k, v in shifts.items() if k in done.applied}
         report["bias_correction"] = _correct_biases(graph, groups, factors, reservoir, final, cfg, applied_shifts)
     new_table = CalibrationTable(table.model_digest, table.observer + " + output-error search", table.samples, final)
     return graph, new_plan, new_table, report, mig_res
@@ -566,86 +486,9 @@ def silence_graphsurgeon() -> None:
         pass
 
 
-def _verify_float(source: onnx.ModelProto, rewritten: onnx.ModelProto, cc: CalibConfig, path: Path,
-                  scratch: Path) -> dict:
-    """The float passes must not change the outputs: compare both models on the first calibration input."""
-    from vitc.compiler.errors import PassError
-    from vitc.runtimes.base import SessionOptions
-
-    feeds, _ = calibration_feeds(source, cc)  # lazy: only the first batch is read
-    feed = next(iter(feeds))
-    try:
-        ref_session = _ort_session(source, SessionOptions(graph_optimizations=False), scratch)
-    except Exception as exc:  # ONNX Runtime refuses the source itself: an invalid graph, an operator it lacks
-        raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model ({' '.join(str(exc).split())[-200:]})",
-                             hint="check it with onnx.checker.check_model(model, full_check=True)") from None
-    ref = ref_session.run(feed)
-    out = _ort_session(rewritten, SessionOptions(graph_optimizations=False), scratch).run(feed)
-    worst = 0.0
-    for r, o in zip(ref, out):
-        if r.shape != o.shape:
-            raise PassError("float passes", f"output shape changed {r.shape} -> {o.shape}",
-                            hint="report this model; rerun with --no-fuse to bypass the fusions")
-        scale = max(1.0, float(np.abs(r).max()))
-        worst = max(worst, float(np.abs(r.astype(np.float64) - o).max()) / scale)
-    if not worst <= 1e-3:
-        raise PassError("float passes", f"outputs changed by {worst:.2e} (relative to the output range)",
-                        hint="rerun with --dump-after all to find the pass; --no-fuse bypasses the fusions")
-    return {"max_abs_diff_relative": worst}
-
-
-def _restore_batch(model: onnx.ModelProto, graph: gs.Graph, src: LoadedModel, cfg: BuildConfig, scratch: Path,
-                   results: list[PassResult], dump_dir: Path | None) -> tuple[onnx.ModelProto, dict]:
-    """The artifact with the source's symbolic batch dim back (passes/dynamic_batch.py), checked: samples run one by
-    one and stacked must give the same per-sample outputs. Where the pass cannot follow the batch or the check fails,
-    the batch-``cfg.batch`` model is kept and the reason recorded."""
-    from vitc.passes.dynamic_batch import DynamicBatch
-    from vitc.runtimes.base import SessionOptions
-
-    if not src.batch_symbols:
-        return model, {"kept": False, "reason": "the source has no dynamic batch dimension"}
-    if not cfg.dynamic_batch or cfg.batch != 1:
-        return model, {"kept": False, "reason": f"fixed to batch {cfg.batch} as asked (--batch)"}
-    g = graph.copy()
-    res = run_passes(g, [DynamicBatch(src.batch_symbols)], dump_after=set(cfg.dump_after), dump_dir=dump_dir)[0]
-    if not res.modified:
-        log.warning("the artifact keeps batch 1: %s", "; ".join(res.notes))
-        results.append(res)
-        return model, {"kept": False, "reason": "; ".join(res.notes)}
-    dyn = export(g, src.model)
-    dyn.producer_name = model.producer_name
-    stack = 3
-    try:
-        feeds, _ = calibration_feeds(src.model, replace(cfg.calib, samples=stack))
-        samples = list(feeds)[:stack]
-        sess = _ort_session(dyn, SessionOptions(threads=1), scratch)
-        one = [sess.run(f) for f in samples]
-        many = sess.run({k: np.concatenate([f[k] for f in samples]) for k in samples[0]})
-        worst = 0.0
-        for j, out in enumerate(many):
-            ref = np.concatenate([o[j] for o in one])
-            if ref.shape != out.shape:
-                raise ValueError(f"output {j} has shape {out.shape} at batch {stack}, expected {ref.shape}")
-            scale = max(1e-6, float(np.abs(ref).max()))
-            worst = max(worst, float(np.abs(ref.astype(np.float64) - out).max()) / scale)
-        if not worst <= 1e-3:
-            raise ValueError(f"per-sample outputs at batch {stack} differ from batch 1 by {worst:.2e}")
-    except Exception as exc:
-        reason = f"the any-batch graph failed its check ({' '.join(str(exc).split())[:200]})"
-        log.warning("the artifact keeps batch 1: %s", reason)
-        res.notes.append(reason)
-        res.modified = False
-        results.append(res)
-        return model, {"kept": False, "reason": reason}
-    results.append(res)
-    return dyn, {"kept": True, "symbols": dict(src.batch_symbols), "checked_batch": stack,
-                 "max_abs_diff_relative": worst}
-
-
-def node_roles(graph: gs.Graph):
-    ann = AnnotatePass()
-    ann.run(graph)
-    return ann.roles
+def node_roles(graph: gs.Graph) -> dict[str, Role]:
+    """The roles of the graph's nodes: one AnnotatePass run (through run_passes, logged at debug level only)."""
+    return run_passes(graph, [AnnotatePass()], quiet=True)[0].artifacts
 
 
 def plan_for(graph: gs.Graph, policy: Policy, roles, target: Target) -> Plan:
@@ -653,23 +496,6 @@ def plan_for(graph: gs.Graph, policy: Policy, roles, target: Target) -> Plan:
     from vitc.compiler.planner import make_plan
 
     return make_plan(graph, policy, roles, target.value)
-
-
-def target_passes(target: Target, fuse_attention: bool = True) -> list:
-    """Lowering after Q/DQ insertion: TensorRT takes no int32 bias DQ (passes/trt_lower.py); on ORT each float
-    attention core with an int8 QKV projection becomes one QAttention kernel (passes/ort_attention.py) and the
-    token stream stays a 2-D matrix between the GEMMs (passes/sink_reshapes.py)."""
-    if target is Target.TRT:
-        from vitc.passes.trt_lower import TrtLoweringPass
-
-        return [TrtLoweringPass()]
-    from vitc.passes.sink_reshapes import ReshapeSinking
-
-    if fuse_attention:
-        from vitc.passes.ort_attention import OrtAttentionFusion
-
-        return [OrtAttentionFusion(), ReshapeSinking()]
-    return [ReshapeSinking()]
 
 
 def _json_default(o):

@@ -63,17 +63,10 @@ def _expand_roles(roles: list[str]) -> frozenset[str]:
 
 
 def _dump_pass_names() -> list[str]:
-    """The passes `build --dump-after` can name: the float pipeline, migration (--no-search), Q/DQ and lowering."""
-    from vitc.compiler.pipeline import PipelineConfig, float_pipeline
-    from vitc.passes.insert_qdq import InsertQDQPass
-    from vitc.passes.migrate_scales import ScaleMigrationPass
-    from vitc.passes.ort_attention import OrtAttentionFusion
-    from vitc.passes.sink_reshapes import ReshapeSinking
-    from vitc.passes.trt_lower import TrtLoweringPass
+    """The passes `build --dump-after` can name: what the build's stages can dump (compiler/stages.py)."""
+    from vitc.compiler.stages import dump_names
 
-    return [p.name for p in float_pipeline(PipelineConfig())] + [
-        ScaleMigrationPass.name, InsertQDQPass.name, TrtLoweringPass.name, OrtAttentionFusion.name,
-        ReshapeSinking.name]
+    return dump_names()
 
 
 def _load_policy(a, observer: ObserverConfig):
@@ -134,7 +127,8 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("--simulate", action="store_true",
                    help="allow simulation-only policy settings (bits 4/6): an accuracy model, not an engine")
     b.add_argument("--dump-after", action="append", default=[], metavar="PASS",
-                   help="also write the graph after PASS into OUTDIR/dumps (repeatable; 'all')")
+                   help="also write the graph after PASS into OUTDIR/dumps/after_NN_PASS.onnx (repeatable; 'all'; "
+                        f"PASS: {', '.join(_dump_pass_names())})")
     b.add_argument("--allow-float", action="store_true",
                    help="a model with nothing to quantize is written float instead of refused (exit 2)")
     b.add_argument("--keep-temp", action="store_true",
@@ -210,10 +204,11 @@ def _cmd_build(a) -> int:
         raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a value in (0, 100], e.g. 99.99")
     if not 0 <= a.alpha <= 1:
         raise VitcError(f"--alpha {a.alpha} is out of range", hint="give a value in [0, 1]")
-    unknown_passes = sorted(set(a.dump_after) - set(_dump_pass_names()) - {"all"})
+    dumpable = _dump_pass_names()
+    unknown_passes = sorted(set(a.dump_after) - set(dumpable) - {"all"})
     if unknown_passes:
         raise VitcError(f"--dump-after: unknown pass {unknown_passes[0]!r}",
-                        hint=f"choose from all, {', '.join(_dump_pass_names())}")
+                        hint=f"choose from all, {', '.join(dumpable)}")
     policy = _load_policy(a, ob)
     # Cheap checks first, so a typo fails before minutes of graph work.
     if not a.model.exists():
@@ -341,33 +336,21 @@ def _log_plan_notes(plan: dict) -> None:
 
 
 def _cmd_explain(a) -> int:
-    import onnx_graphsurgeon as gs
-
-    from vitc.compiler.loader import load_model
-    from vitc.compiler.pipeline import PipelineConfig, Target, float_pipeline, run_passes
-    from vitc.compiler.planner import make_plan
-    from vitc.compiler.policy import target_default_policy
-    from vitc.passes.annotate import AnnotatePass
+    from vitc.compiler.frontend import front_end
+    from vitc.compiler.pipeline import Target
     from vitc.runtimes.ort import quiet
 
     if not 0 < a.percentile <= 100:
         raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a value in (0, 100], e.g. 99.99")
     ob = ObserverConfig(Observer(a.observer), a.percentile)
-    policy = _load_policy(a, ob) or target_default_policy(a.target, ob)
+    policy = _load_policy(a, ob)  # None: the target's default, as `vitc build` uses
     quiet()
-    lm = load_model(a.model, batch=a.batch)
-    g = gs.import_onnx(lm.model)
-    run_passes(g, float_pipeline(PipelineConfig(Target(a.target))))
-    ann = AnnotatePass()
-    ann.run(g)
-    plan = make_plan(g, policy, ann.roles, a.target)
-    sys.stdout.write(format_plan(plan, ann.roles, g) + "\n")
-    from vitc.compiler.planner import float_ops
-
-    un = [f for f in float_ops(g, plan, ann.roles) if not f["why"].startswith("policy rule")]
-    for f in un:
-        sys.stdout.write(f"# stays float: {f['node']} ({f['op']}): {f['why']}\n")
-    _log_plan_notes(plan.to_json())
+    fe = front_end(a.model, Target(a.target), batch=a.batch, policy=policy, observer=ob)
+    sys.stdout.write(format_plan(fe.plan, fe.roles, fe.graph) + "\n")
+    for f in fe.float_ops:
+        if not f["why"].startswith("policy rule"):
+            sys.stdout.write(f"# stays float: {f['node']} ({f['op']}): {f['why']}\n")
+    _log_plan_notes(fe.plan.to_json())
     return 0
 
 

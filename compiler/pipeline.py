@@ -1,4 +1,5 @@
-"""The pass pipeline, declared as data, with per-pass reports, timing and --dump-after."""
+"""Running passes: per-pass reports, timing, error naming and --dump-after. What runs in which order is declared
+in ``compiler/stages.py``."""
 
 from __future__ import annotations
 
@@ -14,11 +15,6 @@ import onnx_graphsurgeon as gs
 
 from vitc.compiler.errors import PassError, VitcError
 from vitc.passes.base import GraphPass, PassResult
-from vitc.passes.canonicalize import CanonicalizePass
-from vitc.passes.fold_channel_scale import ChannelScaleFold
-from vitc.passes.fuse_gelu import GeluFusion, GeluOp
-from vitc.passes.fuse_layernorm import LayerNormFusion
-from vitc.passes.fuse_matmul_add import MatMulAddFusion
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +31,28 @@ class PipelineConfig:
 
 
 def float_pipeline(cfg: PipelineConfig) -> list[GraphPass]:
-    """canonicalize -> fusions. Fusions are off with ``fuse=False`` (the --no-fuse comparison)."""
-    passes: list[GraphPass] = [CanonicalizePass()]
-    if cfg.fuse:
-        gelu = GeluOp.ORT_CONTRIB if cfg.target is Target.ORT else GeluOp.ONNX20
-        passes += [LayerNormFusion(), GeluFusion(gelu), MatMulAddFusion(), ChannelScaleFold()]
-    return passes
+    """The float passes of the build's declaration (``compiler/stages.py``): canonicalize -> fusions; the fusions
+    are off with ``fuse=False`` (the --no-fuse comparison)."""
+    from vitc.compiler.stages import float_passes
+
+    return float_passes(cfg.target, cfg.fuse)
+
+
+@dataclass
+class Dumps:
+    """``--dump-after``: the pass names whose graphs are written (``all``: every pass), the folder, and how many
+    passes ran so far (the NN of ``after_NN_NAME.onnx`` counts the dumpable passes of the whole build)."""
+
+    names: frozenset[str]
+    folder: Path
+    passes_run: int = 0
+
+    def after(self, name: str, graph: gs.Graph) -> None:
+        """Count a pass that ran; write the graph if ``name`` was asked for."""
+        self.passes_run += 1
+        if name in self.names or "all" in self.names:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            onnx.save(export(graph), str(self.folder / f"after_{self.passes_run:02d}_{name}.onnx"))
 
 
 def export(graph: gs.Graph, metadata_from: onnx.ModelProto | None = None) -> onnx.ModelProto:
@@ -77,8 +89,10 @@ def _node_at_failure(exc: BaseException) -> str | None:
     return node
 
 
-def run_passes(graph: gs.Graph, passes: Sequence[GraphPass], *, dump_after: set[str] | None = None,
-               dump_dir: Path | None = None, on_result: Callable[[PassResult], None] | None = None) -> list[PassResult]:
+def run_passes(graph: gs.Graph, passes: Sequence[GraphPass], *, dumps: Dumps | None = None, quiet: bool = False,
+               on_result: Callable[[PassResult], None] | None = None) -> list[PassResult]:
+    """Run ``passes`` in order on ``graph``: each result timed and logged (at debug level with ``quiet``), a failure
+    raised as a PassError naming the pass and node, the graph written after each pass ``dumps`` asks for."""
     results = []
     for p in passes:
         t0 = time.perf_counter()
@@ -90,11 +104,11 @@ def run_passes(graph: gs.Graph, passes: Sequence[GraphPass], *, dump_after: set[
             raise PassError(p.name, f"{type(exc).__name__}: {exc}", node=_node_at_failure(exc),
                             hint="rerun with --log-level debug and --dump-after to inspect the graph") from exc
         res.seconds = time.perf_counter() - t0
-        log.info("pass %-16s %s", p.name, ", ".join(f"{k}: {v}" for k, v in res.counts.items() if v))
+        log.log(logging.DEBUG if quiet else logging.INFO, "pass %-16s %s", p.name,
+                ", ".join(f"{k}: {v}" for k, v in res.counts.items() if v))
         results.append(res)
         if on_result:
             on_result(res)
-        if dump_after and dump_dir is not None and (p.name in dump_after or "all" in dump_after):
-            dump_dir.mkdir(parents=True, exist_ok=True)
-            onnx.save(export(graph), str(dump_dir / f"after_{len(results):02d}_{p.name}.onnx"))
+        if dumps is not None:
+            dumps.after(p.name, graph)
     return results

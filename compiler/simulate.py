@@ -21,13 +21,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from vitc.compiler.build import (BuildConfig, CalibConfig, held_out_feeds, input_specs, node_roles, plan_for,
-                                 refine_ranges, run_calibration, silence_graphsurgeon, target_passes,
-                                 uses_pair_safe_weights)
+                                 refine_ranges, run_calibration, silence_graphsurgeon, uses_pair_safe_weights)
 from vitc.compiler.calibration import CalibrationTable
 from vitc.compiler.evaluate import Fidelity
-from vitc.compiler.loader import load_model
-from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
+from vitc.compiler.frontend import front_end
+from vitc.compiler.pipeline import Target, export, run_passes
 from vitc.compiler.policy import Plan, Policy, QuantSpec, Rule
+from vitc.compiler.stages import lowering_passes
 from vitc.passes.insert_qdq import InsertQDQPass
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,15 @@ class Simulator:
         self.calib = calib
         self.threads = threads
         self.search_samples = search_samples
-        src = load_model(self.path, batch=batch, input_shapes=input_shapes or {})
-        self.source = src.model
-        graph = gs.import_onnx(src.model)
-        self.float_passes = run_passes(graph, float_pipeline(PipelineConfig(target, fuse)))
-        self.float_model = export(graph, self.source)
-        self._float_graph = graph  # read-only from here on (constants and attributes for cost models)
-        self.roles = node_roles(graph)
-        plan = plan_for(graph, calibrate_everything_policy(target, calib), self.roles, target)
+        fe = front_end(self.path, target, fuse=fuse, batch=batch, input_shapes=input_shapes,
+                       policy=calibrate_everything_policy(target, calib))
+        self.source = fe.source.model
+        self.float_passes = fe.float_passes
+        self.float_model = fe.float_model()
+        self._float_graph = fe.graph  # read-only from here on (constants and attributes for cost models)
+        self.roles = fe.roles
         self.reservoir: dict[str, list[np.ndarray]] = {}
-        self.table, self.calib_summary = run_calibration(self.float_model, plan, calib, show_progress,
+        self.table, self.calib_summary = run_calibration(self.float_model, fe.plan, calib, show_progress,
                                                          reservoir=self.reservoir, keep=search_samples)
         batch = input_specs(self.source)[0].shape[0] if eval_source is None else 1  # whole batches of crops
         self.feeds, _ = held_out_feeds(self.source, eval_source, max(eval_samples, batch), calib, eval_seed)
@@ -130,15 +129,15 @@ class Simulator:
                           center=opts.center, show_progress=False)
         table = self._table_for(plan)
         report: dict = {}
-        if opts.search:
-            graph, plan, table, report, _ = refine_ranges(graph, plan, table, self.reservoir, policy, cfg)
-        qdq = InsertQDQPass(plan, table, weight_mse_clip=opts.weight_mse_clip,
-                            pair_safe_weights=uses_pair_safe_weights(cfg))
         pipe_log = logging.getLogger("vitc.compiler.pipeline")
         level = pipe_log.level
         pipe_log.setLevel(max(level, logging.WARNING))  # one report line per policy would drown the search's own log
         try:
-            run_passes(graph, [qdq, *target_passes(self.target)])
+            if opts.search:
+                graph, plan, table, report, _ = refine_ranges(graph, plan, table, self.reservoir, policy, cfg)
+            qdq = InsertQDQPass(plan, table, weight_mse_clip=opts.weight_mse_clip,
+                                pair_safe_weights=uses_pair_safe_weights(cfg))
+            run_passes(graph, [qdq, *lowering_passes(self.target)])
         finally:
             pipe_log.setLevel(level)
         return export(graph, self.source), plan, report

@@ -370,10 +370,8 @@ def block_count(roles: dict[str, Role]) -> int:
 class AnnotatePass:
     name: ClassVar[str] = "annotate"
 
-    def __init__(self):
-        self.roles: dict[str, Role] = {}
-
-    def run(self, graph: gs.Graph) -> PassResult:
-        self.roles = annotate(graph)
-        counts = Counter(r.role for r in self.roles.values())
-        return PassResult(self.name, False, {f"role {k}": v for k, v in sorted(counts.items())})
+    def run(self, graph: gs.Graph) -> PassResult[dict[str, Role]]:
+        """The roles (node name -> Role) are the result's ``artifacts``."""
+        roles = annotate(graph)
+        counts = Counter(r.role for r in roles.values())
+        return PassResult(self.name, False, {f"role {k}": v for k, v in sorted(counts.items())}, artifacts=roles)

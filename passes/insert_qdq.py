@@ -95,9 +95,10 @@ class InsertQDQPass:
         # Gemms whose input range is computed per inference (ORT DynamicQuantizeLinear; ORT fuses the chain into
         # one DynamicQuantizeMatMul kernel). Robust to inputs unlike the calibration set; TensorRT cannot run it.
         self.dynamic_nodes = dynamic_nodes
-        self.params: dict[str, dict] = {}  # node -> the scales/zero-points it got (for build.json)
 
-    def run(self, graph: gs.Graph) -> PassResult:
+    def run(self, graph: gs.Graph) -> PassResult[dict[str, dict]]:
+        """The result's ``artifacts``: node -> the scales/zero-points its inputs and weight got (for build.json)."""
+        params: dict[str, dict] = {}
         nodes = {n.name: n for n in graph.nodes}
         tensors = graph.tensors()
         qcache: dict[tuple, gs.Variable] = {}
@@ -113,7 +114,7 @@ class InsertQDQPass:
                 raise PassError(self.name, "planned node not in graph", node=np_.node,
                                 hint="the plan must be resolved on the graph being quantized")
             if np_.node in self.dynamic_nodes and node.op == "Gemm" and np_.weight is not None:
-                self._dynamic_gemm(graph, node, np_, counts)
+                self._dynamic_gemm(graph, node, np_, counts, params)
                 continue
             x_scales = []
             log_probs = (np_.role == "attn_av" and node.op == "MatMul" and np_.spec.softmax is not
@@ -122,7 +123,7 @@ class InsertQDQPass:
                 idxs = [i for i, t in enumerate(node.inputs) if t.name == name]
                 if log_probs and name == np_.activations[0]:
                     node.inputs[0] = self._log_fake_quant(graph, node.inputs[0], np_, counts)
-                    self.params.setdefault(node.name, {}).setdefault("activations", {})[name] = {
+                    params.setdefault(node.name, {}).setdefault("activations", {})[name] = {
                         "quantizer": np_.spec.softmax.value, "bits": np_.spec.bits, "simulated": True}
                     continue
                 rng = self.table.ranges.get(name)
@@ -135,7 +136,7 @@ class InsertQDQPass:
                     break
                 q_out, scale = self._quantize_activation(graph, tensors[name], np_, rng, qcache, counts)
                 sc_v, zp_v = np.asarray(scale[0].values), np.asarray(scale[1].values)
-                self.params.setdefault(node.name, {}).setdefault("activations", {})[name] = (
+                params.setdefault(node.name, {}).setdefault("activations", {})[name] = (
                     {"scale": float(sc_v), "zero_point": int(zp_v), "dtype": str(zp_v.dtype), "range": rng.observer}
                     if sc_v.ndim == 0 else
                     {"scale_min": float(sc_v.min()), "scale_max": float(sc_v.max()), "axis": scale[2].get("axis"),
@@ -146,10 +147,10 @@ class InsertQDQPass:
             if x_scales is None:
                 continue
             if np_.weight is not None:
-                self._quantize_weight(graph, node, np_, x_scales, counts)
+                self._quantize_weight(graph, node, np_, x_scales, counts, params)
             counts["nodes quantized"] += 1
         finish(graph)
-        return PassResult(self.name, counts["nodes quantized"] > 0, counts, notes)
+        return PassResult(self.name, counts["nodes quantized"] > 0, counts, notes, artifacts=params)
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def _quantize_activation(self, graph, t, np_: NodePlan, rng, qcache, counts):
@@ -180,7 +181,7 @@ class InsertQDQPass:
         qcache[key] = (q, (sc, zc, attrs))
         return qcache[key]
 
-    def _dynamic_gemm(self, graph, node, np_: NodePlan, counts) -> None:
+    def _dynamic_gemm(self, graph, node, np_: NodePlan, counts, params: dict[str, dict]) -> None:
         """Gemm(x, W, b) -> DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq) -> Cast -> Mul(xs * ws) -> Add(b).
 
         The spelling ORT's quantize_dynamic emits, which ORT's optimizer fuses into DynamicQuantizeMatMul.
@@ -222,9 +223,9 @@ class InsertQDQPass:
         counts["dynamic Gemms"] = counts.get("dynamic Gemms", 0) + 1
         counts["weights quantized"] += 1
         counts["nodes quantized"] += 1
-        self.params[node.name] = {"activations": {x.name: {"range": "dynamic (per inference)", "dtype": "uint8"}},
-                                  "weight": {"scale_min": float(wscale.min()), "scale_max": float(wscale.max()),
-                                             "axis": axis, "dtype": "int8", "channels": int(wscale.size)}}
+        params[node.name] = {"activations": {x.name: {"range": "dynamic (per inference)", "dtype": "uint8"}},
+                             "weight": {"scale_min": float(wscale.min()), "scale_max": float(wscale.max()),
+                                        "axis": axis, "dtype": "int8", "channels": int(wscale.size)}}
 
     @staticmethod
     def _log_fake_quant(graph, p: gs.Tensor, np_: NodePlan, counts) -> gs.Variable:
@@ -259,7 +260,7 @@ class InsertQDQPass:
         counts["DequantizeLinear"] += 1
         return out
 
-    def _quantize_weight(self, graph, node, np_: NodePlan, x_scales, counts):
+    def _quantize_weight(self, graph, node, np_: NodePlan, x_scales, counts, params: dict[str, dict]):
         w = const_value(node.inputs[1])
         axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
         q, scale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8,
@@ -275,7 +276,7 @@ class InsertQDQPass:
         node.inputs[1] = wdq
         counts["DequantizeLinear"] += 1
         counts["weights quantized"] += 1
-        self.params.setdefault(node.name, {})["weight"] = {
+        params.setdefault(node.name, {})["weight"] = {
             "scale_min": float(scale.min()), "scale_max": float(scale.max()), "axis": axis, "dtype": "int8",
             "channels": int(scale.size)}
         # Conv / Gemm bias: int32 with scale x_scale * w_scale (what ORT's QLinearConv / TensorRT fold)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -36,6 +37,14 @@ def smoothing_factors(act_absmax: np.ndarray, w_rowmax: np.ndarray, alpha: float
     return np.clip(s, 1.0, 1e4).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Migration:
+    """What :class:`ScaleMigrationPass` did (its result's ``artifacts``)."""
+
+    applied: dict[str, np.ndarray] = field(default_factory=dict)  # migrated Gemm-input tensor -> s
+    renamed: dict[str, str] = field(default_factory=dict)  # new Gemm-input tensor -> original (a Mul was inserted)
+
+
 class ScaleMigrationPass:
     name: ClassVar[str] = "migrate_scales"
 
@@ -49,8 +58,6 @@ class ScaleMigrationPass:
         self.nodes = nodes  # restrict to these Gemm nodes (None: every eligible Gemm)
         self.fold_layernorm = fold_layernorm
         self.insert_mul = insert_mul
-        self.applied: dict[str, np.ndarray] = {}  # tensor -> s
-        self.renamed: dict[str, str] = {}  # new Gemm-input tensor -> original tensor (when a Mul was inserted)
 
     @classmethod
     def from_alpha(cls, channel_absmax: Mapping[str, np.ndarray], graph: gs.Graph, alpha: float,
@@ -72,7 +79,9 @@ class ScaleMigrationPass:
                 factors[name] = smoothing_factors(a, w_rowmax, site_alpha)
         return cls(factors, nodes)
 
-    def run(self, graph: gs.Graph) -> PassResult:
+    def run(self, graph: gs.Graph) -> PassResult[Migration]:
+        """The sites migrated and the tensors renamed are the result's ``artifacts`` (a :class:`Migration`)."""
+        done = Migration()
         counts = {"LayerNorm folds": 0, "Mul inserted": 0, "Add inserted": 0, "Gemms rescaled": 0, "centred": 0,
                   "sites skipped": 0}
         notes: list[str] = []
@@ -147,7 +156,7 @@ class ScaleMigrationPass:
                     continue
                 for g in gemms:
                     g.inputs[0] = cur
-                self.renamed[cur.name] = name
+                done.renamed[cur.name] = name
             else:
                 counts["sites skipped"] += 1
                 continue
@@ -166,9 +175,9 @@ class ScaleMigrationPass:
                         g.inputs.append(bias)
             if c is not None:
                 counts["centred"] += 1
-            self.applied[name] = s
+            done.applied[name] = s
         finish(graph)
-        return PassResult(self.name, bool(self.applied), counts, notes)
+        return PassResult(self.name, bool(done.applied), counts, notes, artifacts=done)
 
     @staticmethod
     def _unfit(x: gs.Tensor, gemms: list[gs.Node]) -> str | None:

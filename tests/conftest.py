@@ -83,9 +83,7 @@ def fused_and_annotated(tmp_path: Path, model: onnx.ModelProto):
     onnx.save(model, p)
     g = gs.import_onnx(load_model(p).model)
     run_passes(g, float_pipeline(PipelineConfig()))
-    ann = AnnotatePass()
-    ann.run(g)
-    return g, ann.roles
+    return g, run_passes(g, [AnnotatePass()])[0].artifacts
 
 
 def with_max_alpha(policy, cap):
