@@ -241,8 +241,14 @@ class DynamicBatch:
             if op == "Expand":
                 b = r_out - r_in + a
                 k = b - (r_out - len(v))
+                xs = _static(node.inputs[0])
                 if k >= 0 and int(v[k]) != 1:
-                    raise BatchUnknown(f"Expand node {node.name!r} expands the batch axis")
+                    if xs is None or int(v[k]) != xs[a]:
+                        raise BatchUnknown(f"Expand node {node.name!r} expands the batch axis")
+                    new = np.array(v, np.int64)  # the target restates the input's own batch-carrying dim (expand_as)
+                    new[k] = 1
+                    node.inputs[1] = gs.Constant(self.names(f"{node.name}.shape_any_batch"), new)
+                    self.counts["Expand targets"] = self.counts.get("Expand targets", 0) + 1
                 return [b]
             if op == "Tile" and int(v[a]) != 1:
                 raise BatchUnknown(f"Tile node {node.name!r} repeats the batch axis")

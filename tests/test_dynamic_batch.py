@@ -96,3 +96,18 @@ def test_a_constant_query_broadcasts_over_the_batch():
     assert DynamicBatch({"k": "N"}).run(graph).modified
     k = np.random.default_rng(2).standard_normal((3, 2, 4, 5)).astype(np.float32)
     np.testing.assert_allclose(ort_run(export(graph), {"k": k})[0], (q @ k).reshape(3, 10), rtol=1e-5, atol=1e-6)
+
+
+def test_expand_as_with_a_folded_target_follows_the_batch():
+    """F.normalize as exported: x / Expand(norm, Shape(x)), the target folded at batch 1 (SwinV2's cosine attention)."""
+    g = h.make_graph([h.make_node("ReduceL2", ["x"], ["n"], axes=[-1], keepdims=1),
+                      h.make_node("Expand", ["n", "shape"], ["e"]), h.make_node("Div", ["x", "e"], ["y"])], "norm",
+                     [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
+                     [h.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                     [onnx.numpy_helper.from_array(np.array([1, 4, 6], np.int64), "shape")])
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(h.make_model(g, opset_imports=[h.make_opsetid("", 17)])))
+    res = DynamicBatch({"x": "N"}).run(graph)
+    assert res.modified and res.counts["Expand targets"] == 1
+    x = np.random.default_rng(3).standard_normal((5, 4, 6)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(export(graph), {"x": x})[0], x / np.linalg.norm(x, axis=-1, keepdims=True),
+                               rtol=1e-5)

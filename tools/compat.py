@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 import tempfile
@@ -244,7 +245,7 @@ def machine() -> dict:
     except OSError:
         pass
     isa = [f for f in ("amx_int8", "avx512_vnni", "avx_vnni", "avx2") if f in flags]
-    return {"cpu": cpu, "int8_isa": ", ".join(isa) or "none of avx2/vnni/amx", "cores": __import__("os").cpu_count()}
+    return {"cpu": cpu, "int8_isa": ", ".join(isa) or "none of avx2/vnni/amx", "cores": os.cpu_count()}
 
 
 def _versions() -> dict:
