@@ -100,11 +100,15 @@ def test_a_constant_query_broadcasts_over_the_batch():
 
 def test_expand_as_with_a_folded_target_follows_the_batch():
     """F.normalize as exported: x / Expand(norm, Shape(x)), the target folded at batch 1 (SwinV2's cosine attention)."""
-    g = h.make_graph([h.make_node("ReduceL2", ["x"], ["n"], axes=[-1], keepdims=1),
-                      h.make_node("Expand", ["n", "shape"], ["e"]), h.make_node("Div", ["x", "e"], ["y"])], "norm",
+    g = h.make_graph([h.make_node("Reshape", ["x", "flat"], ["t"]),  # [B*4, 6]: the batch merged into axis 0
+                      h.make_node("ReduceL2", ["t"], ["n"], axes=[-1], keepdims=1),
+                      h.make_node("Expand", ["n", "shape"], ["e"]), h.make_node("Div", ["t", "e"], ["d"]),
+                      h.make_node("Reshape", ["d", "back"], ["y"])], "norm",
                      [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
                      [h.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                     [onnx.numpy_helper.from_array(np.array([1, 4, 6], np.int64), "shape")])
+                     [onnx.numpy_helper.from_array(np.array([4, 6], np.int64), "flat"),
+                      onnx.numpy_helper.from_array(np.array([4, 6], np.int64), "shape"),
+                      onnx.numpy_helper.from_array(np.array([1, 4, 6], np.int64), "back")])
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(h.make_model(g, opset_imports=[h.make_opsetid("", 17)])))
     res = DynamicBatch({"x": "N"}).run(graph)
     assert res.modified and res.counts["Expand targets"] == 1
