@@ -19,31 +19,24 @@ def add_input_options(p: argparse.ArgumentParser, *, shape_type: Callable, float
     p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
 
 
-def pos_int(s: str) -> int:
+def _number(s: str, cast: Callable, ok: Callable[[float], bool], what: str):
+    """``cast(s)`` when it parses and ``ok`` holds, else an argparse error naming ``what`` was expected."""
     try:
-        v = int(s)
+        v = cast(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
     return v
+
+
+def pos_int(s: str) -> int:
+    return _number(s, int, lambda v: v >= 1, "a positive integer")
 
 
 def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
+    return _number(s, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def pos_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
+    return _number(s, float, lambda v: v > 0 and math.isfinite(v), "a positive number")

@@ -50,6 +50,16 @@ def refresh_shapes(graph: gs.Graph) -> None:
             t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
 
 
+def _bypass(node: gs.Node, src: gs.Tensor, dst: gs.Tensor) -> None:
+    """Consumers of ``dst`` read ``src`` instead; ``node`` is detached both ways."""
+    for c in list(dst.outputs):
+        for i, t in enumerate(c.inputs):
+            if t is dst:
+                c.inputs[i] = src
+    node.outputs.clear()
+    node.inputs.clear()
+
+
 class CanonicalizePass:
     name: ClassVar[str] = "canonicalize"
     max_rounds = 64  # each round folds one more link of a chain (Swin: pads from shapes, per block)
@@ -174,12 +184,7 @@ class CanonicalizePass:
             src, dst = node.inputs[0], node.outputs[0]
             if src.dtype is not None and dst.dtype is not None and src.dtype != dst.dtype:
                 continue
-            for c in list(dst.outputs):
-                for i, t in enumerate(c.inputs):
-                    if t is dst:
-                        c.inputs[i] = src
-            node.outputs.clear()
-            node.inputs.clear()
+            _bypass(node, src, dst)
             n += 1
         return n
 
@@ -205,11 +210,6 @@ class CanonicalizePass:
                 node.outputs.clear()
                 node.inputs.clear()
             else:
-                for c in list(dst.outputs):
-                    for i, t in enumerate(c.inputs):
-                        if t is dst:
-                            c.inputs[i] = src
-                node.outputs.clear()
-                node.inputs.clear()
+                _bypass(node, src, dst)
             n += 1
         return n

@@ -68,6 +68,18 @@ class OrtRuntime:
         return OrtSession(ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]))
 
 
+def _optimizing_options(ort, threads: int):
+    """Session options with every ORT graph optimization, sequential execution, ``threads`` intra-op threads."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
 def profile_op_types(model: str | bytes, feeds: dict[str, np.ndarray], threads: int = 0, runs: int = 20,
                      warmup: int = 5) -> dict[str, dict]:
     """Time per operator type with ORT's profiler: op type (after ORT's graph optimizations, e.g. QGemm,
@@ -81,13 +93,7 @@ def profile_op_types(model: str | bytes, feeds: dict[str, np.ndarray], threads: 
     ort = _ort()
     tmp = tempfile.mkdtemp(prefix="vitc-profile-")
     try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so = _optimizing_options(ort, threads)
         sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         for _ in range(warmup):
             sess.run(None, feeds)
@@ -152,12 +158,7 @@ def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int
     ort = _ort()
     tmp = tempfile.mkdtemp(prefix="vitc-census-")
     try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so = _optimizing_options(ort, threads)
         so.optimized_model_filepath = f"{tmp}/optimized.onnx"
         so.enable_profiling = True
         so.profile_file_prefix = f"{tmp}/ort"
