@@ -150,6 +150,8 @@ def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: fl
         row["export"] = {"ok": False, "error": _one_line(exc)}
         return row
     row["export"] = {"ok": True, "seconds": round(time.perf_counter() - t0, 1)}
+    dims = [i.type.tensor_type.shape.dim for i in onnx.load(str(src), load_external_data=False).graph.input]
+    row["export"]["dynamic_batch"] = any(d and not d[0].HasField("dim_value") for d in dims)
     try:
         feeds = _feeds(src, eval_samples, seed=11, source=_tensor_data(work, "eval"))
     except Exception as exc:
@@ -195,10 +197,12 @@ def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: fl
     return row
 
 
-def _cell_batch(r: dict) -> str:
+def _cell_batch(r: dict, source_dynamic: bool = True) -> str:
     b = r.get("batch")
     if not b:
         return "-"
+    if not source_dynamic:
+        return "source fixed"  # the exporter wrote a fixed batch: nothing to keep
     ok = [k for k, v in b.items() if v.get("runs")]
     if len(ok) == len(b):
         return f"1/4/8 (diff {max(v['max_abs_diff'] for v in b.values()):.1e})"
@@ -219,6 +223,7 @@ def to_markdown(results: dict) -> str:
                          "| | | | | | | |")
             continue
         o, t = row.get("ort", {}), row.get("trt", {})
+        dyn = row["export"].get("dynamic_batch", True)
         ob = "ok" if o.get("ok") else f"**fails**: {o.get('error', '')[:80]}"
         tb = "ok" if t.get("ok") else f"**fails**: {t.get('error', '')[:80]}"
         share = f"{100 * o['int8_mac_share']:.1f}%" if "int8_mac_share" in o else "-"
@@ -227,7 +232,7 @@ def to_markdown(results: dict) -> str:
         chk = t.get("trt_check")
         chk_s = "-" if not chk else ("passes" if chk["ok"] else f"{chk['errors']} errors")
         lines.append(f"| {row['model']} | {row['exporter']} | {ob} | {share} | {speed} | {o.get('sqnr_db', '-')} | "
-                     f"{_cell_batch(o)} | {tb} | {chk_s} | {_cell_batch(t)} |")
+                     f"{_cell_batch(o, dyn)} | {tb} | {chk_s} | {_cell_batch(t, dyn)} |")
     return "\n".join(lines) + "\n"
 
 
