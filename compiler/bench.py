@@ -871,6 +871,9 @@ def warn_cpu_mismatch(models: Sequence[Path]) -> list[str]:
         if built in (CpuKind.VNNI.value, CpuKind.AMX.value):
             out.append(f"{m}: built for a CPU with {built.upper()} (no saturation guard); this CPU lacks VNNI, where "
                        "its U8S8 kernels can saturate int16 sums: rebuild with --cpu avx2 to deploy here")
+        elif built == "no-guard":
+            out.append(f"{m}: built without the saturation guard; this CPU lacks VNNI, where its U8S8 kernels can "
+                       "saturate int16 sums: rebuild with --cpu avx2 to deploy here")
             log.warning("%s", out[-1])
     return out
 

@@ -44,7 +44,34 @@ def build_commands(outdir: str | os.PathLike) -> tuple[str, str]:
     q = shlex.quote
     return (f"vitc engine {q(d)}",
             f"trtexec --onnx={q(os.path.join(d, 'model.int8.onnx'))} --stronglyTyped "
-            f"--saveEngine={q(os.path.join(d, ENGINE_NAME))}")
+            f"--saveEngine={q(os.path.join(d, ENGINE_NAME))}{_trtexec_shapes(Path(d) / ONNX_NAME)}")
+
+
+def _trtexec_shapes(onnx_path: Path, batch: BatchProfile = BatchProfile()) -> str:
+    """trtexec's --minShapes/--optShapes/--maxShapes for the inputs with a dynamic batch ('' when there are none),
+    the same profile `vitc engine` builds by default."""
+    try:
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # no graph to read: the plain command
+        return ""
+    inits = {t.name for t in graph.initializer}
+    dyn = {}
+    for i in graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if i.name in inits or not dims or dims[0].HasField("dim_value"):
+            continue
+        if any(not d.HasField("dim_value") for d in dims[1:]):
+            return ""
+        dyn[i.name] = [d.dim_value for d in dims]
+    if not dyn:
+        return ""
+    flags = []
+    for flag, shapes in (("min", 0), ("opt", 1), ("max", 2)):
+        spec = ",".join(f"{n}:{'x'.join(map(str, batch.shapes(s)[shapes]))}" for n, s in dyn.items())
+        flags.append(f" --{flag}Shapes={spec}")
+    return "".join(flags)
 
 
 # -- the CLI's engine steps (`vitc build --target trt`, `vitc engine OUTDIR`) -----------------------------------------

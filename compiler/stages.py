@@ -287,12 +287,13 @@ def _save(ctx: BuildContext) -> None:
 
     ctx.model.producer_name = "vitc"
     ctx.model.producer_version = __version__
-    if "cpu" in ctx.report:  # `vitc bench` warns when a model without the saturation guard runs on a CPU without VNNI
+    if "cpu" in ctx.report and not ctx.report["cpu"]["saturation_guard"]:  # `vitc bench` warns without VNNI
         del_keys = [i for i, p in enumerate(ctx.model.metadata_props) if p.key == CPU_METADATA_KEY]
         for i in reversed(del_keys):
             del ctx.model.metadata_props[i]
         entry = ctx.model.metadata_props.add()
-        entry.key, entry.value = CPU_METADATA_KEY, ctx.report["cpu"]["built_for"]
+        built = ctx.report["cpu"]["built_for"]
+        entry.key, entry.value = CPU_METADATA_KEY, built if built != "avx2" else "no-guard"
     save_and_check(ctx.model, ctx.scratch / artifact_name(ctx.cfg), ctx.source)
 
 
@@ -349,12 +350,17 @@ def _restore_batch(ctx: BuildContext) -> tuple[onnx.ModelProto, dict]:
         samples = list(feeds)[:stack]
         sess = ort_session(dyn, SessionOptions(threads=1), ctx.scratch)
         one = [sess.run(f) for f in samples]
-        many = sess.run({k: np.concatenate([f[k] for f in samples]) for k in samples[0]})
+        stacked = {k: np.concatenate([f[k] for f in samples]) for k in samples[0]}
+        many = sess.run(stacked)
+        # the source at the same batch says what shapes any batch must give (a batch-1 slice stays one row)
+        source_many = ort_session(onnx.load(str(src.path)), SessionOptions(threads=1, graph_optimizations=False),
+                                  ctx.scratch).run(stacked)
         worst = 0.0
         for j, out in enumerate(many):
             ref = np.concatenate([o[j] for o in one])
-            if ref.shape != out.shape:
-                raise ValueError(f"output {j} has shape {out.shape} at batch {stack}, expected {ref.shape}")
+            if ref.shape != out.shape or out.shape != source_many[j].shape:
+                raise ValueError(f"output {j} has shape {out.shape} at batch {stack}, the source gives "
+                                 f"{source_many[j].shape}")
             scale = max(1e-6, float(np.abs(ref).max()))
             worst = max(worst, float(np.abs(ref.astype(np.float64) - out).max()) / scale)
         if not worst <= 1e-3:

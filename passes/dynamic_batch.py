@@ -39,12 +39,12 @@ _ELEMENTWISE = frozenset({
 })
 # act along an axis attribute that must not be the batch axis; output keeps the input's layout
 _ALONG_AXIS = {"Softmax": -1, "LogSoftmax": -1, "LayerNormalization": -1, "SimplifiedLayerNormalization": -1,
-               "RMSNormalization": -1, "Split": 0, "Hardmax": -1, "CumSum": None}
+               "RMSNormalization": -1, "Split": 0, "Hardmax": -1}
 # leading axis 0 is the batch for these (NCHW images, [B, S, H] sequences)
 _BATCH_FIRST = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                           "BatchNormalization", "InstanceNormalization", "GroupNormalization", "QAttention",
-                          "Attention", "MultiHeadAttention", "Resize", "DepthToSpace", "SpaceToDepth", "LpNormalization",
-                          "DynamicQuantizeLinear"})
+                          "Attention", "MultiHeadAttention", "Resize", "DepthToSpace", "SpaceToDepth",
+                          "LpNormalization"})
 _MATMUL = frozenset({"MatMul", "MatMulInteger", "Gemm", "QLinearMatMul", "FusedMatMul", "MatMulIntegerToFloat"})
 _REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1",
                      "ReduceSumSquare", "ArgMax", "ArgMin"})
@@ -77,6 +77,9 @@ class DynamicBatch:
         inputs = [t for t in graph.inputs if t.name in self.symbols]
         if not inputs:
             return PassResult(self.name, False, {}, ["no input has a dynamic batch: nothing to do"])
+        if len(set(self.symbols.values())) > 1:  # e.g. images [B, ...] and texts [K, ...]: two independent sizes
+            return PassResult(self.name, False, {"kept": 0},
+                              [f"batch stays fixed: inputs have different batch dims {sorted(set(self.symbols.values()))}"])
         snapshot = graph.copy()
         refresh_shapes(graph)
         self.names = UniqueNames(graph)
@@ -152,9 +155,13 @@ class DynamicBatch:
                 raise BatchUnknown(f"{op} node {node.name!r}: batch not on axis 0")
             if op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
                 raise BatchUnknown(f"Resize node {node.name!r} has fixed output sizes")
-            return [0] + [None] * (len(out) - 1) if op == "DynamicQuantizeLinear" else [0] * len(out)
+            return [0] * len(out)
         if op in _MATMUL:
             a_ax = dict(carried)
+            if 0 in a_ax and 1 in a_ax and op == "MatMul":
+                r_a, r_b = _rank(node.inputs[0]), _rank(node.inputs[1])
+                if r_a < 3 or r_b < 3 or r_out - r_a + a_ax[0] != r_out - r_b + a_ax[1] or a_ax[1] >= r_b - 2:
+                    raise BatchUnknown(f"MatMul node {node.name!r}: its operands carry the batch on different axes")
             if 0 in a_ax:
                 r_a = _rank(node.inputs[0])
                 a = a_ax[0]
@@ -300,10 +307,14 @@ class DynamicBatch:
             v = const_value(t)
             if v is None or v.shape[a] != 1:
                 raise BatchUnknown(f"Concat node {node.name!r}: input {t.name!r} is neither constant nor batch-carrying")
-            shp = self.names(f"{t.name}.batch")
-            batch = gs.Variable(shp, np.int64, [1])
-            graph.nodes.append(gs.Node("Shape", self.names(f"{node.name}.batch_of"), inputs=[carrier],
-                                       outputs=[batch], attrs={"start": a, "end": a + 1}))
+            full_shape = gs.Variable(self.names(f"{t.name}.carrier_shape"), np.int64, [_rank(carrier)])
+            graph.nodes.append(gs.Node("Shape", self.names(f"{node.name}.shape_of"), inputs=[carrier],
+                                       outputs=[full_shape]))
+            batch = gs.Variable(self.names(f"{t.name}.batch"), np.int64, [1])  # Slice: Shape's start/end need opset 15
+            graph.nodes.append(gs.Node("Slice", self.names(f"{node.name}.batch_of"),
+                                       inputs=[full_shape, gs.Constant(self.names(f"{t.name}.b0"), np.array([a])),
+                                               gs.Constant(self.names(f"{t.name}.b1"), np.array([a + 1]))],
+                                       outputs=[batch]))
             parts = []
             if a:
                 parts.append(gs.Constant(self.names(f"{t.name}.lead"), np.array(v.shape[:a], np.int64)))

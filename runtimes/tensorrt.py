@@ -402,6 +402,7 @@ class _Binding:
     dtype: np.dtype
     host: np.ndarray
     device: object  # pycuda DeviceAllocation
+    dynamic: bool = False  # dim 0 is the batch of the engine's optimization profile
 
 
 class TrtRunner:
@@ -427,7 +428,8 @@ class TrtRunner:
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             shape = tuple(int(d) for d in self.engine.get_tensor_shape(name))
-            if any(d < 0 for d in shape):  # the batch: buffers for the profile's largest batch
+            dynamic = any(d < 0 for d in shape)
+            if dynamic:  # the batch: buffers for the profile's largest batch
                 if self.max_batch is None or any(d < 0 for d in shape[1:]):
                     raise VitcError(f"{engine_path}: tensor {name!r} has a dynamic shape {list(shape)} and the "
                                     "sidecar names no batch profile", hint="rebuild it with `vitc engine OUTDIR`")
@@ -436,7 +438,7 @@ class TrtRunner:
             host = cuda.pagelocked_empty(shape, dtype)
             dev = cuda.mem_alloc(max(host.nbytes, 1))
             self.context.set_tensor_address(name, int(dev))
-            b = _Binding(name, shape, dtype, host, dev)
+            b = _Binding(name, shape, dtype, host, dev, dynamic)
             (self.inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(b)
 
     @property
@@ -457,10 +459,12 @@ class TrtRunner:
             if b.name not in feeds:
                 raise VitcError(f"missing input {b.name!r}", hint=f"the engine takes {self.input_names}")
             x = np.asarray(feeds[b.name])
-            if self.max_batch is not None and x.ndim == len(b.shape) and tuple(x.shape[1:]) == b.shape[1:]:
+            if b.dynamic and x.ndim == len(b.shape) and tuple(x.shape[1:]) == b.shape[1:]:
                 if not 1 <= x.shape[0] <= self.max_batch:
                     raise VitcError(f"input {b.name!r} has batch {x.shape[0]}, the engine takes 1..{self.max_batch}")
-                self.context.set_input_shape(b.name, tuple(x.shape))
+                if not self.context.set_input_shape(b.name, tuple(x.shape)):
+                    raise VitcError(f"TensorRT refused input {b.name!r} with shape {list(x.shape)}",
+                                    hint=f"the engine's profile takes batch 1..{self.max_batch}")
             elif tuple(x.shape) != b.shape:
                 raise VitcError(f"input {b.name!r} has shape {list(x.shape)}, the engine takes {list(b.shape)}")
             host = b.host.reshape(-1)[:x.size].reshape(x.shape)

@@ -40,7 +40,7 @@ def test_recorded_and_bench_warns(tmp_path, vit_path, monkeypatch):
         rep = json.loads((res[kind].outdir / "build.json").read_text())["cpu"]
         assert rep["built_for"] == kind.value and rep["saturation_guard"] is (kind is CpuKind.AVX2)
         meta = {p.key: p.value for p in onnx.load(res[kind].model_path).metadata_props}
-        assert meta[BLD.CPU_METADATA_KEY] == kind.value
+        assert meta.get(BLD.CPU_METADATA_KEY) == (None if kind is CpuKind.AVX2 else kind.value)  # only unguarded
     # the guard changes the weights
     assert res[CpuKind.AVX2].model_path.read_bytes() != res[CpuKind.VNNI].model_path.read_bytes()
     monkeypatch.setattr(BLD, "cpu_flags", lambda: {"avx2"})
@@ -48,3 +48,8 @@ def test_recorded_and_bench_warns(tmp_path, vit_path, monkeypatch):
     assert len(warned) == 1 and "VNNI" in warned[0] and "--cpu avx2" in warned[0]
     monkeypatch.setattr(BLD, "cpu_flags", lambda: {"avx2", "avx512_vnni"})
     assert B.warn_cpu_mismatch([res[CpuKind.VNNI].model_path]) == []
+    # an AVX2 build with the guard turned off warns too
+    off = build(BuildConfig(model=vit_path, outdir=tmp_path / "off", cpu=CpuKind.AVX2, pair_safe_weights=False,
+                            calib=CalibConfig(samples=2), show_progress=False))
+    monkeypatch.setattr(BLD, "cpu_flags", lambda: {"avx2"})
+    assert len(B.warn_cpu_mismatch([off.model_path])) == 1
