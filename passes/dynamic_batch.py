@@ -190,7 +190,8 @@ class DynamicBatch:
             return [self._reshape(node, carried)]
         if op == "Flatten":
             (_, a), = carried
-            if a != 0 or node.attrs.get("axis", 1) == 0:
+            fa = node.attrs.get("axis", 1)
+            if a != 0 or (fa if fa >= 0 else fa + _rank(node.inputs[0])) == 0:
                 raise BatchUnknown(f"Flatten node {node.name!r} merges the batch with the dims before it")
             return [0]
         if op == "Concat":
