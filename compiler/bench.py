@@ -413,7 +413,9 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
-        flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+        from vitc.compiler.build import cpu_flags
+
+        flags = cpu_flags()
         info["simd"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     except OSError:
         info["cpu"] = platform.processor() or platform.machine()
@@ -855,7 +857,8 @@ def candidates_for(models: Sequence[Path], labels: Sequence[str]) -> tuple[list[
 
 
 def warn_cpu_mismatch(models: Sequence[Path]) -> list[str]:
-    """One warning per vitc ORT model built for a CPU with VNNI (no saturation guard) timed on a CPU without it."""
+    """One warning per vitc ORT model built without the saturation guard (the model's CPU metadata says so) timed on
+    a CPU without VNNI."""
     from vitc.compiler.build import CPU_METADATA_KEY, CpuKind, detect_cpu
 
     here = detect_cpu()
@@ -868,13 +871,13 @@ def warn_cpu_mismatch(models: Sequence[Path]) -> list[str]:
         except Exception:  # unreadable files are reported by the timing itself
             continue
         built = meta.get(CPU_METADATA_KEY)
-        if built in (CpuKind.VNNI.value, CpuKind.AMX.value):
-            out.append(f"{m}: built for a CPU with {built.upper()} (no saturation guard); this CPU lacks VNNI, where "
-                       "its U8S8 kernels can saturate int16 sums: rebuild with --cpu avx2 to deploy here")
-        elif built == "no-guard":
-            out.append(f"{m}: built without the saturation guard; this CPU lacks VNNI, where its U8S8 kernels can "
-                       "saturate int16 sums: rebuild with --cpu avx2 to deploy here")
-            log.warning("%s", out[-1])
+        if built is None:
+            continue
+        what = "without the saturation guard" if built == "no-guard" else \
+            f"for a CPU with {built.upper()} (no saturation guard)"
+        out.append(f"{m}: built {what}; this CPU lacks VNNI, where its U8S8 kernels can saturate int16 sums: "
+                   "rebuild with --cpu avx2 to deploy here")
+        log.warning("%s", out[-1])
     return out
 
 

