@@ -104,6 +104,7 @@ class Engine(enum.Enum):
     ORT = "ort"  # ONNX Runtime, CPU execution provider
     TRT = "trt"  # TensorRT engine on the GPU
     TORCH = "torch"  # PyTorch eager (compare_peers)
+    OPENVINO = "openvino"  # OpenVINO, CPU plugin
 
     @property
     def device(self) -> str:
@@ -221,6 +222,21 @@ def ort_candidate(path: Path, label: str, model_index: int = 0) -> Candidate:
         return OrtRuntime().session(str(path), SessionOptions(threads=threads))
 
     return Candidate(label, str(path), Engine.ORT, inputs, open_, model_index)
+
+
+def ov_candidate(path: Path, label: str, model_index: int = 0, precision: str = "auto") -> Candidate:
+    """An ONNX file or an OpenVINO IR (``.xml``) on OpenVINO's CPU plugin; ``precision`` is its inference
+    precision for the float parts (auto: the plugin's choice, bf16 where the CPU has it)."""
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.openvino import InferencePrecision, OpenVinoRuntime, input_specs
+
+    prec = InferencePrecision(precision)
+    inputs = tuple(InputInfo(n, d, t) for n, d, t in input_specs(path))
+
+    def open_(threads: int) -> Runner:
+        return OpenVinoRuntime(prec).session(path, SessionOptions(threads=threads))
+
+    return Candidate(label, str(path), Engine.OPENVINO, inputs, open_, model_index)
 
 
 def tensorrt_runtime() -> tuple[object | None, str]:
@@ -794,7 +810,8 @@ def _int_list(s: str) -> tuple[int, ...]:
 
 
 def add_arguments(be: argparse.ArgumentParser) -> None:
-    be.add_argument("models", type=Path, nargs="+", help=".onnx models (ONNX Runtime CPU) or TensorRT .engine files")
+    be.add_argument("models", type=Path, nargs="+",
+                    help=".onnx models (ONNX Runtime CPU), OpenVINO IR .xml files or TensorRT .engine files")
     be.add_argument("--labels", default=None, help="comma-separated names for the models (default: the shortest distinct tail of each path)")
     be.add_argument("--baseline", default=None, metavar="NAME_OR_INDEX",
                     help="model the ratios are against: index (0 = first, the default), label, path or file name")
@@ -816,6 +833,10 @@ def add_arguments(be: argparse.ArgumentParser) -> None:
     be.add_argument("--tensorrt", action="store_true",
                     help="also build a TensorRT engine from each fixed-shape .onnx model and time it on the GPU "
                          "(needs TensorRT and a GPU; a note otherwise)")
+    be.add_argument("--openvino", action="store_true",
+                    help="also time each .onnx model in OpenVINO's CPU plugin, in the same run (label suffix ' ov')")
+    be.add_argument("--ov-precision", choices=("auto", "f32", "bf16"), default="auto",
+                    help="OpenVINO's inference precision for float layers (auto: bf16 where the CPU has it)")
     be.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     be.add_argument("--png", type=Path, default=None, help="also draw a bar chart (PNG) here")
 
@@ -832,12 +853,16 @@ def _check_out(p: Path | None, flag: str) -> None:
         raise OutputError(f"{p}: folder {parent} is not writable", hint=f"choose another {flag}")
 
 
-def candidates_for(models: Sequence[Path], labels: Sequence[str]) -> tuple[list[Candidate], list[str]]:
-    """ORT candidates for .onnx files, TensorRT ones for engine files (skipped with a note when unavailable)."""
+def candidates_for(models: Sequence[Path], labels: Sequence[str], openvino: bool = False,
+                   ov_precision: str = "auto") -> tuple[list[Candidate], list[str]]:
+    """ORT candidates for .onnx files (and OpenVINO ones beside them with ``openvino``), OpenVINO ones for IR .xml
+    files, TensorRT ones for engine files (skipped with a note when unavailable)."""
     cands, notes = [], []
     trt = why = None
     for i, (m, lab) in enumerate(zip(models, labels)):
-        if m.suffix.lower() in ENGINE_SUFFIXES:
+        if m.suffix.lower() == ".xml":
+            cands.append(ov_candidate(m, lab, i, ov_precision))
+        elif m.suffix.lower() in ENGINE_SUFFIXES:
             if not m.is_file():
                 raise ModelLoadError(f"{m}: no such engine file", hint="build it with vitc engine OUTDIR")
             if trt is None and why is None:
@@ -850,6 +875,13 @@ def candidates_for(models: Sequence[Path], labels: Sequence[str]) -> tuple[list[
             cands.append(trt_candidate(m, lab, trt, i))
         else:
             cands.append(ort_candidate(m, lab, i))
+            if openvino:
+                try:
+                    cands.append(ov_candidate(m, f"{lab} ov", i, ov_precision))
+                except ModelLoadError as exc:  # e.g. an ORT artifact's com.microsoft kernels
+                    msg = f"{lab} ov: not timed ({exc})"
+                    log.warning(msg)
+                    notes.append(msg)
     if not cands:
         raise RuntimeUnavailableError(f"none of the models can run here: TensorRT not available ({why})",
                                       hint="time .onnx models on ONNX Runtime, or run on a machine with a GPU")
@@ -899,7 +931,7 @@ def run_command(a: argparse.Namespace) -> int:
     if a.pause < 0:
         raise VitcError(f"--pause {a.pause} is negative", hint="give 0 or more seconds")
     warn_cpu_mismatch(models)
-    cands, notes = candidates_for(models, labels)
+    cands, notes = candidates_for(models, labels, a.openvino, a.ov_precision)
     cfg = SuiteConfig(batches=tuple(a.batch), threads=tuple(a.threads), warmup=a.warmup, block=a.block,
                       pause_s=a.pause, stop=stop, baseline=base)
     with tempfile.TemporaryDirectory(prefix="vitc-bench-") as tmp:

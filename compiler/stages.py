@@ -48,6 +48,7 @@ from vitc.passes.fuse_matmul_add import MatMulAddFusion
 from vitc.passes.insert_qdq import InsertQDQPass
 from vitc.passes.migrate_scales import Migration, ScaleMigrationPass
 from vitc.passes.ort_attention import OrtAttentionFusion
+from vitc.passes.ov_lower import OvLoweringPass
 from vitc.passes.sink_reshapes import ReshapeSinking
 from vitc.passes.trt_lower import TrtLoweringPass
 
@@ -76,6 +77,7 @@ class BuildContext:
     reservoir: dict[str, list[np.ndarray]] = field(default_factory=dict)  # a few samples' activations (the search)
     migration: Migration | None = None  # what the fixed-strength migration (--no-search) applied
     model: onnx.ModelProto | None = None  # the artifact
+    extra_outputs: list[str] = field(default_factory=list)  # files beside the artifact (OpenVINO IR)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ def lowering_passes(target: Target, fuse_attention: bool = True) -> list[GraphPa
     token stream stays a 2-D matrix between the GEMMs (passes/sink_reshapes.py)."""
     if target is Target.TRT:
         return [TrtLoweringPass()]
+    if target is Target.OPENVINO:  # float biases (as for TensorRT), then each linear back on its N-D input
+        return [TrtLoweringPass(), OvLoweringPass()]
     return [OrtAttentionFusion(), ReshapeSinking()] if fuse_attention else [ReshapeSinking()]
 
 
@@ -144,6 +148,8 @@ def build_stages(cfg: BuildConfig) -> list[Stage]:
     stages += [Stage("export", _export),
                Stage(DynamicBatch.name, _dynamic_batch, dumps=(DynamicBatch.name,)),
                Stage("save + check", _save, "save + check")]
+    if cfg.target is Target.OPENVINO:
+        stages.append(Stage("openvino IR", _openvino_ir, "openvino IR"))
     return stages
 
 
@@ -295,6 +301,24 @@ def _save(ctx: BuildContext) -> None:
         built = ctx.report["cpu"]["built_for"]
         entry.key, entry.value = CPU_METADATA_KEY, built if built != "avx2" else "no-guard"
     save_and_check(ctx.model, ctx.scratch / artifact_name(ctx.cfg), ctx.source)
+
+
+def _openvino_ir(ctx: BuildContext) -> None:
+    """The OpenVINO IR of the artifact (OpenVINO's own conversion, weights as stored) and what OpenVINO's CPU plugin
+    makes of it: the runtime graph's heavy layers by precision (build.json ``openvino``)."""
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.openvino import (IR_NAME, InferencePrecision, OpenVinoRuntime, precision_summary, save_ir,
+                                        version)
+
+    onnx_path = ctx.scratch / artifact_name(ctx.cfg)
+    xml = save_ir(onnx_path, ctx.scratch / IR_NAME)
+    sess = OpenVinoRuntime(InferencePrecision.F32).session(xml, SessionOptions(threads=1))
+    summary = precision_summary(sess.runtime_graph())
+    ctx.report["openvino"] = {"version": version(), "ir": [IR_NAME, xml.with_suffix(".bin").name],
+                              "runtime_graph_f32": summary}
+    ctx.extra_outputs += [IR_NAME, xml.with_suffix(".bin").name]
+    log.info("OpenVINO IR: %s (%d of %d linear/conv layers run in int8 on this CPU)", IR_NAME,
+             summary["heavy_int8"], summary["heavy_int8"] + summary["heavy_float"])
 
 
 # -- checks -------------------------------------------------------------------------------------------------------------
