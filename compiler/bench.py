@@ -445,6 +445,11 @@ def machine_info() -> dict:
         info["onnxruntime"] = version()
     except ImportError:  # pragma: no cover
         pass
+    from vitc.runtimes import openvino as ov
+
+    ok, what = ov.available()
+    if ok:
+        info["openvino"] = what.split()[-1]
     return info
 
 

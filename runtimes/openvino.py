@@ -2,7 +2,7 @@
 the plugin actually executes (the compiled model's runtime graph: each layer's type and precision), save the IR.
 
 OpenVINO is optional (``pip install 'vitc[openvino]'``); it is imported on first use, and a missing install is one
-:class:`~vitc.errors.RuntimeUnavailableError` line with the install command.
+:class:`~vitc.errors.VitcError` line (exit 2) with the install command.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitc.errors import ModelLoadError, RuntimeUnavailableError
+from vitc.errors import ModelLoadError, VitcError
 from vitc.runtimes.base import SessionOptions
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,12 @@ def _ov():
     try:
         import openvino as ov
     except ImportError as exc:
-        raise RuntimeUnavailableError(f"OpenVINO is not installed ({exc})", hint=INSTALL_HINT) from None
+        raise VitcError(f"OpenVINO is not installed ({exc})", hint=INSTALL_HINT) from None
     return ov
 
 
 def require() -> None:
-    """Raise the one-line :class:`RuntimeUnavailableError` (with the install command) when OpenVINO is missing."""
+    """Raise the one-line :class:`VitcError` (with the install command) when OpenVINO is missing."""
     _ov()
 
 
@@ -57,7 +57,7 @@ def version() -> str:
 def available() -> tuple[bool, str]:
     try:
         return True, f"openvino {version()}"
-    except RuntimeUnavailableError as exc:
+    except VitcError as exc:
         return False, str(exc)
 
 

@@ -70,6 +70,9 @@ ORT_STATIC = "ORT quantize_static"
 ORT_DYNAMIC = "ORT quantize_dynamic"
 TORCH_FP32 = "torch eager fp32"
 TORCH_INT8 = "torch dynamic int8"
+OV_FP32 = "OpenVINO fp32 (source)"
+NNCF_INT8 = "NNCF int8 in OpenVINO"
+VITC_OV = "vitc openvino"
 
 
 class StaticGrid(enum.Enum):
@@ -123,6 +126,8 @@ class CompareConfig:
     wait_max_s: float = 600.0
     busy_window_s: float = 5.0  # how long other processes' CPU use is sampled before/after timing
     ceiling: bool = True  # also time the model's linear layers alone, fp32 vs int8 (tools/gemm_ceiling)
+    openvino: bool = True  # OpenVINO rows (source, NNCF int8, vitc --target openvino) where openvino installs
+    ov_precision: str = "f32"  # OpenVINO's inference precision for float layers: f32 | bf16 | auto
 
 
 @dataclass
@@ -311,6 +316,59 @@ def fidelity_of(ref: list[np.ndarray], test: list[np.ndarray]) -> dict:
             "top1_agreement_pct": round(100.0 * agree / n, 2) if classify else None, "images": n}
 
 
+def _ov_runner(path: Path, threads: int, precision: str):
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.openvino import InferencePrecision, OpenVinoRuntime
+
+    return OpenVinoRuntime(InferencePrecision(precision)).session(path, SessionOptions(threads=threads))
+
+
+def _nncf_int8(src: Path, dst: Path, calib: list[dict[str, np.ndarray]]) -> Path:
+    """NNCF's post-training quantization with its transformer preset (SmoothQuant, fast bias correction) on the
+    OpenVINO model of ``src``, saved as IR."""
+    import nncf
+    import openvino as ov
+
+    m = ov.Core().read_model(str(src))
+    data = nncf.Dataset([next(iter(f.values())) for f in calib])
+    q = nncf.quantize(m, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+    ov.save_model(q, str(dst), compress_to_fp16=False)
+    return dst
+
+
+def _openvino_variants(pm: PeerModel, cfg: CompareConfig, work: Path, calib, feeds, ref) -> tuple[dict, dict, dict]:
+    """(paths, fidelity, info) of the OpenVINO rows: the source, NNCF int8 and vitc --target openvino, each run by
+    OpenVINO's CPU plugin at ``cfg.ov_precision``. Rows whose tool is missing are left out with a log line."""
+    from vitc.compiler.pipeline import Target
+    from vitc.runtimes import openvino as OV
+
+    ok, why = OV.available()
+    if not ok:
+        log.warning("%s: OpenVINO rows skipped: %s", pm.name, why)
+        return {}, {}, {}
+    paths = {OV_FP32: pm.onnx}
+    info = {OV_FP32: {"openvino": OV.version(), "precision": cfg.ov_precision}}
+    try:
+        import nncf
+
+        t = time.perf_counter()
+        paths[NNCF_INT8] = _nncf_int8(pm.onnx, work / "nncf.xml", calib)
+        info[NNCF_INT8] = {"nncf": nncf.__version__, "config": "ModelType.TRANSFORMER, defaults",
+                           "build_s": round(time.perf_counter() - t, 1)}
+    except ImportError:
+        log.warning("%s: NNCF row skipped: nncf is not installed (pip install nncf)", pm.name)
+    except Exception as exc:
+        log.warning("%s: NNCF failed: %s", pm.name, f"{type(exc).__name__}: {exc}"[:200])
+    t = time.perf_counter()
+    res = build(BuildConfig(model=pm.onnx, outdir=work / "vitc_openvino", batch=cfg.batch, target=Target.OPENVINO,
+                            calib=CalibConfig(samples=cfg.calib_samples), show_progress=False, force=True))
+    paths[VITC_OV] = res.outdir / res.report["openvino"]["ir"][0]
+    info[VITC_OV] = {"build_s": round(time.perf_counter() - t, 1),
+                     "runtime_graph": res.report["openvino"]["runtime_graph_f32"]["heavy_by_precision"]}
+    fid = {k: fidelity_of(ref, _outputs(_ov_runner(p, cfg.threads, cfg.ov_precision), feeds)) for k, p in paths.items()}
+    return paths, fid, info
+
+
 def _ort_runner(path: Path, threads: int):
     from vitc.runtimes.base import SessionOptions
     from vitc.runtimes.ort import OrtRuntime
@@ -401,6 +459,12 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
     fid[ORT_DYNAMIC] = fidelity_of(ref, _outputs(_ort_runner(paths[ORT_DYNAMIC], cfg.threads), feeds))
 
     cands = [_ort_candidate(label, p, k) for k, (label, p) in enumerate(paths.items())]
+    if cfg.openvino:
+        ov_paths, ov_fid, ov_info = _openvino_variants(pm, cfg, work, calib, feeds, ref)
+        fid |= ov_fid
+        info |= ov_info
+        cands += [B.ov_candidate(p, label, len(cands) + k, cfg.ov_precision)
+                  for k, (label, p) in enumerate(ov_paths.items())]
     if pm.torch_module is not None:
         q = _torch_int8(pm.torch_module)
         for label, mod in ((TORCH_FP32, pm.torch_module), (TORCH_INT8, q)):
@@ -445,6 +509,8 @@ def compare_model(pm: PeerModel, cfg: CompareConfig, work: Path) -> dict:
     pairs = {}  # ratios of two variants, pair by pair per round (as the speedups against the source)
     for key, num, den in (("vitc int8 vs vitc fp32", VITC_FP32, VITC_INT8),
                           ("vitc int8 vs torch dynamic int8", TORCH_INT8, VITC_INT8),
+                          ("vitc openvino vs NNCF int8 (both in OpenVINO)", NNCF_INT8, VITC_OV),
+                          ("vitc openvino vs vitc int8 (ORT)", VITC_INT8, VITC_OV),
                           ("int8 GEMM ceiling (linears alone, int8 vs fp32)", G.FP32_LABEL, G.INT8_LABEL)):
         if num in by and den in by:
             r, ci = B.pair_ratio(by[num], by[den])
@@ -543,6 +609,7 @@ def to_markdown(results: dict) -> str:
     mi = results["machine"]
     lines = [f"Machine: {mi.get('cpu', mi.get('machine'))}, {mi.get('cpus')} CPUs ({', '.join(mi.get('simd', []))}), "
              f"onnxruntime {mi.get('onnxruntime')}" + (f", torch {mi['torch']}" if "torch" in mi else "")
+             + (f", openvino {mi['openvino']}" if "openvino" in mi else "")
              + f"; load average at start {mi.get('load_avg', ['?'])[0]}, at end {mi.get('load_avg_end', ['?'])[0]}.", ""]
     for m in results["models"]:
         t = m["timing"]["machine"]
@@ -595,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-ceiling", action="store_true",
                    help="do not time the model's linear layers alone (the int8 GEMM ceiling rows)")
+    p.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO rows")
+    p.add_argument("--ov-precision", choices=("f32", "bf16", "auto"), default="f32",
+                   help="OpenVINO's inference precision for float layers (default f32; auto: bf16 where the CPU "
+                        "has it)")
     p.add_argument("--ci", type=pos_float, default=2.0, help="target 95%% CI half-width, %% (default 2)")
     p.add_argument("--min-rounds", type=pos_int, default=6)
     p.add_argument("--max-rounds", type=pos_int, default=30)
@@ -613,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                         grid=StaticGrid(a.static_grid), torch=not a.no_torch,
                         stop=B.StopRule(a.ci, a.min_rounds, max(a.max_rounds, a.min_rounds), a.max_time),
                         screen_rounds=a.screen_rounds, block_seconds=a.block_seconds, pause_s=a.pause,
-                        wait_busy=a.wait_busy, wait_max_s=a.wait_max, ceiling=not a.no_ceiling)
+                        wait_busy=a.wait_busy, wait_max_s=a.wait_max, ceiling=not a.no_ceiling,
+                        openvino=not a.no_openvino, ov_precision=a.ov_precision)
     try:
         res = run(cfg)
     except VitcError as exc:
