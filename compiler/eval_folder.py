@@ -54,6 +54,8 @@ class EvalConfig:
     resume: bool = False
     workers: int = 2  # image-decoding threads
     show_progress: bool = True
+    runtime: str = "ort"  # "ort" | "openvino" (an OpenVINO IR .xml always runs in OpenVINO)
+    ov_precision: str = "auto"  # OpenVINO's inference precision for float layers
 
 
 @dataclass
@@ -161,10 +163,17 @@ class _Model:
 
 
 def _open_model(path: Path, batch: int | None, input_shapes: dict[str, list[int]], role: str) -> _Model:
-    """Validate ``path`` as a one-image-input model; fixes dynamic dims (clear error when it cannot)."""
+    """Validate ``path`` as a one-image-input model; fixes dynamic dims (clear error when it cannot). An OpenVINO IR
+    is read through the ONNX artifact `vitc build --target openvino` writes beside it (same stem)."""
     from vitc.compiler.build import input_specs, is_image_input
     from vitc.compiler.loader import load_model
 
+    if path.suffix.lower() == ".xml":
+        onnx_path = path.with_suffix(".onnx")
+        if not onnx_path.is_file():
+            raise ModelLoadError(f"{path}: an OpenVINO IR needs its ONNX model beside it ({onnx_path.name}) for "
+                                 "its input and preprocessing", hint="evaluate a vitc --target openvino OUTDIR's IR")
+        path = onnx_path
     lm = load_model(path, batch=batch or 1, input_shapes=input_shapes)
     specs = input_specs(lm.model)
     if len(specs) != 1 or not is_image_input(specs[0]):
@@ -181,10 +190,14 @@ def _open_model(path: Path, batch: int | None, input_shapes: dict[str, list[int]
     return _Model(path, spec, fixed, out.name, dims, lm.model)
 
 
-def _session(path: Path, threads: int):
+def _session(path: Path, threads: int, runtime: str = "ort", ov_precision: str = "auto"):
     from vitc.runtimes.base import SessionOptions
     from vitc.runtimes.ort import OrtRuntime, quiet
 
+    if runtime == "openvino" or path.suffix.lower() == ".xml":
+        from vitc.runtimes.openvino import InferencePrecision, OpenVinoRuntime
+
+        return OpenVinoRuntime(InferencePrecision(ov_precision)).session(path, SessionOptions(threads=threads))
     quiet()
     return OrtRuntime().session(str(path), SessionOptions(threads=threads))
 
@@ -333,8 +346,8 @@ def evaluate_folder(cfg: EvalConfig) -> EvalResult:
     log.info("evaluating %d image(s)%s from %s (%s), batch %d", len(todo),
              f" ({len(items) - len(todo)} done before)" if done else "", folder.root,
              f"{len(folder.classes)} classes" if folder.labeled else "no labels", batch)
-    sess = _session(cfg.model, cfg.threads)
-    ref_sess = _session(cfg.reference, cfg.threads) if ref is not None else None
+    sess = _session(cfg.model, cfg.threads, cfg.runtime, cfg.ov_precision)
+    ref_sess = _session(cfg.reference, cfg.threads, cfg.runtime, cfg.ov_precision) if ref is not None else None
     skipped = 0
     pred_f = open(cfg.predictions, "a", encoding="utf-8") if cfg.predictions is not None else None
     try:
@@ -420,7 +433,11 @@ def add_arguments(ev: argparse.ArgumentParser, shape_type, floats3_type, std3_ty
     ev.add_argument("--batch", type=pos_int, default=None,
                     help=f"images per inference (default {DEFAULT_BATCH}; a model with a fixed batch dim runs "
                          "in chunks of it, and refuses another --batch)")
-    ev.add_argument("--threads", type=nonneg_int, default=0, help="ORT intra-op threads (0: ORT's default)")
+    ev.add_argument("--threads", type=nonneg_int, default=0, help="intra-op threads (0: the runtime's default)")
+    ev.add_argument("--runtime", choices=("ort", "openvino"), default="ort",
+                    help="what runs the .onnx models (an OpenVINO IR .xml always runs in OpenVINO)")
+    ev.add_argument("--ov-precision", choices=("auto", "f32", "bf16"), default="auto",
+                    help="OpenVINO's inference precision for float layers (auto: bf16 where the CPU has it)")
     ev.add_argument("--limit", type=pos_int, default=None, help="evaluate N images spread evenly over the folder")
     ev.add_argument("--input-shape", type=shape_type, action="append", default=[], metavar="NAME=D0,D1,...")
     ev.add_argument("--mean", type=floats3_type, default=None)
@@ -442,7 +459,7 @@ def run_command(a: argparse.Namespace) -> int:
         raise ModelLoadError(f"{a.reference}: no such file", hint="give --reference the path of an .onnx model")
     cfg = EvalConfig(model=a.model, data=a.data, reference=a.reference, class_map=a.class_map, batch=a.batch,
                      threads=a.threads, limit=a.limit, input_shapes=dict(a.input_shape), mean=a.mean, std=a.std,
-                     predictions=a.predictions, resume=a.resume)
+                     predictions=a.predictions, resume=a.resume, runtime=a.runtime, ov_precision=a.ov_precision)
     try:
         res = evaluate_folder(cfg)
     except VitcError:

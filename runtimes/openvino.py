@@ -107,11 +107,8 @@ class OvSession:
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
         res = self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-        values = [np.asarray(res[o]) for o in self.compiled.outputs]
-        if outputs is None:
-            return [v.copy() for v in values]
-        by_name = dict(zip(self.output_names, values))
-        return [by_name[n].copy() for n in outputs]
+        ports = self.compiled.outputs if outputs is None else [self.compiled.output(n) for n in outputs]
+        return [np.asarray(res[p]).copy() for p in ports]
 
     def runtime_graph(self) -> list[dict]:
         return runtime_layers(self.compiled)

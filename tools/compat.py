@@ -128,8 +128,37 @@ def _speed(src: Path, art: Path, threads: int, max_time: float) -> dict:
             "source_ms": round(rep.measurements[0].ms_per_image, 2), "int8_ms": round(m.ms_per_image, 2)}
 
 
+def _speed_ov(src: Path, ir: Path, threads: int, max_time: float) -> dict:
+    """The OpenVINO IR (f32 float layers) against the source in ORT fp32, paired blocks in one run."""
+    from vitc.compiler import bench as B
+
+    cands = [B.ort_candidate(src, "source fp32", 0), B.ov_candidate(ir, "vitc openvino", 1, "f32")]
+    rep = B.run_suite(cands, B.SuiteConfig(batches=(1,), threads=(threads,), warmup=3, block_seconds=0.5,
+                                           stop=B.StopRule(target_ci_pct=3.0, min_rounds=4, max_rounds=20,
+                                                           max_seconds=max_time), busy_probe_s=0))
+    m = rep.measurements[1]
+    return {"speedup": round(m.speedup_vs_baseline, 3), "ci95": [round(x, 3) for x in m.speedup_ci95 or ()],
+            "source_ms": round(rep.measurements[0].ms_per_image, 2), "int8_ms": round(m.ms_per_image, 2)}
+
+
+def _measure_ov(r: dict, res, src: Path, feeds, threads: int, max_time: float) -> None:
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.openvino import InferencePrecision, OpenVinoRuntime
+    from vitc.runtimes.ort import OrtRuntime
+    from vitc.tools.compare_peers import fidelity_of
+
+    ir = res.outdir / res.report["openvino"]["ir"][0]
+    s = res.report["openvino"]["runtime_graph_f32"]
+    r["int8_layers"] = [s["heavy_int8"], s["heavy_int8"] + s["heavy_float"]]
+    if feeds:
+        s_ref = OrtRuntime().session(str(src), SessionOptions(threads=threads))
+        s_ov = OpenVinoRuntime(InferencePrecision.F32).session(ir, SessionOptions(threads=threads))
+        r["sqnr_db"] = fidelity_of([s_ref.run(f)[0] for f in feeds], [s_ov.run(f)[0] for f in feeds])["sqnr_db"]
+    r["speed"] = _speed_ov(src, ir, threads, max_time)
+
+
 def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: float, eval_samples: int,
-                calib_samples: int) -> dict:
+                calib_samples: int, targets: tuple[str, ...] = ("ort", "trt")) -> dict:
     from vitc.compiler.build import BuildConfig, CalibConfig, build
     from vitc.compiler.pipeline import Target
     from vitc.compiler.trt_check import check_file
@@ -151,7 +180,7 @@ def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: fl
     except Exception as exc:
         row["export"]["note"] = f"no held-out inputs: {_one_line(exc)}"
         feeds = []
-    for target in (Target.ORT, Target.TRT):
+    for target in (Target(t) for t in targets):
         key = target.value
         t = time.perf_counter()
         try:
@@ -166,6 +195,12 @@ def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: fl
         r: dict = {"ok": True, "build_s": round(time.perf_counter() - t, 1),
                    "dynamic_batch": res.report.get("dynamic_batch", {}).get("kept", False)}
         row[key] = r
+        if target is Target.OPENVINO:
+            try:
+                _measure_ov(r, res, src, feeds, threads, max_time)
+            except Exception as exc:
+                r["measure_error"] = _one_line(exc)
+            continue
         try:
             if feeds:
                 from vitc.runtimes.base import SessionOptions
@@ -228,6 +263,17 @@ def to_markdown(results: dict) -> str:
         chk_s = "-" if not chk else ("passes" if chk["ok"] else f"{chk['errors']} errors")
         lines.append(f"| {row['model']} | {row['exporter']} | {ob} | {share} | {speed} | {o.get('sqnr_db', '-')} | "
                      f"{_cell_batch(o, dyn)} | {tb} | {chk_s} | {_cell_batch(t, dyn)} |")
+    if any("openvino" in row for row in results["rows"]):
+        lines += ["", "| model | exporter | OpenVINO build | int8 linear/conv layers | speed vs ORT fp32 | SQNR dB |",
+                  "|---|---|---|---:|---:|---:|"]
+        for row in results["rows"]:
+            v = row.get("openvino")
+            if not v:
+                continue
+            b = "ok" if v.get("ok") else f"**fails**: {v.get('error', '')[:80]}"
+            lay = f"{v['int8_layers'][0]} of {v['int8_layers'][1]}" if "int8_layers" in v else "-"
+            sp = f"{v['speed']['speedup']:.2f}x" if v.get("speed") else "-"
+            lines.append(f"| {row['model']} | {row['exporter']} | {b} | {lay} | {sp} | {v.get('sqnr_db', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +281,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("onnxruntime", "onnx", "torch", "timm"):
+    for pkg in ("onnxruntime", "onnx", "torch", "timm", "openvino"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -244,7 +290,7 @@ def _versions() -> dict:
 
 
 def run(models: list[str], exporters: list[str], outdir: Path, threads: int, max_time: float, eval_samples: int,
-        calib_samples: int, update: bool = False) -> dict:
+        calib_samples: int, update: bool = False, targets: tuple[str, ...] = ("ort", "trt")) -> dict:
     from vitc.runtimes.ort import quiet
 
     quiet()
@@ -264,7 +310,7 @@ def run(models: list[str], exporters: list[str], outdir: Path, threads: int, max
                 log.info("compat: %s (%s)", spec, exporter)
                 work = Path(tmp) / f"{spec}.{exporter}"
                 work.mkdir(parents=True, exist_ok=True)
-                row = check_model(spec, exporter, work, threads, max_time, eval_samples, calib_samples)
+                row = check_model(spec, exporter, work, threads, max_time, eval_samples, calib_samples, targets)
                 results["rows"].append(row)
                 log.info("compat: %s", json.dumps(row)[:400])
                 (outdir / "results.json").write_text(json.dumps(results, indent=2))
@@ -286,13 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--update", action="store_true", help="keep the rows of other models already in -o's results.json")
+    ap.add_argument("--targets", default="ort,trt", help="comma-separated: ort, trt, openvino")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     exporters = [e for e in a.exporters.split(",") if e]
     if any(e not in EXPORTERS for e in exporters):
         ap.error(f"--exporters: choose from {', '.join(EXPORTERS)}")
+    targets = tuple(t for t in a.targets.split(",") if t)
+    if any(t not in ("ort", "trt", "openvino") for t in targets):
+        ap.error("--targets: choose from ort, trt, openvino")
     res = run([m for m in a.models.split(",") if m], exporters, a.output, a.threads, a.max_time, a.eval_samples,
-              a.calib_samples, a.update)
+              a.calib_samples, a.update, targets)
     sys.stdout.write(to_markdown(res))
     return 0
 
