@@ -1,6 +1,7 @@
 """`vitc bench`: structure of the results (batches, threads, skips, ratios, JSON, PNG), the stopping rule on a
 fake clock, bad input, and a smoke run of tools/compare_peers.py. No test asserts a speed."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -254,6 +255,8 @@ def _compare_peers(tmp_path, model: str) -> dict:
     m = res["models"][0]
     v = m["variants"]
     want = [P.SOURCE, P.VITC_FP32, P.VITC_INT8, P.ORT_STATIC, P.ORT_DYNAMIC]
+    if importlib.util.find_spec("openvino"):  # OpenVINO rows: the source, NNCF int8 where nncf installs, vitc
+        want += [P.OV_FP32] + ([P.NNCF_INT8] if importlib.util.find_spec("nncf") else []) + [P.VITC_OV]
     if m["model"].startswith("timm"):
         want += [P.TORCH_FP32, P.TORCH_INT8]
     want += [P.G.FP32_LABEL, P.G.INT8_LABEL]  # the model's linears alone: the int8 GEMM ceiling
@@ -263,6 +266,9 @@ def _compare_peers(tmp_path, model: str) -> dict:
     pairs = m["pairs"]
     assert "vitc int8 vs vitc fp32" in pairs and "int8 GEMM ceiling (linears alone, int8 vs fp32)" in pairs
     assert ("vitc int8 vs torch dynamic int8" in pairs) == m["model"].startswith("timm")
+    if P.VITC_OV in v:
+        assert v[P.OV_FP32]["sqnr_db"] > 60 and np.isfinite(v[P.VITC_OV]["sqnr_db"])
+        assert "vitc openvino vs vitc int8 (ORT)" in pairs
     for p in pairs.values():  # one round: the CI collapses onto the ratio
         assert p["ratio"] > 0 and p["ci95"][0] <= p["ratio"] <= p["ci95"][1]
     assert "int8 GEMM ceiling" in md
