@@ -6,6 +6,7 @@ import logging
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from vitc.compiler.calibration import Observer, ObserverConfig
@@ -66,6 +67,8 @@ def resolve_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role]) -> Pla
             acts, weight, axis = [node.inputs[0].name], node.inputs[1].name, 0
         else:
             continue
+        if _all_zero(node.inputs[1]):
+            continue  # nothing to quantize, and a degenerate weight range breaks OpenVINO's int8 kernels
         rule = policy.lookup(node.name, r.role, r.block, r.inputs)
         spec = rule.spec
         if node.op == "Conv" and not spec.skip and spec.activation is Granularity.PER_CHANNEL:
@@ -120,6 +123,11 @@ def make_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role], target: s
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 
 
+def _all_zero(t) -> bool:
+    v = const_value(t)
+    return v is not None and v.size > 0 and not np.any(v)
+
+
 def float_ops(graph: gs.Graph, plan: Plan, roles: dict[str, Role]) -> list[dict]:
     """Every MatMul/Gemm/Conv-like node the plan leaves float, and why: a policy rule keeps it float, or nothing
     recognised it (no role, no constant weight, an op vitc does not quantize). In graph order."""
@@ -142,6 +150,8 @@ def float_ops(graph: gs.Graph, plan: Plan, roles: dict[str, Role]) -> list[dict]
             why = "Gemm with transA"
         elif node.op == "MatMul" and const_value(node.inputs[0]) is not None:
             why = "constant first operand (e.g. a learned query): float"
+        elif len(node.inputs) > 1 and _all_zero(node.inputs[1]):
+            why = "all-zero weight (e.g. a zero-initialised branch): computes its bias in float"
         else:
             why = "no constant weight"
         out.append({"node": node.name, "op": node.op, "role": r.role if r else None, "why": why})

@@ -303,6 +303,22 @@ def _save(ctx: BuildContext) -> None:
     save_and_check(ctx.model, ctx.scratch / artifact_name(ctx.cfg), ctx.source)
 
 
+OV_AGREEMENT_DB = 20.0  # OpenVINO against ORT's reference Q/DQ execution of the same artifact, on one input
+
+
+def _ov_agreement_db(onnx_path: Path, ov_sess, feed: dict[str, np.ndarray]) -> float:
+    """SQNR between OpenVINO's output and ONNX Runtime's unoptimized (reference Q/DQ) output of the artifact for
+    ``feed`` (the first calibration input)."""
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.ort import OrtRuntime
+
+    ref = OrtRuntime().session(str(onnx_path), SessionOptions(threads=1, graph_optimizations=False))
+    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in ref.run(feed)])
+    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in ov_sess.run(feed)])
+    err = float(((a - b) ** 2).sum())
+    return round(float(10 * np.log10(max(float((a ** 2).sum()), 1e-30) / max(err, 1e-30))), 1)
+
+
 def _openvino_ir(ctx: BuildContext) -> None:
     """The OpenVINO IR of the artifact (OpenVINO's own conversion, weights as stored) and what OpenVINO's CPU plugin
     makes of it: the runtime graph's heavy layers by precision (build.json ``openvino``)."""
@@ -314,8 +330,14 @@ def _openvino_ir(ctx: BuildContext) -> None:
     xml = save_ir(onnx_path, ctx.scratch / IR_NAME)
     sess = OpenVinoRuntime(InferencePrecision.F32).session(xml, SessionOptions(threads=1))
     summary = precision_summary(sess.runtime_graph())
+    feeds, _ = calibration_feeds(ctx.source.model, ctx.cfg.calib)  # lazy: only the first input is read
+    agreement = _ov_agreement_db(onnx_path, sess, next(iter(feeds)))
     ctx.report["openvino"] = {"version": version(), "ir": [IR_NAME, xml.with_suffix(".bin").name],
-                              "runtime_graph_f32": summary}
+                              "runtime_graph_f32": summary, "agreement_with_onnx_db": agreement}
+    if agreement < OV_AGREEMENT_DB:
+        log.warning("OpenVINO computes the IR differently from the ONNX artifact's Q/DQ semantics (%.1f dB between "
+                    "OpenVINO and ONNX Runtime's reference execution on one input, expected > %g): check the IR's "
+                    "accuracy on your data (vitc eval %s --reference SOURCE)", agreement, OV_AGREEMENT_DB, IR_NAME)
     ctx.extra_outputs += [IR_NAME, xml.with_suffix(".bin").name]
     log.info("OpenVINO IR: %s (%d of %d linear/conv layers run in int8 on this CPU)", IR_NAME,
              summary["heavy_int8"], summary["heavy_int8"] + summary["heavy_float"])

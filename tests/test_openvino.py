@@ -104,6 +104,7 @@ def test_openvino_ir_stays_close_to_the_source(ov_build):
     rep = json.loads((res.outdir / "build.json").read_text())
     assert rep["outputs"] == ["model.int8.onnx", "model.int8.xml", "model.int8.bin"]
     assert rep["openvino"]["version"] == ov.__version__
+    assert rep["openvino"]["agreement_with_onnx_db"] > 40  # OpenVINO against ORT's reference Q/DQ execution
 
 
 def test_near_miss_reshape_with_another_consumer_stays():

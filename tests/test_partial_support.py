@@ -50,3 +50,20 @@ def test_build_json_lists_float_weighted_ops_with_reasons(tmp_path, vit_path, ca
     assert whys and all(w.startswith("policy rule") for w in whys.values()), whys  # tiny_vit: all recognised
     kept_float = {n["node"] for n in rep["policy"]["nodes"] if n["rule"] in {w[13:-1] for w in whys.values()}}
     assert set(whys) <= kept_float
+
+
+def test_all_zero_weight_stays_float_with_its_reason(tmp_path, vit_path, capsys):
+    """A linear whose weight is all zeros (a zero-initialised branch) has nothing to quantize: it stays float, and
+    build.json says why; the rest of the model is quantized as before."""
+    m = onnx.load(vit_path)
+    fc2 = next(n for n in m.graph.node if n.op_type == "MatMul" and "fc2" in n.name)
+    w = next(t for t in m.graph.initializer if t.name == fc2.input[1])
+    w.CopyFrom(nh.from_array(np.zeros_like(nh.to_array(w)), w.name))
+    src = tmp_path / "zero.onnx"
+    onnx.save(m, src)
+    rc, _, err = cli(capsys, "build", src, "-o", tmp_path / "out", "--calib-samples", "2")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "out" / "build.json").read_text())
+    zero = [f for f in rep["float_ops"] if f["why"].startswith("all-zero weight")]
+    assert len(zero) == 1 and "fc2" in zero[0]["node"], rep["float_ops"]
+    assert len(rep["policy"]["nodes"]) > 4

@@ -254,8 +254,8 @@ def to_markdown(results: dict) -> str:
             continue
         o, t = row.get("ort", {}), row.get("trt", {})
         dyn = row["export"].get("dynamic_batch", True)
-        ob = "ok" if o.get("ok") else f"**fails**: {o.get('error', '')[:80]}"
-        tb = "ok" if t.get("ok") else f"**fails**: {t.get('error', '')[:80]}"
+        ob = "-" if not o else "ok" if o.get("ok") else f"**fails**: {o.get('error', '')[:80]}"
+        tb = "-" if not t else "ok" if t.get("ok") else f"**fails**: {t.get('error', '')[:80]}"
         share = f"{100 * o['int8_mac_share']:.1f}%" if "int8_mac_share" in o else "-"
         sp = o.get("speed", {})
         speed = f"{sp['speedup']:.2f}x" if sp else "-"
