@@ -3,6 +3,7 @@ every name `--dump-after` accepts writes a dump, and build, explain and analyze 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,9 @@ from vitc.passes.annotate import annotate
 
 FAST = ["--calib-samples", "4"]
 # the configurations whose builds below write dumps: together they name every --dump-after name
-CONFIGS = [("ort", ()), ("trt", ()), ("ort", ("--no-search",)), ("trt", ("--no-search",))]
+CONFIGS = [("ort", ()), ("trt", ()), ("ort", ("--no-search",)), ("trt", ("--no-search",)), ("openvino", ())]
+BUILDABLE = [c if c[0] != "openvino" or importlib.util.find_spec("openvino") else
+             pytest.param(*c, marks=pytest.mark.skip(reason="openvino is not installed")) for c in CONFIGS]
 
 
 def _declared_dumps(model: Path, target: str, extra: tuple[str, ...]) -> list[str]:
@@ -33,7 +36,7 @@ def test_the_configurations_below_cover_every_dump_name():
     assert covered == set(dump_names())
     assert dump_names()[:5] == ["canonicalize", "fuse_layernorm", "fuse_gelu", "fuse_matmul_add",
                                 "fold_channel_scale"]
-    assert {"migrate_scales", "insert_qdq", "trt_lower", "fuse_attention", "sink_reshapes",
+    assert {"migrate_scales", "insert_qdq", "trt_lower", "ov_lower", "fuse_attention", "sink_reshapes",
             "dynamic_batch"} <= set(dump_names())
 
 
@@ -44,7 +47,7 @@ def test_build_help_lists_the_declared_names(capsys):
     assert f"PASS: {', '.join(dump_names())})" in " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize("target,extra", CONFIGS)
+@pytest.mark.parametrize("target,extra", BUILDABLE)
 def test_dump_after_every_name_writes_it(capsys, tmp_path, vit_path, target, extra):
     """Each name given on its own (not 'all'): a dump per stage that declares it, numbered in build order."""
     out = tmp_path / "out"
