@@ -1,3 +1,3 @@
-from vitc.compiler.cli import main
+from vitc.compiler.cli.main import main
 
 raise SystemExit(main())

@@ -62,7 +62,7 @@ class ScaleMigrationPass:
     @classmethod
     def from_alpha(cls, channel_absmax: Mapping[str, np.ndarray], graph: gs.Graph, alpha: float,
                    nodes: set[str] | None = None, caps: Mapping[str, float] | None = None) -> "ScaleMigrationPass":
-        """Factors from one fixed strength for every site (the search in vitc.compiler.search picks per site);
+        """Factors from one fixed strength for every site (the search in vitc.compiler.calib.range_search picks per site);
         ``caps`` (Gemm node -> max strength, the policy's ``max_alpha``) lowers it where a site's Gemm has one."""
         factors = {}
         for name, x in graph.tensors().items():

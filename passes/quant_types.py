@@ -2,8 +2,8 @@
 quantized), with the enums and specs they are made of.
 
 They live here, below the compiler, so that passes/ never imports vitc.compiler (tests/test_layering.py). The
-compiler produces them (compiler/calibration.py calibrates, compiler/policy.py and compiler/planner.py plan) and
-re-exports every name from those modules, so ``from vitc.compiler.policy import Plan`` keeps working.
+compiler produces them (compiler/calib/calibration.py calibrates, compiler/quant/policy.py and compiler/quant/planner.py plan) and
+re-exports every name from those modules, so ``from vitc.compiler.quant.policy import Plan`` keeps working.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ before and saved after the build.
 
 This module only builds, loads and runs engines: it imports nothing of vitc.compiler or vitc.passes
 (tests/test_layering.py). `vitc engine OUTDIR` and the engine step of `vitc build --target trt` are
-compiler/engine.py.
+compiler/tensorrt/engine.py.
 
 The sidecar ``model.engine.json`` records the TensorRT version, GPU name and compute capability, input/output
 shapes and build flags: TensorRT engines only load in the TensorRT version and on the GPU model that built them,
@@ -280,7 +280,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, f
 
     ``fp16``: TensorRT parses ``to_fp16(onnx.load(onnx_path))``, the graph with fp16 float regions; the caller
     passes the conversion (:func:`vitc.passes.trt_fp16.to_fp16`, which is what
-    :func:`vitc.compiler.engine.build_engine` does), as a runtime imports no passes. ``timing_cache``: a file
+    :func:`vitc.compiler.tensorrt.engine.build_engine` does), as a runtime imports no passes. ``timing_cache``: a file
     loaded before and saved after the build (None: one per TensorRT version and GPU under ~/.cache/vitc). Raises
     RuntimeUnavailableError without TensorRT/GPU, EngineBuildError if TensorRT cannot parse or build. UNTESTED on
     a GPU (see the module docstring).
@@ -292,7 +292,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, f
         raise VitcError(f"{onnx_path}: no such model", hint="build it first: vitc build MODEL --target trt -o OUTDIR")
     if fp16 and to_fp16 is None:
         raise ValueError("build_engine(fp16=True) needs to_fp16, the graph conversion (vitc.passes.trt_fp16.to_fp16; "
-                         "vitc.compiler.engine.build_engine passes it)")
+                         "vitc.compiler.tensorrt.engine.build_engine passes it)")
     trt = import_tensorrt()
     dev = current_device()
     version = str(trt.__version__)

@@ -40,7 +40,7 @@ def empty_cwd(tmp_path, monkeypatch):
 
 def cli(capsys, *args):
     """Run the vitc command line in-process: (exit code, stdout, stderr)."""
-    from vitc.compiler.cli import main
+    from vitc.compiler.cli.main import main
 
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
@@ -53,7 +53,7 @@ def cli_in_empty_cwd(root: Path, *args) -> dict:
     import contextlib
     import io
 
-    from vitc.compiler.cli import main
+    from vitc.compiler.cli.main import main
 
     model = root / "tiny_vit.onnx"
     onnx.save(tiny_vit(), model)
@@ -75,8 +75,8 @@ def fused_and_annotated(tmp_path: Path, model: onnx.ModelProto):
     """``model`` loaded as `vitc build` loads it, through the float pipeline and the annotate pass: (graph, roles)."""
     import onnx_graphsurgeon as gs
 
-    from vitc.compiler.loader import load_model
-    from vitc.compiler.pipeline import PipelineConfig, float_pipeline, run_passes
+    from vitc.compiler.driver.loader import load_model
+    from vitc.compiler.driver.pipeline import PipelineConfig, float_pipeline, run_passes
     from vitc.passes.annotate import AnnotatePass
 
     p = tmp_path / "m.onnx"

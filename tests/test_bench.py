@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import cli
 
-from vitc.compiler import bench as B
+from vitc.compiler.measure import bench as B
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 QUICK = ["--rounds", "2", "--block", "2", "--pause", "0", "--warmup", "1"]

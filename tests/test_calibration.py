@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from vitc.compiler.calibration import (CalibrationTable, Observer, ObserverConfig, TensorObserver, calibrate)
+from vitc.compiler.calib.calibration import (CalibrationTable, Observer, ObserverConfig, TensorObserver, calibrate)
 from vitc.compiler.errors import CalibrationDataError
 
 

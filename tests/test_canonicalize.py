@@ -11,7 +11,7 @@ from onnx import TensorProto
 from onnx import helper as h
 
 from conftest import ort_run
-from vitc.compiler.pipeline import export
+from vitc.compiler.driver.pipeline import export
 from vitc.passes.canonicalize import CanonicalizePass
 
 

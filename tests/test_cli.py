@@ -1,6 +1,6 @@
 """The `vitc` command line: bad input gives one error line, exit 2 and no partial output; good input builds.
 
-Everything runs in-process through ``vitc.compiler.cli.main`` (one subprocess test covers the console script).
+Everything runs in-process through ``vitc.compiler.cli.main.main`` (one subprocess test covers the console script).
 Every test runs with an empty current directory and checks it is still empty afterwards.
 """
 
@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import cli, cli_in_empty_cwd
 
-from vitc.compiler.cli import main
+from vitc.compiler.cli.main import main
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 FAST = ["--calib-samples", "4"]
@@ -566,7 +566,7 @@ def test_console_script(tmp_path, vit_path):
 
 
 def test_dynamic_unknown_role_is_refused(capsys, tmp_path, vit_path):
-    from vitc.compiler.cli import main
+    from vitc.compiler.cli.main import main
 
     assert main(["build", str(vit_path), "-o", str(tmp_path / "out"), "--dynamic", "bogus"]) == 2
     assert "unknown role 'bogus'" in capsys.readouterr().err

@@ -8,10 +8,10 @@ import json
 import onnx
 import pytest
 
-from vitc.compiler import bench as B
-from vitc.compiler import build as BLD
-from vitc.compiler.build import BuildConfig, CalibConfig, CpuKind, build, detect_cpu, uses_pair_safe_weights
-from vitc.compiler.pipeline import Target
+from vitc.compiler.measure import bench as B
+from vitc.compiler.driver import build as BLD
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, CpuKind, build, detect_cpu, uses_pair_safe_weights
+from vitc.compiler.driver.pipeline import Target
 
 
 @pytest.mark.parametrize("flags,kind", [({"avx2"}, CpuKind.AVX2), ({"avx2", "avx512_vnni"}, CpuKind.VNNI),

@@ -8,10 +8,10 @@ import onnx
 import pytest
 from PIL import Image
 
-from vitc.compiler import data as D
-from vitc.compiler.build import CalibConfig, calibration_feeds, input_specs
+from vitc.compiler.calib import data as D
+from vitc.compiler.driver.build import CalibConfig, calibration_feeds, input_specs
 from vitc.compiler.errors import CalibrationDataError
-from vitc.compiler.loader import load_model
+from vitc.compiler.driver.loader import load_model
 from vitc.tools.tiny_models import tiny_vit
 
 VIT = D.InputSpec("input", (1, 3, 32, 32), np.dtype(np.float32))

@@ -12,8 +12,8 @@ from onnx import TensorProto
 from onnx import helper as h
 
 from conftest import ort_run
-from vitc.compiler.build import BuildConfig, CalibConfig, Precision, build
-from vitc.compiler.pipeline import Target, export
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, Precision, build
+from vitc.compiler.driver.pipeline import Target, export
 from vitc.passes.dynamic_batch import DynamicBatch
 
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import cli
 
-from vitc.compiler.data import Preprocess
-from vitc.compiler.evaluate import EvalTotals, pair_metrics, topk
+from vitc.compiler.calib.data import Preprocess
+from vitc.compiler.measure.fidelity import EvalTotals, pair_metrics, topk
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 N_CLASSES = 10

@@ -9,10 +9,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs torch (pip install 'vitc[export]')")
 timm = pytest.importorskip("timm", reason="needs timm (pip install 'vitc[export]')")
 
-from vitc.compiler.build import BuildConfig, CalibConfig, build  # noqa: E402
-from vitc.compiler.cli import main  # noqa: E402
-from vitc.compiler.data import PREPROCESS_KEY  # noqa: E402
-from vitc.compiler.export import ExportConfig, export_timm, load_checkpoint  # noqa: E402
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, build  # noqa: E402
+from vitc.compiler.cli.main import main  # noqa: E402
+from vitc.compiler.calib.data import PREPROCESS_KEY  # noqa: E402
+from vitc.compiler.cli.export import ExportConfig, export_timm, load_checkpoint  # noqa: E402
 from vitc.compiler.errors import ModelLoadError  # noqa: E402
 
 MODEL = "deit_tiny_patch16_224"

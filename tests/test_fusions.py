@@ -10,8 +10,8 @@ import pytest
 from conftest import ort_run
 from onnx import TensorProto, helper, numpy_helper
 
-from vitc.compiler.loader import load_model
-from vitc.compiler.pipeline import export
+from vitc.compiler.driver.loader import load_model
+from vitc.compiler.driver.pipeline import export
 from vitc.passes.canonicalize import CanonicalizePass
 from vitc.passes.fold_channel_scale import ChannelScaleFold
 from vitc.passes.fuse_gelu import GeluFusion, GeluOp

@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from onnx import TensorProto, helper, numpy_helper
 
-from vitc.compiler.loader import load_model
-from vitc.compiler.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
+from vitc.compiler.driver.loader import load_model
+from vitc.compiler.driver.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
 from vitc.passes.fuse_gelu import GeluFusion, GeluOp
 from vitc.passes.fuse_layernorm import LayerNormFusion
 from vitc.passes.fuse_matmul_add import MatMulAddFusion

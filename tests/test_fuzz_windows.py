@@ -27,7 +27,7 @@ from onnx import numpy_helper as nh
 
 import pytest
 from conftest import ort_run
-from vitc.compiler.pipeline import PipelineConfig, export, float_pipeline, run_passes
+from vitc.compiler.driver.pipeline import PipelineConfig, export, float_pipeline, run_passes
 from vitc.passes.dynamic_batch import DynamicBatch
 from vitc.passes.sink_reshapes import ReshapeSinking
 

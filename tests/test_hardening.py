@@ -19,10 +19,10 @@ from conftest import cli, fused_and_annotated, ort_run
 from test_cli import FAST, build_fails, leftovers
 
 import vitc
-from vitc.compiler import build as build_mod
-from vitc.compiler.build import BuildConfig, CalibConfig, build
+from vitc.compiler.driver import build as build_mod
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
 from vitc.compiler.errors import ModelLoadError
-from vitc.compiler.loader import MAX_PROTO_BYTES, load_model
+from vitc.compiler.driver.loader import MAX_PROTO_BYTES, load_model
 from vitc.passes.fuse_gelu import GeluFusion
 from vitc.passes.fuse_layernorm import LayerNormFusion
 from vitc.tools.tiny_models import tiny_vit
@@ -134,7 +134,7 @@ def test_external_data_length_beyond_the_file(capsys, tmp_path):
 def test_safetensors_checkpoint_loads(tmp_path):
     torch = pytest.importorskip("torch")
     st = pytest.importorskip("safetensors.torch")
-    from vitc.compiler.export import load_checkpoint
+    from vitc.compiler.cli.export import load_checkpoint
 
     p = tmp_path / "w.safetensors"
     st.save_file({"head.weight": torch.ones(2, 3), "head.bias": torch.zeros(2)}, str(p))

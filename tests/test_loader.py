@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from vitc.compiler.errors import ModelLoadError
-from vitc.compiler.loader import MAX_OPSET, load_model
+from vitc.compiler.driver.loader import MAX_OPSET, load_model
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 

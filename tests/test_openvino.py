@@ -12,8 +12,8 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import cli, ort_run, sqnr_db
 
-from vitc.compiler.build import BuildConfig, CalibConfig, build
-from vitc.compiler.pipeline import Target
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+from vitc.compiler.driver.pipeline import Target
 from vitc.passes.ov_lower import OvLoweringPass
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
@@ -89,7 +89,7 @@ def test_openvino_ir_stays_close_to_the_source(ov_build):
     from vitc.runtimes.base import SessionOptions
     from vitc.runtimes.openvino import InferencePrecision, OpenVinoRuntime
 
-    from vitc.compiler.data import EVAL_PHOTOS, Preprocess, embedded_samples
+    from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
 
     src, res = ov_build
     name = onnx.load(src).graph.input[0].name

@@ -97,7 +97,7 @@ def _fused_output(model):
 
 @pytest.mark.parametrize("style,batch", [("timm", 1), ("hf", 1), ("timm", 3)])
 def test_fusion_keeps_the_attention_output(capsys, tmp_path, style, batch):
-    from vitc.compiler.policy import policy_to_toml, target_default_policy
+    from vitc.compiler.quant.policy import policy_to_toml, target_default_policy
 
     # the ORT default without its proj cap (max_alpha), so the search migrates the proj input: the fold under test
     pol = tmp_path / "uncapped.toml"

@@ -9,14 +9,14 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import ort_run, search_alphas_by_role, with_max_alpha
 
-from vitc.compiler.build import BuildConfig, CalibConfig, build
-from vitc.compiler.calibration import Observer, ObserverConfig
-from vitc.compiler.cli import main
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+from vitc.compiler.calib.calibration import Observer, ObserverConfig
+from vitc.compiler.cli.main import main
 from vitc.compiler.errors import PolicyError
-from vitc.compiler.loader import load_model
-from vitc.compiler.pipeline import PipelineConfig, Target, float_pipeline, run_passes
-from vitc.compiler.planner import make_plan, resolve_plan
-from vitc.compiler.policy import (Granularity, PolicyDefaults, QuantSpec, Rule, default_policy, load_policy,
+from vitc.compiler.driver.loader import load_model
+from vitc.compiler.driver.pipeline import PipelineConfig, Target, float_pipeline, run_passes
+from vitc.compiler.quant.planner import make_plan, resolve_plan
+from vitc.compiler.quant.policy import (Granularity, PolicyDefaults, QuantSpec, Rule, default_policy, load_policy,
                                   parse_policy, preset_names)
 from vitc.passes.annotate import annotate
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
@@ -267,7 +267,7 @@ def test_plan_warns_about_rules_that_match_nothing(vit):
 
 
 def test_trt_residual_entries_follow_the_residual_add_role(vit):
-    pytest.importorskip("vitc.compiler.trt_residual")
+    pytest.importorskip("vitc.compiler.quant.trt_residual")
     g, roles = _graph(vit, "trt")
     pol = parse('[[rule]]\nname = "res-float"\nroles = ["residual_add"]\nskip = true\n[[rule]]\n',
                 PolicyDefaults.for_target("trt"))
@@ -279,7 +279,7 @@ def test_trt_residual_entries_follow_the_residual_add_role(vit):
 
 # -- builds ---------------------------------------------------------------------------------------------------------
 def _sqnr(src, model, n=4):
-    from vitc.compiler.data import EVAL_PHOTOS, Preprocess, embedded_samples
+    from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
 
     num = den = 0.0
     for x in embedded_samples(Preprocess(32, 32), n, 5, EVAL_PHOTOS):
@@ -421,7 +421,7 @@ def test_block_range_outside_the_model_fails_the_build_cleanly(capsys, vit, tmp_
 
 # -- migrate: a per-rule switch for channel-scale migration -------------------------------------------------------
 def test_migrate_key_parses_round_trips_and_rejects_non_bool():
-    from vitc.compiler.policy import policy_to_toml
+    from vitc.compiler.quant.policy import policy_to_toml
 
     p = parse('[[rule]]\nname = "fc2"\nroles = ["fc2"]\nmigrate = false\n\n[[rule]]\nname = "all"\n')
     assert p.rules[0].spec.migrate is False and p.rules[1].spec.migrate is True
@@ -436,7 +436,7 @@ def test_migrate_key_parses_round_trips_and_rejects_non_bool():
 def test_ort_default_keeps_migration_off_fc2_and_trt_default_keeps_it_on(vit, tmp_path):
     """The ORT default's rule "fc2-no-migration" reaches the build: LayerNorm-fed linears still migrate (folded
     into norm1/norm2), fc2 gets no Mul; the TensorRT default (symmetric int8) migrates fc2 as well."""
-    from vitc.compiler.policy import target_default_policy
+    from vitc.compiler.quant.policy import target_default_policy
 
     ort_pol, trt_pol = target_default_policy("ort"), target_default_policy("trt")
     assert ort_pol.lookup("n", "fc2", 0).name == "fc2-no-migration" and not ort_pol.lookup("n", "fc2", 0).spec.migrate
@@ -462,8 +462,8 @@ def test_ort_default_keeps_migration_off_fc2_and_trt_default_keeps_it_on(vit, tm
 
 # -- max_alpha: a per-rule cap on the channel-scale migration strength ---------------------------------------------
 def test_max_alpha_key_parses_round_trips_and_rejects_bad_values():
-    from vitc.compiler.policy import policy_to_toml
-    from vitc.compiler.search import ALPHAS, capped_alphas
+    from vitc.compiler.quant.policy import policy_to_toml
+    from vitc.compiler.calib.range_search import ALPHAS, capped_alphas
 
     p = parse('[[rule]]\nname = "proj"\nroles = ["proj"]\nmax_alpha = 0.3\n\n[[rule]]\nname = "all"\n')
     assert p.rules[0].spec.max_alpha == 0.3 and p.rules[1].spec.max_alpha is None
@@ -479,7 +479,7 @@ def test_max_alpha_key_parses_round_trips_and_rejects_bad_values():
 def test_ort_default_caps_migration_at_proj_only(vit, tmp_path):
     """The ORT default's rule "proj-mild-migration" reaches the range search: every proj site migrates with at most
     alpha 0.3, while the LayerNorm-fed sites still pick stronger ones. The TensorRT default has no cap."""
-    from vitc.compiler.policy import target_default_policy
+    from vitc.compiler.quant.policy import target_default_policy
 
     ort_pol, trt_pol = target_default_policy("ort"), target_default_policy("trt")
     assert ort_pol.lookup("n", "proj", 0).name == "proj-mild-migration"
@@ -495,7 +495,7 @@ def test_max_alpha_caps_the_fixed_strength_too(vit, tmp_path):
     """Without the search (--alpha A), a capped site migrates with min(A, max_alpha): a build at alpha 0.8 capped
     at 0.3 everywhere writes the same model, byte for byte, as an uncapped build at alpha 0.3, and not the same
     as an uncapped one at 0.8."""
-    from vitc.compiler.policy import target_default_policy
+    from vitc.compiler.quant.policy import target_default_policy
 
     pol = target_default_policy("ort")
     models = {}

@@ -8,9 +8,9 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import ort_run
 
-from vitc.compiler.build import BuildConfig, CalibConfig, build
-from vitc.compiler.loader import load_model
-from vitc.compiler.pipeline import PipelineConfig, export, float_pipeline, run_passes
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+from vitc.compiler.driver.loader import load_model
+from vitc.compiler.driver.pipeline import PipelineConfig, export, float_pipeline, run_passes
 from vitc.passes.insert_qdq import quantize_weight
 from vitc.passes.migrate_scales import ScaleMigrationPass
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
@@ -26,7 +26,7 @@ def vit_build(tmp_path_factory):
 
 
 def _eval_feeds(n=8):
-    from vitc.compiler.data import EVAL_PHOTOS, Preprocess, embedded_samples
+    from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
 
     return [{"input": x[None]} for x in embedded_samples(Preprocess(32, 32), n, 5, EVAL_PHOTOS)]
 
@@ -223,8 +223,8 @@ def test_build_keeps_preprocess_metadata(tmp_path):
     """The preprocessing `vitc export` records drives calibration and stays in the built model (for `vitc eval`)."""
     import json as _json
 
-    from vitc.compiler.build import BuildConfig, CalibConfig, build
-    from vitc.compiler.data import PREPROCESS_KEY
+    from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+    from vitc.compiler.calib.data import PREPROCESS_KEY
     from vitc.tools.tiny_models import tiny_vit
 
     m = tiny_vit()

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from conftest import cli
 
-from vitc.compiler.build import BuildConfig, CalibConfig, build
-from vitc.compiler.policy import (PolicyDefaults, load_policy, parse_policy, policy_to_toml, preset_names,
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+from vitc.compiler.quant.policy import (PolicyDefaults, load_policy, parse_policy, policy_to_toml, preset_names,
                                   target_default_policy)
-from vitc.compiler.policy import Granularity
-from vitc.compiler.policy_search import SearchConfig, per_channel_weights, search, with_upgrades
-from vitc.compiler.simulate import SimOptions, Simulator
+from vitc.compiler.quant.policy import Granularity
+from vitc.compiler.research.policy_search import SearchConfig, per_channel_weights, search, with_upgrades
+from vitc.compiler.research.simulate import SimOptions, Simulator
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_ablate_cli_tables(capsys, vit_file, tmp_path):
 
 
 def test_ablate_markdown_with_latency_and_labels():
-    from vitc.compiler.ablate import AblationResult, format_markdown
+    from vitc.compiler.research.ablate import AblationResult, format_markdown
 
     res = AblationResult(rows=[{"table": "steps", "row": "vitc default", "sqnr_db": 30.0, "worst_db": 25.0,
                                 "cosine": 0.999, "simulated_nodes": 0, "top1_pct": 80.0, "top5_pct": 95.0,

@@ -12,7 +12,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from conftest import ort_run
-from vitc.compiler.pipeline import PipelineConfig, export, float_pipeline, run_passes
+from vitc.compiler.driver.pipeline import PipelineConfig, export, float_pipeline, run_passes
 from vitc.passes.sink_reshapes import ReshapeSinking
 from vitc.tools.tiny_models import _B
 

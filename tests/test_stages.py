@@ -1,4 +1,4 @@
-"""The build declared as stages (compiler/stages.py) and the front end every command shares (compiler/frontend.py):
+"""The build declared as stages (compiler/driver/stages.py) and the front end every command shares (compiler/driver/frontend.py):
 every name `--dump-after` accepts writes a dump, and build, explain and analyze see the same plan."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import onnx
 import pytest
 from conftest import cli
 
-from vitc.compiler.build import BuildConfig, Precision
-from vitc.compiler.cli import format_plan
-from vitc.compiler.frontend import front_end
-from vitc.compiler.pipeline import Target
-from vitc.compiler.stages import build_stages, dump_names
+from vitc.compiler.driver.build import BuildConfig, Precision
+from vitc.compiler.cli.main import format_plan
+from vitc.compiler.driver.frontend import front_end
+from vitc.compiler.driver.pipeline import Target
+from vitc.compiler.driver.stages import build_stages, dump_names
 from vitc.passes.annotate import annotate
 
 FAST = ["--calib-samples", "4"]

@@ -11,10 +11,10 @@ import pytest
 from conftest import cli, ort_run
 from onnx import TensorProto, numpy_helper
 
-from vitc.compiler.build import BuildConfig, CalibConfig, build
-from vitc.compiler.pipeline import Target
-from vitc.compiler.policy import NodePlan, Plan, QuantSpec, TrtAttention, trt_policy
-from vitc.compiler.trt_check import TrtRule, check_model
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+from vitc.compiler.driver.pipeline import Target
+from vitc.compiler.quant.policy import NodePlan, Plan, QuantSpec, TrtAttention, trt_policy
+from vitc.compiler.tensorrt.check import TrtRule, check_model
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 
@@ -82,7 +82,7 @@ def test_trt_attention_and_residuals_are_quantized(trt_build):
 
 
 def test_trt_build_runs_in_ort_and_stays_close(trt_build):
-    from vitc.compiler.data import EVAL_PHOTOS, Preprocess, embedded_samples
+    from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
 
     src, res = trt_build
     num = den = 0.0
@@ -136,7 +136,7 @@ def _layerscale_graph():
 
 
 def test_residual_site_through_layerscale():
-    from vitc.compiler.trt_residual import extend_plan, residual_sites
+    from vitc.compiler.quant.trt_residual import extend_plan, residual_sites
 
     g = _layerscale_graph()
     lin = NodePlan("lin", "Gemm", "proj", 0, QuantSpec(), "default", ["x"], "w", 1)

@@ -8,7 +8,7 @@ import pytest
 from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
-from vitc.compiler.trt_check import TrtRule, check_model
+from vitc.compiler.tensorrt.check import TrtRule, check_model
 
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
@@ -255,15 +255,15 @@ def test_float_graph_and_old_opset():
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     """vitc builds of the tiny ViT for both targets (small, few calibration samples: this is about structure)."""
-    from vitc.compiler.build import BuildConfig, CalibConfig, build
-    from vitc.compiler.pipeline import Target
+    from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+    from vitc.compiler.driver.pipeline import Target
     from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
     d = tmp_path_factory.mktemp("trtcheck")
     src = d / "vit.onnx"
     onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2)), src)
     out = {"src": src}
-    from vitc.compiler.policy import PolicyDefaults, load_policy
+    from vitc.compiler.quant.policy import PolicyDefaults, load_policy
 
     for t in (Target.TRT, Target.ORT):
         out[t.value] = build(BuildConfig(model=src, outdir=d / t.value, target=t, calib=CalibConfig(samples=4),
@@ -309,7 +309,7 @@ def test_ort_quantize_static_fails_check(builds, tmp_path, activation_type):
         def get_next(self):
             return next(self.it, None)
 
-    from vitc.compiler.loader import load_model
+    from vitc.compiler.driver.loader import load_model
 
     src = tmp_path / "fixed.onnx"
     onnx.save(load_model(builds["src"]).model, src)

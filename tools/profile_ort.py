@@ -19,7 +19,7 @@ log = logging.getLogger("vitc.profile")
 
 
 def profile(paths: list[Path], threads: int, runs: int) -> dict:
-    from vitc.compiler.bench import onnx_inputs, random_feeds
+    from vitc.compiler.measure.bench import onnx_inputs, random_feeds
     from vitc.runtimes.ort import profile_op_types
 
     out = {}

@@ -1,8 +1,8 @@
 """The build declared as data: named stages over one :class:`BuildContext`, chosen per configuration by
 :func:`build_stages`.
 
-`vitc build` runs every stage in order (``compiler/build.py``); the front end every command shares (load -> float
-passes -> annotate -> plan, ``compiler/frontend.py``) is the stages marked ``front_end``; `vitc build --dump-after`
+`vitc build` runs every stage in order (``compiler/driver/build.py``); the front end every command shares (load -> float
+passes -> annotate -> plan, ``compiler/driver/frontend.py``) is the stages marked ``front_end``; `vitc build --dump-after`
 accepts the names the stages can dump, over every configuration (:func:`dump_names`). A stage's time adds to its
 ``seconds`` entry of build.json.
 
@@ -29,14 +29,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.build import (CPU_METADATA_KEY, FP32_NAME, INT8_NAME, BuildConfig, CalibConfig, Precision,
+from vitc.compiler.driver.build import (CPU_METADATA_KEY, FP32_NAME, INT8_NAME, BuildConfig, CalibConfig, Precision,
                                  calibration_feeds, detect_cpu, node_roles, ort_session, plan_for, refine_ranges,
                                  resolve_cpu, run_calibration, save_and_check, uses_pair_safe_weights)
-from vitc.compiler.calibration import CalibrationTable
+from vitc.compiler.calib.calibration import CalibrationTable
 from vitc.compiler.errors import ModelLoadError, PassError, VitcError
-from vitc.compiler.loader import LoadedModel, load_model
-from vitc.compiler.pipeline import Dumps, Target, export, run_passes
-from vitc.compiler.policy import Plan, Policy, target_default_policy
+from vitc.compiler.driver.loader import LoadedModel, load_model
+from vitc.compiler.driver.pipeline import Dumps, Target, export, run_passes
+from vitc.compiler.quant.policy import Plan, Policy, target_default_policy
 from vitc.passes.annotate import AnnotatePass, Role
 from vitc.passes.base import GraphPass, PassResult
 from vitc.passes.canonicalize import CanonicalizePass
@@ -201,7 +201,7 @@ def _annotate(ctx: BuildContext) -> None:
 
 
 def _plan(ctx: BuildContext) -> None:
-    from vitc.compiler.planner import float_ops
+    from vitc.compiler.quant.planner import float_ops
 
     cfg = ctx.cfg
     # the same default `vitc explain` shows (policy.target_default_policy: trt_policy / ORT default_policy)
@@ -213,7 +213,7 @@ def _plan(ctx: BuildContext) -> None:
 def _calibrate(ctx: BuildContext) -> None:
     """Refuses a plan with nothing to quantize (unless --allow-float), then collects the ranges; with the search on,
     also keeps a few samples' activations (the reservoir)."""
-    from vitc.compiler.planner import unrecognised_summary
+    from vitc.compiler.quant.planner import unrecognised_summary
 
     cfg, plan = ctx.cfg, ctx.plan
     if not plan.quantized():

@@ -14,7 +14,7 @@ the float output, per-tensor and per-channel activations, weights as the policy 
   --no-bias-correction` would, or a built model given with ``--quantized``) on the first few inputs, and that
   model's output SQNR against float.
 
-The numerics are those of the build (``compiler/search.py`` fake-quant helpers, ``passes/insert_qdq``'s weight
+The numerics are those of the build (``compiler/calib/range_search.py`` fake-quant helpers, ``passes/insert_qdq``'s weight
 quantization): per-tensor activations with the calibrated range of the policy's observer (asymmetric uint8 on the
 ORT target, symmetric int8 for TensorRT); per-channel activations symmetric int8 with each channel's calibrated
 min/max (what the build's simulated per-channel activations do). Attention matmuls (two activations) and Conv
@@ -42,15 +42,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler import data as D
-from vitc.compiler.build import (CalibConfig, held_out_feeds, input_specs, is_image_input, package_versions,
+from vitc.compiler.calib import data as D
+from vitc.compiler.driver.build import (CalibConfig, held_out_feeds, input_specs, is_image_input, package_versions,
                                  preprocess_for, run_calibration, silence_graphsurgeon)
-from vitc.compiler.calibration import CalibrationTable, Observer, ObserverConfig, TensorRange
+from vitc.compiler.calib.calibration import CalibrationTable, Observer, ObserverConfig, TensorRange
 from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError, VitcError
-from vitc.compiler.pipeline import Target, export, run_passes
-from vitc.compiler.policy import Granularity, NodePlan, Plan, Policy, QuantSpec
+from vitc.compiler.driver.pipeline import Target, export, run_passes
+from vitc.compiler.quant.policy import Granularity, NodePlan, Plan, Policy, QuantSpec
 from vitc.compiler.progress import progress
-from vitc.compiler.search import fake_quant, fake_quant_asym
+from vitc.compiler.calib.range_search import fake_quant, fake_quant_asym
 from vitc.passes.annotate import Role
 from vitc.passes.graphutil import const_value
 
@@ -457,7 +457,7 @@ def quantized_model(graph_model: onnx.ModelProto, plan: Plan, table: Calibration
                     target: Target) -> onnx.ModelProto:
     """The policy's plan with the calibrated ranges, Q/DQ inserted (no migration search, no bias correction).
     Attention stays unfused (same arithmetic as ORT's QAttention) so its Softmax outputs can be read."""
-    from vitc.compiler.stages import lowering_passes
+    from vitc.compiler.driver.stages import lowering_passes
     from vitc.passes.insert_qdq import InsertQDQPass
 
     g = gs.import_onnx(graph_model)
@@ -474,9 +474,9 @@ def _image(x: np.ndarray, pre: D.Preprocess) -> np.ndarray:
 
 # -- the command ------------------------------------------------------------------------------------------------------
 def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
-    from vitc.compiler.frontend import front_end
-    from vitc.compiler.outdir import prepare, publish
-    from vitc.compiler.report_html import render_report
+    from vitc.compiler.driver.frontend import front_end
+    from vitc.compiler.driver.outdir import prepare, publish
+    from vitc.compiler.research.report_html import render_report
     from vitc.runtimes.ort import quiet
 
     quiet()
@@ -625,7 +625,7 @@ def _attention(graph: gs.Graph, roles: dict[str, Role], plan: Plan, table: Calib
                pre: D.Preprocess | None, cfg: AnalyzeConfig) -> tuple[dict, list[dict]]:
     """Attention maps (float and quantized) on the first ``cfg.maps`` held-out inputs, and the quantized model's
     output SQNR against float on all held-out inputs."""
-    from vitc.compiler.evaluate import sqnr_db
+    from vitc.compiler.measure.fidelity import sqnr_db
     from vitc.runtimes.base import SessionOptions
     from vitc.runtimes.ort import OrtRuntime
 
@@ -710,7 +710,7 @@ def _attention(graph: gs.Graph, roles: dict[str, Role], plan: Plan, table: Calib
 
 
 def _load_quantized(cfg: AnalyzeConfig, float_model: onnx.ModelProto) -> onnx.ModelProto:
-    from vitc.compiler.loader import load_model
+    from vitc.compiler.driver.loader import load_model
 
     q = load_model(cfg.quantized, batch=cfg.batch, input_shapes=cfg.input_shapes).model
     inits = {t.name for t in q.graph.initializer}
@@ -873,7 +873,7 @@ def add_arguments(p: argparse.ArgumentParser, shape_type, floats3_type, std3_typ
 
 
 def run_command(a: argparse.Namespace) -> int:
-    from vitc.compiler.policy import DEFAULT_PRESET, PolicyDefaults, load_policy
+    from vitc.compiler.quant.policy import DEFAULT_PRESET, PolicyDefaults, load_policy
 
     if not 0 < a.percentile <= 100:
         raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a value in (0, 100], e.g. 99.99")

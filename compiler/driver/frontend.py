@@ -13,12 +13,12 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.build import BuildConfig, CalibConfig
-from vitc.compiler.calibration import ObserverConfig
-from vitc.compiler.loader import LoadedModel
-from vitc.compiler.pipeline import Target, export
-from vitc.compiler.policy import Plan, Policy
-from vitc.compiler.stages import BuildContext, build_stages, run_stages
+from vitc.compiler.driver.build import BuildConfig, CalibConfig
+from vitc.compiler.calib.calibration import ObserverConfig
+from vitc.compiler.driver.loader import LoadedModel
+from vitc.compiler.driver.pipeline import Target, export
+from vitc.compiler.quant.policy import Plan, Policy
+from vitc.compiler.driver.stages import BuildContext, build_stages, run_stages
 from vitc.passes.annotate import Role
 from vitc.passes.base import PassResult
 

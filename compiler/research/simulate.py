@@ -20,14 +20,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.build import (BuildConfig, CalibConfig, held_out_feeds, input_specs, node_roles, plan_for,
+from vitc.compiler.driver.build import (BuildConfig, CalibConfig, held_out_feeds, input_specs, node_roles, plan_for,
                                  refine_ranges, run_calibration, silence_graphsurgeon, uses_pair_safe_weights)
-from vitc.compiler.calibration import CalibrationTable
-from vitc.compiler.evaluate import Fidelity
-from vitc.compiler.frontend import front_end
-from vitc.compiler.pipeline import Target, export, run_passes
-from vitc.compiler.policy import Plan, Policy, QuantSpec, Rule
-from vitc.compiler.stages import lowering_passes
+from vitc.compiler.calib.calibration import CalibrationTable
+from vitc.compiler.measure.fidelity import Fidelity
+from vitc.compiler.driver.frontend import front_end
+from vitc.compiler.driver.pipeline import Target, export, run_passes
+from vitc.compiler.quant.policy import Plan, Policy, QuantSpec, Rule
+from vitc.compiler.driver.stages import lowering_passes
 from vitc.passes.insert_qdq import InsertQDQPass
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class Simulator:
                           center=opts.center, show_progress=False)
         table = self._table_for(plan)
         report: dict = {}
-        pipe_log = logging.getLogger("vitc.compiler.pipeline")
+        pipe_log = logging.getLogger("vitc.compiler.driver.pipeline")
         level = pipe_log.level
         pipe_log.setLevel(max(level, logging.WARNING))  # one report line per policy would drown the search's own log
         try:
@@ -180,7 +180,7 @@ class Simulator:
 def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None:
     from vitc.compiler.cliargs import add_input_options
 
-    from vitc.compiler.calibration import Observer
+    from vitc.compiler.calib.calibration import Observer
 
     p.add_argument("model", type=Path)
     p.add_argument("-o", "--outdir", type=Path, required=True, help="output folder (must not exist unless --force)")
@@ -202,7 +202,7 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
 
 
 def simulator_from_args(a) -> Simulator:
-    from vitc.compiler.calibration import Observer, ObserverConfig
+    from vitc.compiler.calib.calibration import Observer, ObserverConfig
     from vitc.compiler.errors import VitcError
 
     if not 0 < a.percentile <= 100:

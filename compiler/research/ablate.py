@@ -1,6 +1,6 @@
 """`vitc ablate`: the research's ablation table for any model, plus what each of vitc's own steps contributes.
 
-Two tables, every row quantized from one shared calibration (:class:`vitc.compiler.simulate.Simulator`) and measured
+Two tables, every row quantized from one shared calibration (:class:`vitc.compiler.research.simulate.Simulator`) and measured
 on the same held-out samples against the source model:
 
 * granularity (the research's Table 3): which operator types get per-channel activations and weights
@@ -25,8 +25,8 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vitc.compiler.policy import Granularity, Policy, QuantSpec, Rule, SoftmaxQuantizer, target_default_policy
-from vitc.compiler.simulate import SimOptions, Simulator
+from vitc.compiler.quant.policy import Granularity, Policy, QuantSpec, Rule, SoftmaxQuantizer, target_default_policy
+from vitc.compiler.research.simulate import SimOptions, Simulator
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class AblationResult:
 
 
 def ablate(sim: Simulator, cfg: AblateConfig, workdir: Path, show_progress: bool = True) -> AblationResult:
-    from vitc.compiler.build import save_model
+    from vitc.compiler.driver.build import save_model
     from vitc.compiler.progress import progress
 
     ob = sim.calib.observer
@@ -148,7 +148,7 @@ def ablate(sim: Simulator, cfg: AblateConfig, workdir: Path, show_progress: bool
 
 
 def _top_k(path: Path, cfg: AblateConfig) -> dict:
-    from vitc.compiler.eval_folder import EvalConfig, evaluate_folder
+    from vitc.compiler.measure.imagefolder import EvalConfig, evaluate_folder
 
     r = evaluate_folder(EvalConfig(model=path, data=cfg.labels, limit=cfg.label_limit, threads=cfg.threads,
                                    show_progress=False))
@@ -157,8 +157,8 @@ def _top_k(path: Path, cfg: AblateConfig) -> dict:
 
 
 def _latency(sim: Simulator, rows: list[Row], paths: list[Path], workdir: Path, cfg: AblateConfig) -> dict:
-    from vitc.compiler.bench import SuiteConfig, StopRule, ort_candidate, run_suite
-    from vitc.compiler.build import save_model
+    from vitc.compiler.measure.bench import SuiteConfig, StopRule, ort_candidate, run_suite
+    from vitc.compiler.driver.build import save_model
 
     src = workdir / "source.onnx"
     if not src.exists():
@@ -257,7 +257,7 @@ def write_outputs(res: AblationResult, tmp: Path) -> None:
 
 # -- `vitc ablate` -----------------------------------------------------------------------------------------------------
 def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None:
-    from vitc.compiler import simulate
+    from vitc.compiler.research import simulate
 
     simulate.add_arguments(p, shape_type, floats3_type, std3_type, positive_type)
     p.add_argument("--table", choices=["granularity", "steps"], action="append", default=None,
@@ -271,8 +271,8 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
 
 
 def run_command(a) -> int:
-    from vitc.compiler.outdir import staged
-    from vitc.compiler.simulate import simulator_from_args
+    from vitc.compiler.driver.outdir import staged
+    from vitc.compiler.research.simulate import simulator_from_args
 
     if a.labels is not None and not a.labels.is_dir():
         from vitc.compiler.errors import CalibrationDataError

@@ -50,7 +50,7 @@ def fidelity(reference: str | Path | bytes, test: str | Path | bytes, feeds: Ite
     return Fidelity(n, float(10 * np.log10(max(num, 1e-30) / max(den, 1e-30))), float(worst), float(np.mean(cos)))
 
 
-# -- per-image metrics for `vitc eval` (vitc.compiler.eval_folder) ------------------------------------------------------
+# -- per-image metrics for `vitc eval` (vitc.compiler.measure.imagefolder) ------------------------------------------------------
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     m = x.max(axis=-1, keepdims=True)

@@ -2,7 +2,7 @@
 
 runtimes/tensorrt.py builds, loads and runs engines and imports nothing of the compiler or the passes
 (tests/test_layering.py). This module wires in what an engine build from a vitc OUTDIR needs from them: the fp16
-copy of the graph (passes/trt_fp16.py), the TensorRT rule check (compiler/trt_check.py), OUTDIR's files
+copy of the graph (passes/trt_fp16.py), the TensorRT rule check (compiler/tensorrt/check.py), OUTDIR's files
 (model.int8.onnx, build.json) and the messages the CLI prints.
 """
 
@@ -122,7 +122,7 @@ def engine_in_outdir(outdir: str | os.PathLike, cfg: EngineConfig = EngineConfig
     engine = d / ENGINE_NAME
     if engine.exists() and not cfg.force:
         raise OutputError(f"{engine}: already exists", hint="pass --force to rebuild it")
-    from vitc.compiler.trt_check import check_file
+    from vitc.compiler.tensorrt.check import check_file
 
     rep = check_file(onnx_path)
     if not rep.ok:

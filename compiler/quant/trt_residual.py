@@ -7,7 +7,7 @@ the linear's output goes straight into the Add (through at most a Reshape), and 
 gets Q/DQ. The Add's output stays float (it feeds LayerNorm and the next skip connection).
 
 This module does not insert anything itself, so it is not a pass: :func:`extend_plan` (called by
-compiler/planner.py) adds one plan entry per residual Add (role ``residual``, op ``Add``, the skip tensor as its
+compiler/quant/planner.py) adds one plan entry per residual Add (role ``residual``, op ``Add``, the skip tensor as its
 only activation) *before calibration*, so the skip tensor is calibrated with everything else and
 :class:`~vitc.passes.insert_qdq.InsertQDQPass` gives it its Q/DQ like any other planned activation. The policy
 decides (``trt_policy(quantize_residual=False)`` keeps the skip in float).
@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.policy import NodePlan, Plan, Policy
+from vitc.compiler.quant.policy import NodePlan, Plan, Policy
 from vitc.passes.graphutil import const_value
 
 RESIDUAL_ROLE = "residual"

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vitc.compiler import data as D
+from vitc.compiler.calib import data as D
 from vitc.compiler.errors import ModelLoadError, OutputError, VitcError
-from vitc.compiler.evaluate import EvalTotals, pair_metrics, topk
+from vitc.compiler.measure.fidelity import EvalTotals, pair_metrics, topk
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ class _Model:
 def _open_model(path: Path, batch: int | None, input_shapes: dict[str, list[int]], role: str) -> _Model:
     """Validate ``path`` as a one-image-input model; fixes dynamic dims (clear error when it cannot). An OpenVINO IR
     is read through the ONNX artifact `vitc build --target openvino` writes beside it (same stem)."""
-    from vitc.compiler.build import input_specs, is_image_input
-    from vitc.compiler.loader import load_model
+    from vitc.compiler.driver.build import input_specs, is_image_input
+    from vitc.compiler.driver.loader import load_model
 
     if path.suffix.lower() == ".xml":
         onnx_path = path.with_suffix(".onnx")

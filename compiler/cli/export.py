@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitc.compiler.data import PREPROCESS_KEY
+from vitc.compiler.calib.data import PREPROCESS_KEY
 from vitc.compiler.errors import ModelLoadError, OutputError, VitcError
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from vitc.compiler.errors import VitcError
-from vitc.compiler.pipeline import Target
-from vitc.compiler.policy import Granularity, NodePlan, Plan, Policy, QuantSpec, Rule, glob_escape
+from vitc.compiler.driver.pipeline import Target
+from vitc.compiler.quant.policy import Granularity, NodePlan, Plan, Policy, QuantSpec, Rule, glob_escape
 from vitc.compiler.progress import progress
-from vitc.compiler.simulate import SimOptions, Simulator
+from vitc.compiler.research.simulate import SimOptions, Simulator
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def format_path(res: SearchResult) -> str:
 
 # -- `vitc search` -----------------------------------------------------------------------------------------------------
 def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None:
-    from vitc.compiler import simulate
+    from vitc.compiler.research import simulate
 
     simulate.add_arguments(p, shape_type, floats3_type, std3_type, positive_type)
     t = p.add_mutually_exclusive_group(required=True)
@@ -313,9 +313,9 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
 
 
 def run_command(a) -> int:
-    from vitc.compiler.outdir import staged
-    from vitc.compiler.policy import PolicyDefaults, load_policy, policy_to_toml
-    from vitc.compiler.simulate import simulator_from_args
+    from vitc.compiler.driver.outdir import staged
+    from vitc.compiler.quant.policy import PolicyDefaults, load_policy, policy_to_toml
+    from vitc.compiler.research.simulate import simulator_from_args
 
     cfg = SearchConfig(target_sqnr_db=a.target_sqnr, target_agreement_pct=a.target_agreement,
                        max_upgrades=a.max_upgrades, per_channel_cost=a.per_channel_cost)

@@ -9,9 +9,9 @@ from dataclasses import replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.calibration import Observer, ObserverConfig
+from vitc.compiler.calib.calibration import Observer, ObserverConfig
 from vitc.compiler.errors import PolicyError
-from vitc.compiler.policy import Granularity, NodePlan, Plan, Policy, QuantSpec, simulation_reasons
+from vitc.compiler.quant.policy import Granularity, NodePlan, Plan, Policy, QuantSpec, simulation_reasons
 from vitc.passes.annotate import Role, block_count, has_const_weight
 from vitc.passes.graphutil import const_value
 
@@ -104,10 +104,10 @@ def _unused(policy: Policy, nodes: list[NodePlan]) -> list[str]:
 
 def make_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role], target: str = "ort") -> Plan:
     """The plan a build for ``target`` quantizes: :func:`resolve_plan`, plus for TensorRT one entry per residual Add
-    (compiler/trt_residual.py)."""
+    (compiler/quant/trt_residual.py)."""
     plan = resolve_plan(graph, policy, roles)
     if target == "trt":
-        from vitc.compiler.trt_residual import extend_plan
+        from vitc.compiler.quant.trt_residual import extend_plan
 
         extended = extend_plan(graph, plan, policy)
         extended.warnings = _unused(policy, extended.nodes) + [w for w in plan.warnings if "matches no node" not in w]

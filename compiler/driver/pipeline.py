@@ -1,5 +1,5 @@
 """Running passes: per-pass reports, timing, error naming and --dump-after. What runs in which order is declared
-in ``compiler/stages.py``."""
+in ``compiler/driver/stages.py``."""
 
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ class PipelineConfig:
 
 
 def float_pipeline(cfg: PipelineConfig) -> list[GraphPass]:
-    """The float passes of the build's declaration (``compiler/stages.py``): canonicalize -> fusions; the fusions
+    """The float passes of the build's declaration (``compiler/driver/stages.py``): canonicalize -> fusions; the fusions
     are off with ``fuse=False`` (the --no-fuse comparison)."""
-    from vitc.compiler.stages import float_passes
+    from vitc.compiler.driver.stages import float_passes
 
     return float_passes(cfg.target, cfg.fuse)
 

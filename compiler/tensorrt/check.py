@@ -570,7 +570,7 @@ def _check_attention(g: _Graph, add, rep: CheckReport) -> None:
 
 def check_file(path: str | Path) -> CheckReport:
     """Load ``path`` (ModelLoadError if it is not a readable ONNX model) and check it."""
-    from vitc.compiler.loader import load_model
+    from vitc.compiler.driver.loader import load_model
 
     lm = load_model(path)
     return check_model(lm.model)

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from vitc.compiler.calibration import Observer, ObserverConfig
+from vitc.compiler.calib.calibration import Observer, ObserverConfig
 from vitc.compiler.errors import VitcError
 
 log = logging.getLogger("vitc")
@@ -50,28 +50,28 @@ def _std3(s: str) -> tuple[float, float, float]:
 
 
 def _preset_names() -> list[str]:
-    from vitc.compiler.policy import preset_names
+    from vitc.compiler.quant.policy import preset_names
 
     return preset_names()
 
 
 def _expand_roles(roles: list[str]) -> frozenset[str]:
     """Role names with groups expanded (``qkv`` also means separate q/k/v projections), as policy rules match."""
-    from vitc.compiler.policy import expand_roles
+    from vitc.compiler.quant.policy import expand_roles
 
     return expand_roles(frozenset(roles)) if roles else frozenset()
 
 
 def _dump_pass_names() -> list[str]:
-    """The passes `build --dump-after` can name: what the build's stages can dump (compiler/stages.py)."""
-    from vitc.compiler.stages import dump_names
+    """The passes `build --dump-after` can name: what the build's stages can dump (compiler/driver/stages.py)."""
+    from vitc.compiler.driver.stages import dump_names
 
     return dump_names()
 
 
 def _load_policy(a, observer: ObserverConfig):
     """The policy named by --policy (None: the build's default for the target), loaded for --target."""
-    from vitc.compiler.policy import DEFAULT_PRESET, PolicyDefaults, load_policy
+    from vitc.compiler.quant.policy import DEFAULT_PRESET, PolicyDefaults, load_policy
 
     if a.policy is None or (a.policy == DEFAULT_PRESET and not Path(a.policy).is_file()):
         return None
@@ -81,8 +81,8 @@ def _load_policy(a, observer: ObserverConfig):
 def get_parser() -> argparse.ArgumentParser:
     from vitc.compiler.cliargs import add_input_options
 
-    from vitc.compiler.build import Precision
-    from vitc.compiler.pipeline import Target
+    from vitc.compiler.driver.build import Precision
+    from vitc.compiler.driver.pipeline import Target
 
     p = argparse.ArgumentParser(prog="vitc", description="Compile a vision-transformer ONNX model to int8 engines.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -147,7 +147,7 @@ def get_parser() -> argparse.ArgumentParser:
     e.add_argument("--observer", choices=[o.value for o in Observer], default=Observer.PERCENTILE.value)
     e.add_argument("--percentile", type=float, default=99.99)
 
-    from vitc.compiler import bench as _bench, eval_folder as _eval_folder
+    from vitc.compiler.measure import bench as _bench, imagefolder as _eval_folder
 
     be = sub.add_parser("bench", help="time models side by side (ms per image, ratios against a baseline)")
     _bench.add_arguments(be)
@@ -155,13 +155,13 @@ def get_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="top-1/top-5 on an ImageFolder, fidelity against a reference model")
     _eval_folder.add_arguments(ev, _shape, _floats3, _std3)
 
-    from vitc.compiler import analyze as _analyze
+    from vitc.compiler.research import analyze as _analyze
 
     an = sub.add_parser("analyze", help="per-operator quantization error, channel ranges and attention maps "
                                         "(report.html + analysis.json)")
     _analyze.add_arguments(an, _shape, _floats3, _std3)
 
-    from vitc.compiler import ablate as _ablate, policy_search as _search
+    from vitc.compiler.research import ablate as _ablate, policy_search as _search
 
     se = sub.add_parser("search", help="find the cheapest policy that meets a fidelity target (policy.toml + path)")
     _search.add_arguments(se, _shape, _floats3, _std3, _positive)
@@ -198,9 +198,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_build(a) -> int:
-    from vitc.compiler.build import BuildConfig, CalibConfig, CpuKind, Precision, build
+    from vitc.compiler.driver.build import BuildConfig, CalibConfig, CpuKind, Precision, build
     from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputError
-    from vitc.compiler.pipeline import Target
+    from vitc.compiler.driver.pipeline import Target
 
     ob = ObserverConfig(Observer(a.observer), a.percentile)
     if not 0 < a.percentile <= 100:
@@ -236,7 +236,7 @@ def _cmd_build(a) -> int:
         policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,
         pair_safe_weights=False if a.no_saturation_guard else None, cpu=CpuKind(a.cpu), keep_temp=a.keep_temp, allow_float=a.allow_float,
         dynamic_roles=_expand_roles(a.dynamic))
-    from vitc.compiler.policy import RULE_ROLES
+    from vitc.compiler.quant.policy import RULE_ROLES
 
     unknown = sorted(set(a.dynamic) - set(RULE_ROLES))
     if unknown:
@@ -246,7 +246,7 @@ def _cmd_build(a) -> int:
                         hint="TensorRT and OpenVINO targets run only static int8 activation scales")
     trt_engine = a.target == "trt" and cfg.precision is Precision.INT8
     if trt_engine and a.require_engine:  # before any work: no OUTDIR when the engine cannot be built
-        from vitc.compiler.engine import require_available
+        from vitc.compiler.tensorrt.engine import require_available
 
         require_available("--require-engine")
     try:
@@ -276,7 +276,7 @@ def _trt_engine_step(a, res) -> None:
     """After a `--target trt` build: build the engine if TensorRT and a GPU are here, else say how (one line)."""
     import shutil
 
-    from vitc.compiler.engine import (EngineConfig, build_commands, engine_in_outdir, not_built_message,
+    from vitc.compiler.tensorrt.engine import (EngineConfig, build_commands, engine_in_outdir, not_built_message,
                                       record_engine)
     from vitc.runtimes.tensorrt import ENGINE_NAME, availability
 
@@ -298,7 +298,7 @@ def _trt_engine_step(a, res) -> None:
 
 
 def _cmd_check(a) -> int:
-    from vitc.compiler.trt_check import check_file
+    from vitc.compiler.tensorrt.check import check_file
 
     rep = check_file(a.model)
     for v in rep.violations:
@@ -322,7 +322,7 @@ def _cmd_check(a) -> int:
 
 
 def _cmd_engine(a) -> int:
-    from vitc.compiler.engine import EngineConfig, engine_in_outdir
+    from vitc.compiler.tensorrt.engine import EngineConfig, engine_in_outdir
     from vitc.runtimes.tensorrt import ENGINE_NAME
 
     from vitc.runtimes.tensorrt import BatchProfile
@@ -345,8 +345,8 @@ def _log_plan_notes(plan: dict) -> None:
 
 
 def _cmd_explain(a) -> int:
-    from vitc.compiler.frontend import front_end
-    from vitc.compiler.pipeline import Target
+    from vitc.compiler.driver.frontend import front_end
+    from vitc.compiler.driver.pipeline import Target
     from vitc.runtimes.ort import quiet
 
     if not 0 < a.percentile <= 100:
@@ -399,37 +399,37 @@ def format_plan(plan, roles: dict, graph) -> str:
 
 
 def _cmd_bench(a) -> int:
-    from vitc.compiler.bench import run_command
+    from vitc.compiler.measure.bench import run_command
 
     return run_command(a)
 
 
 def _cmd_eval(a) -> int:
-    from vitc.compiler.eval_folder import run_command
+    from vitc.compiler.measure.imagefolder import run_command
 
     return run_command(a)
 
 
 def _cmd_analyze(a) -> int:
-    from vitc.compiler.analyze import run_command
+    from vitc.compiler.research.analyze import run_command
 
     return run_command(a)
 
 
 def _cmd_search(a) -> int:
-    from vitc.compiler.policy_search import run_command
+    from vitc.compiler.research.policy_search import run_command
 
     return run_command(a)
 
 
 def _cmd_ablate(a) -> int:
-    from vitc.compiler.ablate import run_command
+    from vitc.compiler.research.ablate import run_command
 
     return run_command(a)
 
 
 def _cmd_export(a) -> int:
-    from vitc.compiler.export import ExportConfig, export_timm
+    from vitc.compiler.cli.export import ExportConfig, export_timm
 
     out = export_timm(ExportConfig(a.model_name, a.output, a.checkpoint, a.opset, a.dynamo, force=a.force))
     log.info("wrote %s", out)

@@ -287,7 +287,7 @@ def trt_engines_from_onnx(models: Sequence[Path], labels: Sequence[str], workdir
         msg = f"--tensorrt: TensorRT not available ({why}); ONNX Runtime only"
         log.warning(msg)
         return [], [msg]
-    from vitc.compiler.engine import build_engine  # fp16 float regions, as `vitc engine` builds them
+    from vitc.compiler.tensorrt.engine import build_engine  # fp16 float regions, as `vitc engine` builds them
 
     cands, notes = [], []
     for i, (m, lab) in enumerate(zip(models, labels)):
@@ -429,7 +429,7 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
-        from vitc.compiler.build import cpu_flags
+        from vitc.compiler.driver.build import cpu_flags
 
         flags = cpu_flags()
         info["simd"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
@@ -896,7 +896,7 @@ def candidates_for(models: Sequence[Path], labels: Sequence[str], openvino: bool
 def warn_cpu_mismatch(models: Sequence[Path]) -> list[str]:
     """One warning per vitc ORT model built without the saturation guard (the model's CPU metadata says so) timed on
     a CPU without VNNI."""
-    from vitc.compiler.build import CPU_METADATA_KEY, CpuKind, detect_cpu
+    from vitc.compiler.driver.build import CPU_METADATA_KEY, CpuKind, detect_cpu
 
     here = detect_cpu()
     out = []

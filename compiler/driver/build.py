@@ -1,4 +1,4 @@
-"""`vitc build`: the stages declared in ``compiler/stages.py`` (load -> float passes -> annotate/plan -> calibrate ->
+"""`vitc build`: the stages declared in ``compiler/driver/stages.py`` (load -> float passes -> annotate/plan -> calibrate ->
 migrate -> insert Q/DQ -> lower -> save), run over one context; the configuration, calibration inputs, the range
 search with bias correction, and the output checks they use.
 
@@ -24,13 +24,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler import data as D
-from vitc.compiler.calibration import CalibrationTable, ObserverConfig, calibrate
+from vitc.compiler.calib import data as D
+from vitc.compiler.calib.calibration import CalibrationTable, ObserverConfig, calibrate
 from vitc.compiler.errors import CalibrationDataError, VitcError
-from vitc.compiler.loader import LoadedModel
-from vitc.compiler.outdir import prepare, publish
-from vitc.compiler.pipeline import Dumps, Target, run_passes
-from vitc.compiler.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
+from vitc.compiler.driver.loader import LoadedModel
+from vitc.compiler.driver.outdir import prepare, publish
+from vitc.compiler.driver.pipeline import Dumps, Target, run_passes
+from vitc.compiler.quant.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
 from vitc.compiler.progress import progress
 from vitc.passes.annotate import AnnotatePass, Role
 from vitc.passes.graphutil import over_protobuf_limit
@@ -358,7 +358,7 @@ def save_and_check(model: onnx.ModelProto, path: Path, src: LoadedModel) -> None
 
 def build(cfg: BuildConfig) -> BuildResult:
     """Run the stages ``compiler/stages.build_stages(cfg)`` declares, write build.json, publish OUTDIR."""
-    from vitc.compiler.stages import BuildContext, artifact_name, build_stages, run_stages
+    from vitc.compiler.driver.stages import BuildContext, artifact_name, build_stages, run_stages
     from vitc.runtimes.ort import quiet
 
     quiet()
@@ -395,8 +395,8 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
     """Search migration strength / clipping per operator, apply the migration (``migrate_scales``, through
     run_passes: ``dumps`` as --dump-after asks; logged at debug level), correct the biases; return the graph, the
     final plan and table, the search report and the migration's PassResult."""
-    from vitc.compiler.calibration import TensorRange
-    from vitc.compiler.search import capped_alphas, search_linear
+    from vitc.compiler.calib.calibration import TensorRange
+    from vitc.compiler.calib.range_search import capped_alphas, search_linear
     from vitc.passes.graphutil import const_value
 
     nodes = {n.name: n for n in graph.nodes}
@@ -484,7 +484,7 @@ def _correct_biases(graph: gs.Graph, groups: dict, factors: dict, reservoir: dic
                     cfg: BuildConfig, shifts: dict | None = None) -> dict:
     """Empirical bias correction: subtract each quantized linear's mean output error (over the reservoir tokens)
     from its bias, so quantization leaves no systematic per-channel shift."""
-    from vitc.compiler.search import fake_quant, fake_quant_asym, fake_quant_weight
+    from vitc.compiler.calib.range_search import fake_quant, fake_quant_asym, fake_quant_weight
     from vitc.passes.graphutil import const_value
 
     out = {"corrected": 0, "mean_abs_shift": 0.0}
@@ -535,8 +535,8 @@ def node_roles(graph: gs.Graph) -> dict[str, Role]:
 
 
 def plan_for(graph: gs.Graph, policy: Policy, roles, target: Target) -> Plan:
-    """The policy's plan; for TensorRT plus the residual Adds (compiler/trt_residual.py)."""
-    from vitc.compiler.planner import make_plan
+    """The policy's plan; for TensorRT plus the residual Adds (compiler/quant/trt_residual.py)."""
+    from vitc.compiler.quant.planner import make_plan
 
     return make_plan(graph, policy, roles, target.value)
 

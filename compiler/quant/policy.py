@@ -2,7 +2,7 @@
 
 The plan is computed before the graph is touched: node -> role, block, spec and the rule that matched.
 Policies are Python objects (:func:`default_policy`, :func:`trt_policy`) or TOML files / shipped presets
-(:func:`load_policy`, format in the README section "Policies" and in ``compiler/presets/*.toml``).
+(:func:`load_policy`, format in the README section "Policies" and in ``compiler/quant/presets/*.toml``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from vitc.passes.quant_types import (Granularity, NodePlan, Observer, ObserverCo
                                      SoftmaxQuantizer, simulation_reasons)
 
 # Roles a rule can name. ``residual`` is the skip input of a residual Add that the TensorRT target quantizes
-# (compiler/trt_residual.py); everything else comes from passes/annotate.py.
+# (compiler/quant/trt_residual.py); everything else comes from passes/annotate.py.
 RULE_ROLES: tuple[str, ...] = QUANTIZABLE_ROLES + ("residual", "residual_add")
 # A group name in a rule matches each of its members: ``qkv`` covers separate q/k/v projections too (so one rule
 # serves timm's fused projection and HF's separate ones), ``residual_add`` covers TensorRT's ``residual`` entries,
@@ -147,7 +147,7 @@ def trt_policy(observer: ObserverConfig | None = None, attention: TrtAttention =
     Unlike the ORT policy, the attention x V matmul is quantized too by default: TensorRT's fused int8 MHA needs
     Q/DQ after the softmax and on V. ``attention=TrtAttention.FLOAT`` keeps both attention matmuls float instead.
     Role ``residual`` is the skip input of an Add that follows a quantized linear (found by the TRT-only
-    ``compiler/trt_residual.py``); quantizing it lets TensorRT fuse the Add into the GEMM epilogue.
+    ``compiler/quant/trt_residual.py``); quantizing it lets TensorRT fuse the Add into the GEMM epilogue.
     ``vitc check --target trt`` reports a residual left float as a lost fusion. ``quantize_patch_embed=False``
     keeps the patch-embedding Conv (the first layer, ~1% of a ViT-S's MACs) in fp16.
     """
@@ -223,8 +223,8 @@ def target_default_policy(target: str, observer: ObserverConfig | None = None) -
 
 
 def preset_names() -> list[str]:
-    """The shipped presets (``compiler/presets/*.toml``) plus "default"."""
-    d = resources.files("vitc.compiler").joinpath("presets")
+    """The shipped presets (``compiler/quant/presets/*.toml``) plus "default"."""
+    d = resources.files("vitc.compiler.quant").joinpath("presets")
     names = {f.name[:-5] for f in d.iterdir() if f.name.endswith(".toml")} if d.is_dir() else set()
     order = [n for n in _PRESET_ORDER if n in names] + sorted(names - set(_PRESET_ORDER))
     return [DEFAULT_PRESET] + [n for n in order if n != DEFAULT_PRESET]
@@ -248,7 +248,7 @@ def load_policy(spec: str | Path, defaults: PolicyDefaults = PolicyDefaults()) -
     if s == DEFAULT_PRESET:
         return replace(target_default_policy(defaults.target, defaults.observer), source=f"preset {s}")
     if s in presets:
-        text = resources.files("vitc.compiler").joinpath("presets", f"{s}.toml").read_text(encoding="utf-8")
+        text = resources.files("vitc.compiler.quant").joinpath("presets", f"{s}.toml").read_text(encoding="utf-8")
         return parse_policy(text, f"preset {s}", defaults, name=s)
     if path.exists():
         raise PolicyError(f"{path}: not a file", hint="give a policy TOML file or a preset name")

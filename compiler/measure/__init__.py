@@ -1,0 +1,1 @@
+"""Speed and fidelity: `vitc bench`, the fidelity metrics, `vitc eval` over an image folder."""
