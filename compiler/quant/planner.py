@@ -14,6 +14,7 @@ from vitc.compiler.errors import PolicyError
 from vitc.compiler.quant.policy import Granularity, NodePlan, Plan, Policy, QuantSpec, simulation_reasons
 from vitc.passes.annotate import Role, block_count, has_const_weight
 from vitc.passes.graphutil import const_value
+from vitc.passes.rotate_residual import UNROTATE_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ def resolve_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role]) -> Pla
             continue
         if _all_zero(node.inputs[1]):
             continue  # nothing to quantize, and a degenerate weight range breaks OpenVINO's int8 kernels
+        if node.name.endswith(UNROTATE_SUFFIX):
+            continue  # the residual rotation's way back to the original basis: exact only in float
         rule = policy.lookup(node.name, r.role, r.block, r.inputs)
         spec = rule.spec
         if node.op == "Conv" and not spec.skip and spec.activation is Granularity.PER_CHANNEL:
@@ -150,6 +153,8 @@ def float_ops(graph: gs.Graph, plan: Plan, roles: dict[str, Role]) -> list[dict]
             why = "Gemm with transA"
         elif node.op == "MatMul" and const_value(node.inputs[0]) is not None:
             why = "constant first operand (e.g. a learned query): float"
+        elif node.name.endswith(UNROTATE_SUFFIX):
+            why = "the residual-stream rotation's un-rotation (kept float)"
         elif len(node.inputs) > 1 and _all_zero(node.inputs[1]):
             why = "all-zero weight (e.g. a zero-initialised branch): computes its bias in float"
         else:
