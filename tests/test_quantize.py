@@ -11,7 +11,7 @@ from conftest import ort_run
 from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
 from vitc.compiler.driver.loader import load_model
 from vitc.compiler.driver.pipeline import PipelineConfig, export, float_pipeline, run_passes
-from vitc.passes.insert_qdq import quantize_weight
+from vitc.passes.quant_math import quantize_weight
 from vitc.passes.migrate_scales import ScaleMigrationPass
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 

@@ -21,13 +21,15 @@ from vitc.passes.annotate import annotate
 
 FAST = ["--calib-samples", "4"]
 # the configurations whose builds below write dumps: together they name every --dump-after name
-CONFIGS = [("ort", ()), ("trt", ()), ("ort", ("--no-search",)), ("trt", ("--no-search",)), ("openvino", ())]
+CONFIGS = [("ort", ()), ("trt", ()), ("ort", ("--no-search",)), ("trt", ("--no-search",)), ("openvino", ()),
+           ("ort", ("--rotate",))]
 BUILDABLE = [c if c[0] != "openvino" or importlib.util.find_spec("openvino") else
              pytest.param(*c, marks=pytest.mark.skip(reason="openvino is not installed")) for c in CONFIGS]
 
 
 def _declared_dumps(model: Path, target: str, extra: tuple[str, ...]) -> list[str]:
-    cfg = BuildConfig(model=model, outdir=model, target=Target(target), search="--no-search" not in extra)
+    cfg = BuildConfig(model=model, outdir=model, target=Target(target), search="--no-search" not in extra,
+                      rotate="--rotate" in extra)
     return [n for st in build_stages(cfg) for n in st.dumps]
 
 

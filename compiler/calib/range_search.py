@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitc.passes.migrate_scales import smoothing_factors
+from vitc.passes.quant_math import dequantized_weight, fake_quant, fake_quant_asym
 
 ALPHAS: tuple[float | None, ...] = (None, 0.3, 0.5, 0.65, 0.8)  # None: no migration
 RATIOS: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
@@ -27,26 +28,10 @@ def capped_alphas(cap: float | None) -> tuple[float | None, ...]:
     return ALPHAS if cap is None else tuple(a for a in ALPHAS if a is None or a <= cap + 1e-9)
 
 
-def fake_quant(x: np.ndarray, amax: float | np.ndarray, bits: int = 8) -> np.ndarray:
-    qmax = 2 ** (bits - 1) - 1
-    step = np.maximum(np.asarray(amax, np.float32), 1e-12) / qmax
-    return np.clip(np.rint(x / step), -qmax - 1, qmax) * step
-
-
-def fake_quant_asym(x: np.ndarray, lo: float, hi: float, bits: int = 8) -> np.ndarray:
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    step = max(hi - lo, 1e-12) / (2 ** bits - 1)
-    zp = np.clip(np.rint(-lo / step), 0, 2 ** bits - 1)
-    return (np.clip(np.rint(x / step) + zp, 0, 2 ** bits - 1) - zp) * step
-
-
 def fake_quant_weight(w: np.ndarray, bits: int = 8, per_channel: bool = True, mse_clip: bool = False,
                       pair_safe: bool = False) -> np.ndarray:
     """W[K, N] quantized and dequantized exactly as InsertQDQPass stores it (one scale per output column N)."""
-    from vitc.passes.insert_qdq import quantize_weight
-
-    q, scale = quantize_weight(w, 1 if per_channel else None, bits, mse_clip or bits < 8, pair_safe)
-    return q.astype(np.float32) * (scale[None, :] if per_channel else scale)
+    return dequantized_weight(w, 1 if per_channel else None, bits, mse_clip or bits < 8, pair_safe)
 
 
 @dataclass(frozen=True)

@@ -488,7 +488,8 @@ def _correct_biases(graph: gs.Graph, groups: dict, factors: dict, reservoir: dic
                     cfg: BuildConfig, shifts: dict | None = None) -> dict:
     """Empirical bias correction: subtract each quantized linear's mean output error (over the reservoir tokens)
     from its bias, so quantization leaves no systematic per-channel shift."""
-    from vitc.compiler.calib.range_search import fake_quant, fake_quant_asym, fake_quant_weight
+    from vitc.compiler.calib.range_search import fake_quant_weight
+    from vitc.passes.quant_math import fake_quant, fake_quant_asym
     from vitc.passes.graphutil import const_value
 
     out = {"corrected": 0, "mean_abs_shift": 0.0}

@@ -161,10 +161,10 @@ def build_stages(cfg: BuildConfig) -> list[Stage]:
 def dump_names() -> list[str]:
     """Every name `vitc build --dump-after` accepts: what the stages of any configuration can dump, in build order."""
     names: list[str] = []
-    for target, precision, fuse, fuse_attention, search, migrate in itertools.product(
-            Target, Precision, (True, False), (True, False), (True, False), (True, False)):
+    for target, precision, fuse, fuse_attention, search, migrate, rotate in itertools.product(
+            Target, Precision, (True, False), (True, False), (True, False), (True, False), (False, True)):
         cfg = BuildConfig(model=Path(), outdir=Path(), target=target, precision=precision, fuse=fuse,
-                          fuse_attention=fuse_attention, search=search, migrate=migrate)
+                          fuse_attention=fuse_attention, search=search, migrate=migrate, rotate=rotate)
         prev = -1
         for name in (n for st in build_stages(cfg) for n in st.dumps):
             if name not in names:

@@ -50,7 +50,7 @@ from vitc.compiler.errors import CalibrationDataError, ModelLoadError, OutputErr
 from vitc.compiler.driver.pipeline import Target, export, run_passes
 from vitc.compiler.quant.policy import Granularity, NodePlan, Plan, Policy, QuantSpec
 from vitc.compiler.progress import progress
-from vitc.compiler.calib.range_search import fake_quant, fake_quant_asym
+from vitc.passes.quant_math import dequantized_weight, fake_quant, fake_quant_asym, per_channel_absmax
 from vitc.passes.annotate import Role
 from vitc.passes.graphutil import const_value
 
@@ -254,8 +254,7 @@ def quantize_activation(x: np.ndarray, rng: TensorRange, spec: QuantSpec, per_ch
     per channel of the last axis from its calibrated min/max)."""
     x = np.asarray(x, np.float32)
     if per_channel:
-        ch = np.minimum(np.asarray(rng.channel_absmax, np.float32), max(rng.amax, 1e-12) * 1e3)
-        return fake_quant(x, ch, spec.bits).astype(np.float32)
+        return fake_quant(x, per_channel_absmax(rng.channel_absmax, rng.amax), spec.bits).astype(np.float32)
     if spec.symmetric:
         return fake_quant(x, rng.amax, spec.bits).astype(np.float32)
     lo, hi = max(rng.min, -rng.amax), min(rng.max, rng.amax)
@@ -265,8 +264,7 @@ def quantize_activation(x: np.ndarray, rng: TensorRange, spec: QuantSpec, per_ch
 def clipped_fraction(x: np.ndarray, rng: TensorRange, spec: QuantSpec, per_channel: bool) -> float:
     """Share of the values of ``x`` outside the quantization range (they saturate)."""
     if per_channel:
-        ch = np.minimum(np.asarray(rng.channel_absmax, np.float32), max(rng.amax, 1e-12) * 1e3)
-        return float(np.mean(np.abs(x) > ch))
+        return float(np.mean(np.abs(x) > per_channel_absmax(rng.channel_absmax, rng.amax)))
     if spec.symmetric:
         return float(np.mean(np.abs(x) > rng.amax))
     lo, hi = min(max(rng.min, -rng.amax), 0.0), max(min(rng.max, rng.amax), 0.0)
@@ -275,14 +273,8 @@ def clipped_fraction(x: np.ndarray, rng: TensorRange, spec: QuantSpec, per_chann
 
 def quantize_weight_like_build(w: np.ndarray, np_: NodePlan, pair_safe: bool) -> np.ndarray:
     """The weight after InsertQDQPass (int8 values times their scales), as float."""
-    from vitc.passes.insert_qdq import quantize_weight
-
     axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
-    q, scale = quantize_weight(w, axis, np_.spec.bits, np_.spec.bits < 8, pair_safe and np_.op != "Conv")
-    shape = [1] * w.ndim
-    if axis is not None:
-        shape[axis] = -1
-    return q.astype(np.float32) * np.asarray(scale, np.float32).reshape(shape)
+    return dequantized_weight(w, axis, np_.spec.bits, np_.spec.bits < 8, pair_safe and np_.op != "Conv")
 
 
 def _conv(node: gs.Node, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
