@@ -8,9 +8,9 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import ort_run
 
-from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, CpuKind, build
 from vitc.compiler.driver.loader import load_model
-from vitc.compiler.driver.pipeline import PipelineConfig, export, float_pipeline, run_passes
+from vitc.compiler.driver.pipeline import PipelineConfig, Target, export, float_pipeline, run_passes
 from vitc.passes.quant_math import quantize_weight
 from vitc.passes.migrate_scales import ScaleMigrationPass
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
@@ -258,3 +258,57 @@ def test_migration_folds_layernorms_that_share_gamma_beta(tmp_path, image_batch)
     assert r.counts["LayerNorm folds"] == 4
     np.testing.assert_allclose(ort_run(export(g), {"input": image_batch})[0],
                                ort_run(before, {"input": image_batch})[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_qdq_numbers_match_an_independent_reference(tmp_path, target):
+    """Every Q/DQ the build writes, recomputed here from first principles (not through vitc's quantization code):
+    activation scale and zero-point from the final calibration range, int8 weights as round-half-even of the float
+    weight (the graph just before insert_qdq) over max|w|/127 per output column, int32 biases on x_scale * w_scale."""
+    import json
+
+    from onnx import numpy_helper
+
+    src = tmp_path / "vit.onnx"
+    onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2)), src)
+    res = build(BuildConfig(model=src, outdir=tmp_path / "o", target=Target(target), calib=CalibConfig(samples=8),
+                            fuse_attention=False, cpu=CpuKind.VNNI, show_progress=False,
+                            dump_after=frozenset({"migrate_scales"})))
+    rep = json.loads((res.outdir / "build.json").read_text())
+    table = rep["calibration_table"]
+    before = onnx.load(next((res.outdir / "dumps").glob("*migrate_scales*.onnx")))
+    float_w = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    m = onnx.load(res.model_path)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    checked = {"activations": 0, "weights": 0, "biases": 0}
+    for entry in rep["policy"]["nodes"]:
+        if entry["rule"] != "default" or entry["op"] != "Gemm":
+            continue
+        node = next(n for n in m.graph.node if n.name == entry["node"])
+        dq_x, dq_w = prod[node.input[0]], prod[node.input[1]]
+        x_scale, x_zp = float(inits[dq_x.input[1]]), inits[dq_x.input[2]]
+        rng = table[entry["activations"][0]]
+        if target == "trt":  # symmetric int8
+            want_scale, want_zp, want_dtype = max(rng["amax"], 1e-6) / 127, 0, np.int8
+        else:  # asymmetric uint8, the range clamped to +-amax and widened to hold 0
+            lo = max(min(rng["min"], 0.0), -rng["amax"])
+            hi = min(max(rng["max"], 0.0), rng["amax"])
+            want_scale = (hi - lo) / 255
+            want_zp, want_dtype = int(np.clip(np.rint(-lo / want_scale), 0, 255)), np.uint8
+        assert x_scale == pytest.approx(want_scale, rel=1e-6), entry["node"]
+        assert int(x_zp) == want_zp and x_zp.dtype == want_dtype, entry["node"]
+        checked["activations"] += 1
+        w_float = float_w[entry["weight"]].astype(np.float64)  # [K, N]
+        w_scale = inits[dq_w.input[1]].astype(np.float64)
+        assert np.allclose(w_scale, np.where(np.abs(w_float).max(0) > 0, np.abs(w_float).max(0) / 127, 1.0),
+                           rtol=1e-6), entry["node"]
+        want_q = np.clip(np.rint(w_float / w_scale[None, :]), -128, 127)
+        assert np.array_equal(inits[dq_w.input[0]].astype(np.int64), want_q.astype(np.int64)), entry["node"]
+        checked["weights"] += 1
+        if target == "ort":  # ORT: int32 bias on x_scale * w_scale (TensorRT: float, tested in test_trt_build)
+            dq_b = prod[node.input[2]]
+            assert inits[dq_b.input[0]].dtype == np.int32
+            assert np.allclose(inits[dq_b.input[1]], (x_scale * w_scale).astype(np.float32), rtol=1e-6)
+            checked["biases"] += 1
+    assert checked["activations"] >= 8 and checked["weights"] >= 8, checked
