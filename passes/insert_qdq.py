@@ -6,7 +6,9 @@ Per quantized node:
 - the constant weight is stored as an int8 initializer with per-channel (output axis) or per-tensor scales,
   followed by a DequantizeLinear;
 - a Conv/Gemm bias is stored as int32 with scale x_scale * w_scale so ORT can fold it into QLinearConv.
-Symmetric quantization uses zero-point 0 and int8; asymmetric activations use uint8.
+Symmetric quantization uses zero-point 0 and int8; asymmetric activations use uint8. The arithmetic is
+``quant_math``; Gemms with per-inference input ranges go to ``qdq_dynamic``, the simulated log-domain softmax
+quantizer to ``qdq_simulated``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import onnx_graphsurgeon as gs
 from vitc.errors import PassError
 from vitc.passes.base import PassResult
 from vitc.passes.graphutil import const_value, finish
+from vitc.passes.qdq_dynamic import lower_dynamic_gemm
+from vitc.passes.qdq_simulated import log_fake_quant
 from vitc.passes.quant_math import activation_qparams, per_channel_absmax, quantize_weight
 from vitc.passes.quant_types import CalibrationTable, Granularity, NodePlan, Plan, SoftmaxQuantizer
 
@@ -57,7 +61,7 @@ class InsertQDQPass:
                 raise PassError(self.name, "planned node not in graph", node=np_.node,
                                 hint="the plan must be resolved on the graph being quantized")
             if np_.node in self.dynamic_nodes and node.op == "Gemm" and np_.weight is not None:
-                self._dynamic_gemm(graph, node, np_, counts, params)
+                lower_dynamic_gemm(graph, node, np_, counts, params, self.weight_mse_clip, self.pair_safe_weights)
                 continue
             x_scales = []
             log_probs = (np_.role == "attn_av" and node.op == "MatMul" and np_.spec.softmax is not
@@ -65,7 +69,7 @@ class InsertQDQPass:
             for name in np_.activations:
                 idxs = [i for i, t in enumerate(node.inputs) if t.name == name]
                 if log_probs and name == np_.activations[0]:
-                    node.inputs[0] = self._log_fake_quant(graph, node.inputs[0], np_, counts)
+                    node.inputs[0] = log_fake_quant(graph, node.inputs[0], np_, counts)
                     params.setdefault(node.name, {}).setdefault("activations", {})[name] = {
                         "quantizer": np_.spec.softmax.value, "bits": np_.spec.bits, "simulated": True}
                     continue
@@ -122,76 +126,6 @@ class InsertQDQPass:
         counts["QuantizeLinear"] += 1
         qcache[key] = (q, (sc, zc, attrs))
         return qcache[key]
-
-    def _dynamic_gemm(self, graph, node, np_: NodePlan, counts, params: dict[str, dict]) -> None:
-        """Gemm(x, W, b) -> DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq) -> Cast -> Mul(xs * ws) -> Add(b).
-
-        The spelling ORT's quantize_dynamic emits, which ORT's optimizer fuses into DynamicQuantizeMatMul.
-        """
-        if node.attrs.get("transA", 0) or node.attrs.get("transB", 0) or node.attrs.get("alpha", 1.0) != 1.0 \
-                or node.attrs.get("beta", 1.0) != 1.0:
-            return
-        x = node.inputs[0]
-        w = const_value(node.inputs[1])
-        b = const_value(node.inputs[2]) if len(node.inputs) > 2 else None
-        base = node.name
-        axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
-        q, wscale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8,
-                                    self.pair_safe_weights)
-        xq = gs.Variable(f"{base}.xq", dtype=np.uint8, shape=x.shape)
-        xs = gs.Variable(f"{base}.x_scale", dtype=np.float32, shape=[])
-        xzp = gs.Variable(f"{base}.x_zero_point", dtype=np.uint8, shape=[])
-        graph.nodes.append(gs.Node("DynamicQuantizeLinear", name=f"{base}.DynamicQuantizeLinear", inputs=[x],
-                                   outputs=[xq, xs, xzp]))
-        acc = gs.Variable(f"{base}.acc", dtype=np.int32)
-        graph.nodes.append(gs.Node("MatMulInteger", name=f"{base}.MatMulInteger", inputs=[
-            xq, gs.Constant(f"{base}.weight.int8", q), xzp, gs.Constant(f"{base}.weight.zero_point", np.array(0, np.int8))],
-            outputs=[acc]))
-        accf = gs.Variable(f"{base}.acc_f", dtype=np.float32)
-        graph.nodes.append(gs.Node("Cast", name=f"{base}.Cast", inputs=[acc], outputs=[accf], attrs={"to": 1}))
-        sc = gs.Variable(f"{base}.scales", dtype=np.float32)
-        graph.nodes.append(gs.Node("Mul", name=f"{base}.scales_mul", inputs=[xs, gs.Constant(f"{base}.weight.scale", wscale)],
-                                   outputs=[sc]))
-        out = list(node.outputs)
-        node.outputs.clear()
-        node.inputs.clear()
-        if b is not None:
-            y = gs.Variable(f"{base}.scaled", dtype=np.float32)
-            graph.nodes.append(gs.Node("Mul", name=f"{base}.output_mul", inputs=[accf, sc], outputs=[y]))
-            graph.nodes.append(gs.Node("Add", name=f"{base}.bias_add", inputs=[y, gs.Constant(f"{base}.bias", b)],
-                                       outputs=out))
-        else:
-            graph.nodes.append(gs.Node("Mul", name=f"{base}.output_mul", inputs=[accf, sc], outputs=out))
-        counts["dynamic Gemms"] = counts.get("dynamic Gemms", 0) + 1
-        counts["weights quantized"] += 1
-        counts["nodes quantized"] += 1
-        params[node.name] = {"activations": {x.name: {"range": "dynamic (per inference)", "dtype": "uint8"}},
-                             "weight": {"scale_min": float(wscale.min()), "scale_max": float(wscale.max()),
-                                        "axis": axis, "dtype": "int8", "channels": int(wscale.size)}}
-
-    @staticmethod
-    def _log_fake_quant(graph, p: gs.Tensor, np_: NodePlan, counts) -> gs.Variable:
-        """Simulated log2 / log-sqrt2 quantization of probabilities p in [0, 1] as float ops:
-        q = clip(round(-k log2 p), 0, 2^bits - 1), p_hat = 2^(-q / k) with k = 1 (log2) or 2 (log-sqrt2); p = 0 maps
-        to the last level (2^-(2^bits-1)/k, ~0)."""
-        k = 2.0 if np_.spec.softmax is SoftmaxQuantizer.LOG_SQRT2 else 1.0
-        base = f"{p.name}.{np_.spec.softmax.value}"
-
-        def v(suffix):
-            return gs.Variable(f"{base}.{suffix}", dtype=np.float32, shape=p.shape)
-
-        steps = [("Log", [], "log"), ("Mul", [np.array(-k / np.log(2.0), np.float32)], "scaled"),
-                 ("Round", [], "round"),
-                 ("Clip", [np.array(0.0, np.float32), np.array(2 ** np_.spec.bits - 1, np.float32)], "level"),
-                 ("Mul", [np.array(-np.log(2.0) / k, np.float32)], "exponent"), ("Exp", [], "dq")]
-        cur = p
-        for op, consts, suffix in steps:
-            out = v(suffix)
-            ins = [cur] + [gs.Constant(f"{base}.{suffix}.c{i}", c) for i, c in enumerate(consts)]
-            graph.nodes.append(gs.Node(op, name=f"{base}.{suffix}.{op}", inputs=ins, outputs=[out]))
-            cur = out
-        counts["log-quantized softmax"] = counts.get("log-quantized softmax", 0) + 1
-        return cur
 
     @staticmethod
     def _dequantize(graph, q, qparams, counts, consumer: str, idx: int):
