@@ -9,11 +9,16 @@ ViT-S encoder, 2-core AVX-512 VNNI EPYC: 48 of them, 5.2 of 22.5 ms). This pass 
     x -> Reshape(2-D) -> Q -> DQ -> Gemm(DQ(W), b) -> Reshape(N-D)    into    x -> Q -> DQ -> MatMul(DQ(W)) -> Add(b)
 
 which computes the same values: a per-tensor Q/DQ is elementwise, so it commutes with the Reshape, and the Gemm's
-rows are the MatMul's tokens. The int32 bias DQ the Gemm carried stays the Add's input (OpenVINO folds it).
+rows are the MatMul's tokens; the Gemm's bias (float after ``trt_lower``) becomes the Add's constant. A channel-scale
+migration Mul between the Reshape and its Q commutes with the Reshape too and moves with the Q.
 
-Near-misses stay as they are, with a note: a Reshape with a consumer that is not a per-tensor QuantizeLinear, a Q
-that feeds something other than the Gemms' A input through DQs, a transposed or scaled Gemm, a Gemm whose output
-goes anywhere but one Reshape, or a Reshape back that does not restore the input's leading dims.
+Near-misses stay as they are, with a note: a Reshape that changes the last (channel) axis, a Reshape with a
+consumer that is not a per-tensor QuantizeLinear, a Q that feeds something other than the Gemms' A input through
+DQs, a transposed or scaled Gemm, a Gemm whose output goes anywhere but one Reshape, or a Reshape back that does not
+restore the input's leading dims.
+
+Then each per-tensor Q (with its DQs) moves above the layout ops (Reshape, Transpose, ...) between it and the op
+that computes its input, so that it sits right after that op.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ def _plain_gemm(node: gs.Node) -> bool:
     a = node.attrs
     return (node.op == "Gemm" and not a.get("transA", 0) and not a.get("transB", 0)
             and float(a.get("alpha", 1.0)) == 1.0 and float(a.get("beta", 1.0)) == 1.0)
+
+
+def _last(t: gs.Tensor):
+    return t.shape[-1] if t.shape else None
 
 
 def _restores(x: gs.Variable, y: gs.Variable) -> bool:
@@ -137,6 +146,8 @@ class OvLoweringPass:
         qs = list(flat.outputs)
         if not qs or not any(q.op == "QuantizeLinear" for q in qs):
             return None
+        if not isinstance(_last(x), int) or _last(x) != _last(r.outputs[0]):
+            return "the Reshape changes the last (channel) axis"
         if flat in graph.outputs or not all(_per_tensor_q(q) for q in qs):
             return "a consumer is not a per-tensor QuantizeLinear"
         gemms, dqs = [], []
