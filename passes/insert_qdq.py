@@ -61,8 +61,10 @@ class InsertQDQPass:
                 raise PassError(self.name, "planned node not in graph", node=np_.node,
                                 hint="the plan must be resolved on the graph being quantized")
             if np_.node in self.dynamic_nodes and node.op == "Gemm" and np_.weight is not None:
-                lower_dynamic_gemm(graph, node, np_, counts, params, self.weight_mse_clip, self.pair_safe_weights)
-                continue
+                if lower_dynamic_gemm(graph, node, np_, counts, params, self.weight_mse_clip, self.pair_safe_weights):
+                    continue
+                notes.append(f"{node.name}: a transposed/scaled Gemm or a computed bias cannot take a per-inference "
+                             "input range; quantized with its calibrated range instead")
             x_scales = []
             log_probs = (np_.role == "attn_av" and node.op == "MatMul" and np_.spec.softmax is not
                          SoftmaxQuantizer.UNIFORM and np_.activations and node.inputs[0].name == np_.activations[0])
@@ -116,7 +118,10 @@ class InsertQDQPass:
             scale = np.array(s, np.float32)
             zp = np.array(z, dt)
             axis = None
-        base = t.name
+        # a second quantizer of the same tensor (another spec for another consumer) gets its own names: graphsurgeon
+        # would otherwise merge the two by name
+        n_same = sum(1 for k in qcache if k[0] == t.name)
+        base = t.name if n_same == 0 else f"{t.name}.q{n_same}"
         sc = gs.Constant(f"{base}.scale", scale)
         zc = gs.Constant(f"{base}.zero_point", zp)
         q = gs.Variable(f"{base}.q", dtype=zp.dtype, shape=t.shape)
@@ -161,7 +166,8 @@ class InsertQDQPass:
             xs = x_scales[0][0].values
             if b is not None and xs is not None and np.ndim(xs) == 0 and b.ndim == 1:
                 bscale = (float(xs) * np.broadcast_to(scale, b.shape)).astype(np.float32)
-                bq = np.clip(np.rint(b / np.where(bscale > 0, bscale, 1.0)), -2**31, 2**31 - 1).astype(np.int32)
+                # +-(2^31 - 128): the largest magnitudes float32 holds below 2^31, so the cast cannot wrap the sign
+                bq = np.clip(np.rint(b / np.where(bscale > 0, bscale, 1.0)), -2147483520, 2147483520).astype(np.int32)
                 bdq = gs.Variable(f"{node.name}.bias.dq", dtype=np.float32, shape=list(b.shape))
                 graph.nodes.append(gs.Node("DequantizeLinear", name=f"{node.name}.bias.DequantizeLinear",
                                            inputs=[gs.Constant(f"{node.name}.bias.int32", bq),

@@ -176,6 +176,8 @@ class OvLoweringPass:
         else:
             for q in qs:
                 q.inputs[0] = x
+        for q in qs:  # now N-D: the 2-D shapes would contradict shape inference
+            q.outputs[0].shape = None
         for dq in dqs:
             dq.outputs[0].shape = None
         for g, back in zip(gemms, backs):

@@ -15,14 +15,17 @@ from vitc.passes.quant_types import Granularity, NodePlan
 
 
 def lower_dynamic_gemm(graph: gs.Graph, node: gs.Node, np_: NodePlan, counts: dict, params: dict[str, dict],
-                   weight_mse_clip: bool = False, pair_safe_weights: bool = False) -> None:
+                   weight_mse_clip: bool = False, pair_safe_weights: bool = False) -> bool:
     """Gemm(x, W, b) -> DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq) -> Cast -> Mul(xs * ws) -> Add(b).
 
-    The spelling ORT's quantize_dynamic emits, which ORT's optimizer fuses into DynamicQuantizeMatMul.
+    The spelling ORT's quantize_dynamic emits, which ORT's optimizer fuses into DynamicQuantizeMatMul. False (and
+    the graph untouched) for a transposed or scaled Gemm or a computed bias.
     """
     if node.attrs.get("transA", 0) or node.attrs.get("transB", 0) or node.attrs.get("alpha", 1.0) != 1.0 \
             or node.attrs.get("beta", 1.0) != 1.0:
-        return
+        return False
+    if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]) is None:
+        return False  # a computed bias: this spelling only adds a constant one
     x = node.inputs[0]
     w = const_value(node.inputs[1])
     b = const_value(node.inputs[2]) if len(node.inputs) > 2 else None
@@ -60,3 +63,4 @@ def lower_dynamic_gemm(graph: gs.Graph, node: gs.Node, np_: NodePlan, counts: di
     params[node.name] = {"activations": {x.name: {"range": "dynamic (per inference)", "dtype": "uint8"}},
                          "weight": {"scale_min": float(wscale.min()), "scale_max": float(wscale.max()),
                                     "axis": axis, "dtype": "int8", "channels": int(wscale.size)}}
+    return True

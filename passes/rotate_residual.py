@@ -142,6 +142,12 @@ class ResidualRotation:
         if s.origin is None:
             raise Refused("no stream origin")
         self._embedding(s.origin, d, s)
+        for w in s.writers:  # every check before any rewrite: a refusal never leaves a half-rotated graph
+            _check_bias(w, d)
+        for ln in lns:
+            for c in ln.outputs[0].outputs:
+                for g in _readers(c, ln.outputs[0], d) or ():
+                    _check_bias(g, const_value(g.inputs[1]).shape[-1])
         return s, d
 
     def _writer(self, t: gs.Tensor, d: int) -> gs.Node:
@@ -171,8 +177,8 @@ class ResidualRotation:
         patch-embedding linear or convolution."""
         p = t.inputs[0] if t.inputs else None
         if isinstance(t, gs.Constant):
-            if t.values.shape[-1] != d:
-                raise Refused(f"constant {t.name} added into the stream has width {t.values.shape[-1]}")
+            if t.values.ndim == 0 or t.values.shape[-1] != d or len(t.outputs) != 1:
+                raise Refused(f"constant {t.name} added into the stream is not a width-{d} tensor of its own")
             if t not in s.constants:
                 s.constants.append(t)
             return
@@ -260,6 +266,17 @@ class ResidualRotation:
         if len(ln.inputs) > 2:
             ln.inputs[2] = gs.Constant(f"{ln.name}.bias.zero", np.zeros(d, np.float32))
         return len(readers), added
+
+
+def _check_bias(g: gs.Node, n: int) -> None:
+    """A linear's bias must be absent or a constant vector of its output width (an empty optional input counts as
+    absent only for a MatMul, which has none)."""
+    if len(g.inputs) < 3:
+        return
+    b = g.inputs[2]
+    v = const_value(b) if b.name else None
+    if v is None or v.size != n or v.ndim > 2:
+        raise Refused(f"{g.op} {g.name} has a bias that is not a constant vector of width {n}")
 
 
 def n_axis(ln: gs.Node) -> int:

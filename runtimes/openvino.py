@@ -25,7 +25,6 @@ INSTALL_HINT = "install it with: pip install 'vitc[openvino]' (or: pip install o
 # the runtime graph's layer types that carry a model's linear / convolution MACs
 HEAVY_LAYERS = ("FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution")
 INT8_PRECISIONS = ("u8", "i8")
-IR_NAME = "model.int8.xml"  # the IR `vitc build --target openvino` writes beside model.int8.onnx
 
 
 class InferencePrecision(enum.Enum):

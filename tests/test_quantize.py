@@ -312,3 +312,33 @@ def test_qdq_numbers_match_an_independent_reference(tmp_path, target):
             assert np.allclose(inits[dq_b.input[1]], (x_scale * w_scale).astype(np.float32), rtol=1e-6)
             checked["biases"] += 1
     assert checked["activations"] >= 8 and checked["weights"] >= 8, checked
+
+
+def test_one_tensor_with_two_specs_gets_two_quantizers():
+    """Two consumers of one tensor planned with different settings (symmetric int8, asymmetric uint8) each get their
+    own QuantizeLinear, named apart: graphsurgeon would otherwise merge them by name."""
+    from vitc.compiler.driver.pipeline import export
+    from vitc.passes.insert_qdq import InsertQDQPass
+    from vitc.passes.quant_types import CalibrationTable, NodePlan, Plan, QuantSpec, TensorRange
+
+    rng = np.random.default_rng(0)
+    x = gs.Variable("x", np.float32, [4, 8])
+    ws = [gs.Constant(f"W{i}", rng.standard_normal((8, 8)).astype(np.float32)) for i in range(2)]
+    ys = [gs.Variable(f"y{i}", np.float32, [4, 8]) for i in range(2)]
+    g = gs.Graph(nodes=[gs.Node("MatMul", f"m{i}", inputs=[x, ws[i]], outputs=[ys[i]]) for i in range(2)],
+                 inputs=[x], outputs=ys, opset=17)
+    plan = Plan(policy="p", nodes=[NodePlan(f"m{i}", "MatMul", "qkv", 0, QuantSpec(symmetric=i == 0), "r", ["x"],
+                                            f"W{i}", 1) for i in range(2)])
+    table = CalibrationTable("d", "minmax", 1, {"x": TensorRange(3.0, -1.0, 3.0, "minmax")})
+    InsertQDQPass(plan, table).run(g)
+    m = export(g)
+    qs = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(qs) == 2 and len({n.output[0] for n in qs}) == 2
+    zps = {onnx.numpy_helper.to_array(t).dtype for t in m.graph.initializer if t.name.endswith("zero_point")
+           and t.name.startswith("x")}
+    assert zps == {np.dtype(np.int8), np.dtype(np.uint8)}
+    xv = np.linspace(-1, 3, 32, dtype=np.float32).reshape(4, 8)
+    out = ort_run(m, {"x": xv}, optimize=False)
+    for i in range(2):  # each consumer sees its own quantizer: errors within one step of its grid
+        step = 3.0 / 127 if i == 0 else 4.0 / 255
+        assert np.abs(out[i] - xv @ ws[i].values).max() < step * np.abs(ws[i].values).sum(0).max()

@@ -320,6 +320,8 @@ def _ov_agreement_db(onnx_path: Path, ov_sess, feed: dict[str, np.ndarray]) -> f
     ref = OrtRuntime().session(str(onnx_path), SessionOptions(threads=1, graph_optimizations=False))
     a = np.concatenate([np.asarray(x, np.float64).ravel() for x in ref.run(feed)])
     b = np.concatenate([np.asarray(x, np.float64).ravel() for x in ov_sess.run(feed)])
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("-inf")  # a NaN/Inf in either output: no agreement
     err = float(((a - b) ** 2).sum())
     return round(float(10 * np.log10(max(float((a ** 2).sum()), 1e-30) / max(err, 1e-30))), 1)
 
@@ -328,23 +330,23 @@ def _openvino_ir(ctx: BuildContext) -> None:
     """The OpenVINO IR of the artifact (OpenVINO's own conversion, weights as stored) and what OpenVINO's CPU plugin
     makes of it: the runtime graph's heavy layers by precision (build.json ``openvino``)."""
     from vitc.runtimes.base import SessionOptions
-    from vitc.runtimes.openvino import (IR_NAME, InferencePrecision, OpenVinoRuntime, precision_summary, save_ir,
-                                        version)
+    from vitc.runtimes.openvino import InferencePrecision, OpenVinoRuntime, precision_summary, save_ir, version
 
     onnx_path = ctx.scratch / artifact_name(ctx.cfg)
-    xml = save_ir(onnx_path, ctx.scratch / IR_NAME)
+    xml = save_ir(onnx_path, onnx_path.with_suffix(".xml"))  # model.int8.xml (model.fp32.xml for --precision fp32)
     sess = OpenVinoRuntime(InferencePrecision.F32).session(xml, SessionOptions(threads=1))
     summary = precision_summary(sess.runtime_graph())
     feeds, _ = calibration_feeds(ctx.source.model, ctx.cfg.calib)  # lazy: only the first input is read
     agreement = _ov_agreement_db(onnx_path, sess, next(iter(feeds)))
-    ctx.report["openvino"] = {"version": version(), "ir": [IR_NAME, xml.with_suffix(".bin").name],
-                              "runtime_graph_f32": summary, "agreement_with_onnx_db": agreement}
-    if agreement < OV_AGREEMENT_DB:
+    ctx.report["openvino"] = {"version": version(), "ir": [xml.name, xml.with_suffix(".bin").name],
+                              "runtime_graph_f32": summary,
+                              "agreement_with_onnx_db": agreement if np.isfinite(agreement) else None}
+    if not agreement >= OV_AGREEMENT_DB:  # NaN-safe
         log.warning("OpenVINO computes the IR differently from the ONNX artifact's Q/DQ semantics (%.1f dB between "
                     "OpenVINO and ONNX Runtime's reference execution on one input, expected > %g): check the IR's "
-                    "accuracy on your data (vitc eval %s --reference SOURCE)", agreement, OV_AGREEMENT_DB, IR_NAME)
-    ctx.extra_outputs += [IR_NAME, xml.with_suffix(".bin").name]
-    log.info("OpenVINO IR: %s (%d of %d linear/conv layers run in int8 on this CPU)", IR_NAME,
+                    "accuracy on your data (vitc eval %s --reference SOURCE)", agreement, OV_AGREEMENT_DB, xml.name)
+    ctx.extra_outputs += [xml.name, xml.with_suffix(".bin").name]
+    log.info("OpenVINO IR: %s (%d of %d linear/conv layers run in int8 on this CPU)", xml.name,
              summary["heavy_int8"], summary["heavy_int8"] + summary["heavy_float"])
 
 
