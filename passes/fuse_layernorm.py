@@ -20,8 +20,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import (UniqueNames, const_value, finish, graph_output_names, is_scalar_const, other_input,
-                                   single_consumer)
+from vitc.passes.graphutil import (UniqueNames, const_value, finish, graph_output_names, is_scalar_const, last_dim,
+                                   other_input, single_consumer)
 
 LN_OPSET = 17
 
@@ -111,7 +111,7 @@ class LayerNormFusion:
             return None
         if len(sqrt.outputs[0].outputs) != 1:
             return None
-        channels = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+        channels = last_dim(x)
         last = div
         gamma = beta = None
         mul = single_consumer(div.outputs[0], outs)

@@ -37,6 +37,18 @@ def static_shape(shape) -> list[int] | None:
     return [int(d) for d in shape]
 
 
+def last_dim(t: gs.Tensor) -> int | None:
+    """The size of ``t``'s last axis when it is a known integer, else None."""
+    return t.shape[-1] if t.shape and isinstance(t.shape[-1], (int, np.integer)) else None
+
+
+def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Every input slot of ``node`` that holds ``old`` takes ``new``."""
+    for i, t in enumerate(list(node.inputs)):
+        if t is old:
+            node.inputs[i] = new
+
+
 def is_scalar_const(t: gs.Tensor | None, value: float, rtol: float = 1e-4) -> bool:
     v = const_value(t)
     return v is not None and v.size == 1 and bool(np.isclose(float(v.reshape(())), value, rtol=rtol, atol=0.0))

@@ -28,7 +28,7 @@ from typing import ClassVar
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import const_value, finish
+from vitc.passes.graphutil import const_value, finish, last_dim, replace_input
 
 
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
@@ -39,12 +39,6 @@ def _per_tensor_q(node: gs.Node) -> bool:
         return False
     scale = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
     return scale is not None and scale.size == 1
-
-
-def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
-    for i, t in enumerate(list(node.inputs)):
-        if t is old:
-            node.inputs[i] = new
 
 
 def _channel_const(mul: gs.Node, x: gs.Variable) -> bool:
@@ -60,10 +54,6 @@ def _plain_gemm(node: gs.Node) -> bool:
     a = node.attrs
     return (node.op == "Gemm" and not a.get("transA", 0) and not a.get("transB", 0)
             and float(a.get("alpha", 1.0)) == 1.0 and float(a.get("beta", 1.0)) == 1.0)
-
-
-def _last(t: gs.Tensor):
-    return t.shape[-1] if t.shape else None
 
 
 def _restores(x: gs.Variable, y: gs.Variable) -> bool:
@@ -120,7 +110,7 @@ class OvLoweringPass:
         keep, out = dqs[0], dqs[0].outputs[0]
         for d in dqs[1:]:
             for user in list(d.outputs[0].outputs):
-                _replace_input(user, d.outputs[0], out)
+                replace_input(user, d.outputs[0], out)
             d.outputs.clear()
         x = lay.inputs[0]
         q.inputs[0] = x
@@ -146,7 +136,7 @@ class OvLoweringPass:
         qs = list(flat.outputs)
         if not qs or not any(q.op == "QuantizeLinear" for q in qs):
             return None
-        if not isinstance(_last(x), int) or _last(x) != _last(r.outputs[0]):
+        if last_dim(x) is None or last_dim(x) != last_dim(r.outputs[0]):
             return "the Reshape changes the last (channel) axis"
         if flat in graph.outputs or not all(_per_tensor_q(q) for q in qs):
             return "a consumer is not a per-tensor QuantizeLinear"
@@ -171,7 +161,7 @@ class OvLoweringPass:
                 return f"Reshape {users[0].name} does not restore the leading dims of {x.name}"
             backs.append(users[0])
         if scale_mul is not None:
-            _replace_input(scale_mul, r.outputs[0], x)
+            replace_input(scale_mul, r.outputs[0], x)
             scale_mul.outputs[0].shape = None
         else:
             for q in qs:

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from vitc.passes.base import PassResult
-from vitc.passes.graphutil import const_value, finish
+from vitc.passes.graphutil import const_value, finish, last_dim, replace_input
 
 LAYOUT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 # the MatMul that takes a rotated LayerNorm output back to the original basis for a non-linear consumer (the graph
@@ -158,13 +158,13 @@ class ResidualRotation:
             p = t.inputs[0] if t.inputs else None
             if p is None or len(t.outputs) != 1:
                 break
-            if p.op in ("Gemm", "MatMul") and _const_weight(p) and _last_dim(t) == d:
+            if p.op in ("Gemm", "MatMul") and _const_weight(p) and last_dim(t) == d:
                 if p.op == "Gemm" and (p.attrs.get("transA", 0) or float(p.attrs.get("alpha", 1.0)) != 1.0
                                        or float(p.attrs.get("beta", 1.0)) != 1.0):
                     break
                 return p
             if p.op == "Conv" and _const_weight(p) and const_value(p.inputs[1]).shape[0] == d \
-                    and p.attrs.get("group", 1) == 1 and _last_dim(start) == d:
+                    and p.attrs.get("group", 1) == 1 and last_dim(start) == d:
                 return p
             if p.op in LAYOUT:
                 t = p.inputs[0]
@@ -196,7 +196,6 @@ class ResidualRotation:
             self._embedding(p.inputs[0], d, s)
             return
         s.writers.append(self._writer(t, d))
-
 
     # -- rewriting -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -255,9 +254,7 @@ class ResidualRotation:
             graph.nodes.append(gs.Node("Add", f"{ln.name}.unrotate_bias", inputs=[mid, gs.Constant(
                 f"{ln.name}.unrotate.bias", beta.astype(np.float32))], outputs=[back]))
             for c in others:
-                for i, t in enumerate(list(c.inputs)):
-                    if t is out:
-                        c.inputs[i] = back
+                replace_input(c, out, back)
             if out in graph.outputs:
                 graph.outputs = [back if t is out else t for t in graph.outputs]
                 back.name, out.name = out.name, f"{ln.name}.rotated"
@@ -308,10 +305,6 @@ def _split(add: gs.Node, stream: set[str], lns: list[gs.Node]) -> tuple[gs.Tenso
     raise Refused(f"cannot tell the stream from the branch at {add.name}")
 
 
-def _last_dim(t: gs.Tensor) -> int | None:
-    return t.shape[-1] if t.shape and isinstance(t.shape[-1], int) else None
-
-
 def _plain_linear(u: gs.Node, t: gs.Tensor) -> bool:
     return (u.op in ("Gemm", "MatMul") and _const_weight(u) and u.inputs[0] is t
             and not (u.op == "Gemm" and (u.attrs.get("transA", 0) or u.attrs.get("transB", 0)
@@ -322,7 +315,7 @@ def _plain_linear(u: gs.Node, t: gs.Tensor) -> bool:
 def _readers(c: gs.Node, out: gs.Tensor, d: int) -> list[gs.Node] | None:
     """The linears reading the LayerNorm output ``out`` through consumer ``c`` as their A input (``c`` itself, or
     the users of a Reshape ``c`` that keeps the last axis), or None when ``c`` is something else."""
-    if c.op == "Reshape" and _last_dim(c.outputs[0]) == d and c.outputs[0].outputs:
+    if c.op == "Reshape" and last_dim(c.outputs[0]) == d and c.outputs[0].outputs:
         users = list(c.outputs[0].outputs)
         return users if all(_plain_linear(u, c.outputs[0]) for u in users) else None
     return [c] if _plain_linear(c, out) else None

@@ -116,23 +116,11 @@ def _batch_check(path: Path, feeds: list[dict[str, np.ndarray]]) -> dict:
     return out
 
 
-def _speed(src: Path, art: Path, threads: int, max_time: float) -> dict:
+def _speed(src: Path, artifact, threads: int, max_time: float) -> dict:
+    """``artifact`` (a bench Candidate with model index 1) against the source in ORT fp32, paired blocks in one run."""
     from vitc.compiler.measure import bench as B
 
-    cands = [B.ort_candidate(src, "source fp32", 0), B.ort_candidate(art, "vitc int8", 1)]
-    rep = B.run_suite(cands, B.SuiteConfig(batches=(1,), threads=(threads,), warmup=3, block_seconds=0.5,
-                                           stop=B.StopRule(target_ci_pct=3.0, min_rounds=4, max_rounds=20,
-                                                           max_seconds=max_time), busy_probe_s=0))
-    m = rep.measurements[1]
-    return {"speedup": round(m.speedup_vs_baseline, 3), "ci95": [round(x, 3) for x in m.speedup_ci95 or ()],
-            "source_ms": round(rep.measurements[0].ms_per_image, 2), "int8_ms": round(m.ms_per_image, 2)}
-
-
-def _speed_ov(src: Path, ir: Path, threads: int, max_time: float) -> dict:
-    """The OpenVINO IR (f32 float layers) against the source in ORT fp32, paired blocks in one run."""
-    from vitc.compiler.measure import bench as B
-
-    cands = [B.ort_candidate(src, "source fp32", 0), B.ov_candidate(ir, "vitc openvino", 1, "f32")]
+    cands = [B.ort_candidate(src, "source fp32", 0), artifact]
     rep = B.run_suite(cands, B.SuiteConfig(batches=(1,), threads=(threads,), warmup=3, block_seconds=0.5,
                                            stop=B.StopRule(target_ci_pct=3.0, min_rounds=4, max_rounds=20,
                                                            max_seconds=max_time), busy_probe_s=0))
@@ -142,6 +130,7 @@ def _speed_ov(src: Path, ir: Path, threads: int, max_time: float) -> dict:
 
 
 def _measure_ov(r: dict, res, src: Path, feeds, threads: int, max_time: float) -> None:
+    from vitc.compiler.measure import bench as B
     from vitc.runtimes.base import SessionOptions
     from vitc.runtimes.openvino import InferencePrecision, OpenVinoRuntime
     from vitc.runtimes.ort import OrtRuntime
@@ -154,7 +143,7 @@ def _measure_ov(r: dict, res, src: Path, feeds, threads: int, max_time: float) -
         s_ref = OrtRuntime().session(str(src), SessionOptions(threads=threads))
         s_ov = OpenVinoRuntime(InferencePrecision.F32).session(ir, SessionOptions(threads=threads))
         r["sqnr_db"] = fidelity_of([s_ref.run(f)[0] for f in feeds], [s_ov.run(f)[0] for f in feeds])["sqnr_db"]
-    r["speed"] = _speed_ov(src, ir, threads, max_time)
+    r["speed"] = _speed(src, B.ov_candidate(ir, "vitc openvino", 1, "f32"), threads, max_time)
 
 
 def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: float, eval_samples: int,
@@ -215,7 +204,9 @@ def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: fl
                 census = kernel_census(str(res.model_path), feeds[0] if feeds else {}, threads=threads)
                 r["int8_mac_share"] = round(census["int8_share"], 4)
                 r["float_nodes"] = [{"node": n, "op": op, "macs": m} for n, op, m in census["float_nodes"][:5]]
-                r["speed"] = _speed(src, res.model_path, threads, max_time)
+                from vitc.compiler.measure.bench import ort_candidate
+
+                r["speed"] = _speed(src, ort_candidate(res.model_path, "vitc int8", 1), threads, max_time)
             else:
                 rep = check_file(res.model_path)
                 r["trt_check"] = {"ok": rep.ok, "errors": len(rep.errors), "warnings": len(rep.warnings),
