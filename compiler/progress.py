@@ -1,4 +1,4 @@
-"""A dependency-free progress bar on stderr (a TTY gets a live bar, logs get a line per quarter)."""
+"""Progress on stderr: a live tqdm bar on a terminal; otherwise a log line per quarter of the work."""
 
 from __future__ import annotations
 
@@ -8,26 +8,20 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from tqdm import tqdm
+
 T = TypeVar("T")
 log = logging.getLogger("vitc.progress")
 
 
 def progress(it: Iterable[T], total: int | None, label: str, enabled: bool = True) -> Iterator[T]:
-    tty = enabled and sys.stderr.isatty()
+    if enabled and sys.stderr.isatty():
+        yield from tqdm(it, total=total, desc=label, file=sys.stderr, dynamic_ncols=True)
+        return
     t0 = time.perf_counter()
-    n = 0
     next_log = 0.25
-    for item in it:
+    for n, item in enumerate(it, 1):
         yield item
-        n += 1
-        if tty:
-            width = 28
-            frac = n / total if total else 0.0
-            bar = "#" * int(frac * width)
-            sys.stderr.write(f"\r{label} [{bar:<{width}}] {n}/{total or '?'} {time.perf_counter() - t0:5.1f}s")
-            sys.stderr.flush()
-        elif enabled and total and n / total >= next_log:
+        if enabled and total and n / total >= next_log:
             log.info("%s: %d/%d (%.1fs)", label, n, total, time.perf_counter() - t0)
             next_log += 0.25
-    if tty:
-        sys.stderr.write("\n")

@@ -33,18 +33,15 @@ The pass does not change the graph (apart from sorting it); its report counts th
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_graphsurgeon as gs
 
+from vitc.passes.attention import LAYOUT_OPS, computed_inputs, find_cores, is_const
 from vitc.passes.base import PassResult
 
 QUANTIZABLE = {"MatMul", "Gemm", "Conv"}
-# data-movement ops a role-carrying tensor may pass through (first input is the data)
-LAYOUT = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Slice", "Split", "Gather",
-          "Dropout", "QuantizeLinear", "DequantizeLinear"}
 ACTIVATION_FNS = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Relu"}
 GATES = {"Erf", "Tanh", "Sigmoid"}
 
@@ -65,35 +62,25 @@ class Role:
 
 
 # -- small structural helpers -----------------------------------------------------------------------------------------
-def _is_const(t: gs.Tensor) -> bool:
-    """Constant without loading its values (weights can be large)."""
-    return isinstance(t, gs.Constant) or (len(t.inputs) == 1 and t.inputs[0].op == "Constant")
-
-
-def _acts(n: gs.Node) -> list[gs.Tensor]:
-    """Non-constant, non-empty inputs."""
-    return [t for t in n.inputs if t.name and not _is_const(t)]
-
-
 def has_const_weight(node: gs.Node) -> bool:
-    return len(node.inputs) >= 2 and _is_const(node.inputs[1])
+    return len(node.inputs) >= 2 and is_const(node.inputs[1])
 
 
 def _is_scaling(n: gs.Node) -> bool:
     """x * c, c * x, x / c (attention 1/sqrt(d), layer scale, migration factors, GELU's 0.5)."""
     if n.op == "Mul":
-        return len(n.inputs) == 2 and sum(_is_const(t) for t in n.inputs) == 1
+        return len(n.inputs) == 2 and sum(is_const(t) for t in n.inputs) == 1
     if n.op == "Div":
-        return len(n.inputs) == 2 and not _is_const(n.inputs[0]) and _is_const(n.inputs[1])
+        return len(n.inputs) == 2 and not is_const(n.inputs[0]) and is_const(n.inputs[1])
     return False
 
 
 def _is_bias_add(n: gs.Node) -> bool:
-    return n.op == "Add" and len(n.inputs) == 2 and sum(_is_const(t) for t in n.inputs) == 1
+    return n.op == "Add" and len(n.inputs) == 2 and sum(is_const(t) for t in n.inputs) == 1
 
 
 def _passes_through(n: gs.Node) -> bool:
-    return n.op in LAYOUT or _is_scaling(n) or _is_bias_add(n)
+    return n.op in LAYOUT_OPS or _is_scaling(n) or _is_bias_add(n)
 
 
 def _upstream(t: gs.Tensor, stop: set[str], depth: int = 24) -> gs.Node | None:
@@ -105,7 +92,7 @@ def _upstream(t: gs.Tensor, stop: set[str], depth: int = 24) -> gs.Node | None:
         p = t.inputs[0]
         if p.name in stop or not _passes_through(p):
             return p
-        acts = _acts(p)
+        acts = computed_inputs(p)
         if not acts:
             return None
         t = acts[0]
@@ -124,29 +111,12 @@ def _downstream(t: gs.Tensor, stop: set[str], limit: int = 256) -> list[tuple[gs
                 if inp is not cur or (c.name, i) in seen:
                     continue
                 seen.add((c.name, i))
-                data_in = i == 0 if c.op in LAYOUT else not _is_const(inp)
+                data_in = i == 0 if c.op in LAYOUT_OPS else not is_const(inp)
                 if c.name not in stop and _passes_through(c) and data_in:
                     frontier.extend(c.outputs)
                 else:
                     out.append((c, i))
     return out
-
-
-def _find_up(t: gs.Tensor, pred: Callable[[gs.Node], bool], depth: int = 8) -> gs.Node | None:
-    """Like :func:`_upstream`, but also through Adds of two activations (an attention mask), trying each input."""
-    if depth == 0:
-        return None
-    p = _upstream(t, set())
-    if p is None:
-        return None
-    if pred(p):
-        return p
-    if p.op == "Add" and len(_acts(p)) == 2:
-        for a in _acts(p):
-            hit = _find_up(a, pred, depth - 1)
-            if hit is not None:
-                return hit
-    return None
 
 
 def _from_graph_input(t: gs.Tensor, graph_inputs: set[str]) -> bool:
@@ -193,9 +163,9 @@ def _is_activation_fn(n: gs.Node) -> bool:
     """GELU fused (Gelu/FastGelu/...) or decomposed (x * (1 + erf(x/sqrt2)), tanh form, x * sigmoid(a x)), ReLU."""
     if n.op in ACTIVATION_FNS:
         return True
-    if n.op != "Mul" or len(_acts(n)) != 2:
+    if n.op != "Mul" or len(computed_inputs(n)) != 2:
         return False
-    for a in _acts(n):
+    for a in computed_inputs(n):
         t = a
         for _ in range(3):
             if len(t.inputs) != 1:
@@ -205,18 +175,8 @@ def _is_activation_fn(n: gs.Node) -> bool:
                 return True
             if not (_is_scaling(p) or _is_bias_add(p)):
                 break
-            t = _acts(p)[0]
+            t = computed_inputs(p)[0]
     return False
-
-
-@dataclass
-class _Core:
-    """One attention: Q K^T -> softmax -> x V."""
-
-    qk: gs.Node
-    softmax: gs.Node
-    av: list[gs.Node]
-    block: int = -1
 
 
 # -- the pass ---------------------------------------------------------------------------------------------------------
@@ -240,23 +200,14 @@ def annotate(graph: gs.Graph) -> dict[str, Role]:
     act_fns = [n for n in nodes if _is_activation_fn(n)]
     stop = {n.name for n in norms} | {n.name for n in act_fns}
 
-    # 2. attention cores, numbered in graph order
-    cores: list[_Core] = []
-    for n in nodes:
-        if n.op != "Softmax":
-            continue
-        qk = _find_up(n.inputs[0], lambda p: p.op == "MatMul" and len(_acts(p)) == 2)
-        if qk is None:
-            continue
-        av = [c for c, i in _downstream(n.outputs[0], set()) if c.op == "MatMul" and len(_acts(c)) == 2]
-        cores.append(_Core(qk, n, av))
-    cores.sort(key=lambda c: pos[c.qk.name])
+    # 2. attention cores, numbered in graph order (block b is the b-th core)
+    cores = find_cores(graph)
     for b, c in enumerate(cores):
-        c.block = b
         labels[c.qk.name] = ("attn_qk", b)
         labels[c.softmax.name] = ("softmax", b)
         for av in c.av:
             labels[av.name] = ("attn_av", b)
+    block = {id(c): b for b, c in enumerate(cores)}
     qk_of = {c.qk.name: c for c in cores}
     av_of = {av.name: c for c in cores for av in c.av}
     qk_pos = [pos[c.qk.name] for c in cores]
@@ -277,19 +228,19 @@ def annotate(graph: gs.Graph) -> dict[str, Role]:
         for c, i in down:
             if c.name in qk_of:
                 slots.add("q" if i == 0 else "k")
-                blocks.append(qk_of[c.name].block)
+                blocks.append(block[id(qk_of[c.name])])
             elif c.name in av_of and _upstream(c.inputs[i], stop) is not av_of[c.name].softmax:
                 slots.add("v")
-                blocks.append(av_of[c.name].block)
+                blocks.append(block[id(av_of[c.name])])
         src = _upstream(n.inputs[0], stop)
         if slots:
             labels[n.name] = ("qkv" if len(slots) > 1 else slots.pop(), min(blocks))
         elif src is not None and src.name in av_of:
-            labels[n.name] = ("proj", av_of[src.name].block)
+            labels[n.name] = ("proj", block[id(av_of[src.name])])
         elif any(c.name in act_names for c, _ in down):
             labels[n.name] = ("fc1", pos_block(n))
     for f in act_fns:  # the MLP activation: reads an fc1
-        ups = [_upstream(a, stop) for a in _acts(f)]
+        ups = [_upstream(a, stop) for a in computed_inputs(f)]
         fc1 = next((u for u in ups if u is not None and labels.get(u.name, ("",))[0] == "fc1"), None)
         if fc1 is not None:
             labels[f.name] = ("gelu", labels[fc1.name][1])
@@ -341,9 +292,9 @@ def annotate(graph: gs.Graph) -> dict[str, Role]:
 
     # 6. residual Adds: a skip connection plus a proj/fc2 output
     for n in nodes:
-        if n.op != "Add" or len(_acts(n)) != 2 or n.inputs[0] is n.inputs[1]:
+        if n.op != "Add" or len(computed_inputs(n)) != 2 or n.inputs[0] is n.inputs[1]:
             continue
-        for a in _acts(n):
+        for a in computed_inputs(n):
             src = _upstream(a, stop)
             if src is not None and labels.get(src.name, ("",))[0] in ("proj", "fc2"):
                 labels[n.name] = ("residual_add", labels[src.name][1])
@@ -356,7 +307,7 @@ def annotate(graph: gs.Graph) -> dict[str, Role]:
         role, block = labels[n.name]
         inputs: tuple[str | None, ...] = ()
         if n.op in QUANTIZABLE:
-            srcs = [_upstream(t, stop) for t in _acts(n)[: 1 if has_const_weight(n) else 2]]
+            srcs = [_upstream(t, stop) for t in computed_inputs(n)[: 1 if has_const_weight(n) else 2]]
             inputs = tuple(None if s is None or s.name not in labels else labels[s.name][0] for s in srcs)
         roles[n.name] = Role(role, block, inputs)
     return roles

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import enum
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_graphsurgeon as gs
 
-from vitc.passes.base import PassResult
-from vitc.passes.graphutil import (UniqueNames, const_value, finish, graph_output_names, is_scalar_const, other_input,
-                                   single_consumer)
+from vitc.passes.fusion import Fusion, FusionContext, NotFused
+from vitc.passes.graphutil import const_value, is_scalar_const, other_input, single_consumer
 
 SQRT2 = math.sqrt(2.0)
 TANH_C = math.sqrt(2.0 / math.pi)
@@ -30,44 +30,47 @@ class GeluOp(enum.Enum):
     ONNX20 = "onnx"  # Gelu-20 with approximate="none"|"tanh" (needs opset >= 20)
 
 
-class GeluFusion:
+@dataclass
+class _Gelu:
+    x: gs.Tensor
+    last: gs.Node  # the node whose output the fused GELU takes over
+    kind: str  # "erf" | "tanh"
+    anchor: gs.Node
+
+
+class GeluFusion(Fusion[_Gelu]):
     name: ClassVar[str] = "fuse_gelu"
+    counts: ClassVar[tuple[str, ...]] = ("GELU(erf) fusions", "GELU(tanh) fusions")
 
     def __init__(self, op: GeluOp = GeluOp.ORT_CONTRIB):
         self.op = op
 
-    def run(self, graph: gs.Graph) -> PassResult:
-        outs = graph_output_names(graph)
-        names = UniqueNames(graph)
-        counts = {"GELU(erf) fusions": 0, "GELU(tanh) fusions": 0}
+    def skip(self, graph: gs.Graph) -> str | None:
         if self.op is GeluOp.ONNX20 and graph.opset < 20:
-            return PassResult(self.name, False, counts, notes=[f"opset {graph.opset} < 20: Gelu-20 unavailable, left decomposed"])
-        for node in list(graph.nodes):
-            if node.op == "Erf":
-                m = self._match_erf(node, outs)
-                kind = "erf"
-            elif node.op == "Tanh":
-                m = self._match_tanh(node, outs)
-                kind = "tanh"
-            else:
-                continue
-            if m is None:
-                continue
-            x, last = m
-            name = names((last.name or node.name or "gelu") + ".fused_gelu")
-            if self.op is GeluOp.ORT_CONTRIB:
-                new = gs.Node("Gelu" if kind == "erf" else "FastGelu", name=name, domain="com.microsoft", inputs=[x])
-            else:
-                new = gs.Node("Gelu", name=name, attrs={"approximate": "none" if kind == "erf" else "tanh"}, inputs=[x])
-            y = list(last.outputs)
-            last.outputs.clear()
-            new.outputs = y
-            graph.nodes.append(new)
-            counts[f"GELU({kind}) fusions"] += 1
-        modified = any(counts.values())
-        if modified:
-            finish(graph)
-        return PassResult(self.name, modified, counts)
+            return f"opset {graph.opset} < 20: Gelu-20 unavailable, left decomposed"
+        return None
+
+    def anchors(self, graph: gs.Graph) -> list[gs.Node]:
+        return [n for n in graph.nodes if n.op in ("Erf", "Tanh")]
+
+    def match(self, node: gs.Node, ctx: FusionContext) -> _Gelu | NotFused | None:
+        if node.op == "Erf":
+            return self._match_erf(node, ctx.outs)
+        return self._match_tanh(node, ctx.outs)
+
+    def rewrite(self, graph: gs.Graph, m: _Gelu, ctx: FusionContext) -> str:
+        name = ctx.names((m.last.name or m.anchor.name or "gelu") + ".fused_gelu")
+        if self.op is GeluOp.ORT_CONTRIB:
+            new = gs.Node("Gelu" if m.kind == "erf" else "FastGelu", name=name, domain="com.microsoft",
+                          inputs=[m.x])
+        else:
+            new = gs.Node("Gelu", name=name, attrs={"approximate": "none" if m.kind == "erf" else "tanh"},
+                          inputs=[m.x])
+        y = list(m.last.outputs)
+        m.last.outputs.clear()
+        new.outputs = y
+        graph.nodes.append(new)
+        return f"GELU({m.kind}) fusions"
 
     # -- the two forms -------------------------------------------------------------------------------------------
     @staticmethod
@@ -95,10 +98,11 @@ class GeluFusion:
             return m1
         return None
 
-    def _match_erf(self, erf: gs.Node, outs: set[str]):
+    def _match_erf(self, erf: gs.Node, outs: set[str]) -> _Gelu | NotFused | None:
+        """Starts at Erf(x / sqrt2); everything after that must be the GELU or it is a near-miss."""
         scaled = erf.inputs[0]
         pre = scaled.inputs[0] if len(scaled.inputs) == 1 else None
-        if pre is None or len(scaled.outputs) != 1 or scaled.name in outs:
+        if pre is None:
             return None
         if pre.op == "Div" and is_scalar_const(pre.inputs[1], SQRT2):
             x = pre.inputs[0]
@@ -108,23 +112,29 @@ class GeluFusion:
                 return None
         else:
             return None
+        if len(scaled.outputs) != 1 or scaled.name in outs:
+            return NotFused("x / sqrt(2) has other consumers")
         add1 = single_consumer(erf.outputs[0], outs)
         if add1 is None or add1.op != "Add" or not is_scalar_const(other_input(add1, erf.outputs[0]), 1.0):
-            return None
+            return NotFused("Erf(x / sqrt(2)) is not followed by + 1 alone")
         last = self._outer(x, add1.outputs[0], outs)
-        return None if last is None else (x, last)
+        return NotFused("1 + Erf(x / sqrt(2)) is not multiplied by 0.5 * x") if last is None else \
+            _Gelu(x, last, "erf", erf)
 
-    def _match_tanh(self, tanh: gs.Node, outs: set[str]):
+    def _match_tanh(self, tanh: gs.Node, outs: set[str]) -> _Gelu | NotFused | None:
+        """Starts at Tanh(sqrt(2/pi) * s); everything after that must be the GELU or it is a near-miss."""
         inner = tanh.inputs[0]
         mc = inner.inputs[0] if len(inner.inputs) == 1 else None
-        if mc is None or mc.op != "Mul" or single_consumer(inner, outs) is None:
+        if mc is None or mc.op != "Mul":
             return None
         s = next((t for t in mc.inputs if const_value(t) is None), None)
         if s is None or not is_scalar_const(other_input(mc, s), TANH_C, rtol=1e-3):
             return None
+        if single_consumer(inner, outs) is None:
+            return NotFused("sqrt(2/pi) * (...) has other consumers")
         add = s.inputs[0] if len(s.inputs) == 1 else None
         if add is None or add.op != "Add" or single_consumer(s, outs) is None:
-            return None
+            return NotFused("the Tanh argument is not sqrt(2/pi) * (x + 0.044715 x^3) alone")
         for x, cube_t in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
             cm = cube_t.inputs[0] if len(cube_t.inputs) == 1 else None
             if cm is None or cm.op != "Mul" or single_consumer(cube_t, outs) is None:
@@ -143,7 +153,8 @@ class GeluFusion:
                 continue
             add1 = single_consumer(tanh.outputs[0], outs)
             if add1 is None or add1.op != "Add" or not is_scalar_const(other_input(add1, tanh.outputs[0]), 1.0):
-                return None
+                return NotFused("the Tanh is not followed by + 1 alone")
             last = self._outer(x, add1.outputs[0], outs)
-            return None if last is None else (x, last)
-        return None
+            return NotFused("1 + Tanh(...) is not multiplied by 0.5 * x") if last is None else \
+                _Gelu(x, last, "tanh", tanh)
+        return NotFused("no x + 0.044715 x^3 (single-use cube of the same x) inside the Tanh")

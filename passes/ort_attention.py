@@ -31,8 +31,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.passes.base import PassResult
-from vitc.passes.graphutil import UniqueNames, const_value, finish, graph_output_names, producer
+from vitc.passes.attention import match_core
+from vitc.passes.fusion import Fusion, FusionContext, NotFused
+from vitc.passes.graphutil import const_value, producer
 
 log = logging.getLogger(__name__)
 
@@ -52,44 +53,54 @@ class _Gemm:
     bias: np.ndarray  # float32 [N]
 
 
-class OrtAttentionFusion:
-    name: ClassVar[str] = "fuse_attention"
+@dataclass
+class _Attention:
+    """A verified attention core: what the QAttention rewrite needs."""
 
-    def run(self, graph: gs.Graph) -> PassResult:
-        counts = {"QAttention fusions": 0, "migration Mul folded into V": 0}
-        notes: list[str] = []
-        outs = graph_output_names(graph)
-        names = UniqueNames(graph)
-        for sm in [n for n in graph.nodes if n.op == "Softmax"]:
-            why = self._fuse(graph, sm, outs, names, counts)
-            if why:
-                notes.append(f"{sm.name}: not fused ({why})")
-                log.debug("fuse_attention: %s not fused: %s", sm.name, why)
-        modified = counts["QAttention fusions"] > 0
-        if modified:
-            finish(graph)
-        return PassResult(self.name, modified, counts, notes)
+    qk: gs.Node
+    q_node: gs.Node  # the QuantizeLinear of the projections' shared input
+    gemms: list[_Gemm]
+    cols: dict[str, np.ndarray]  # q/k/v -> GEMM columns in head-major order
+    mults: dict[str, float]  # q/k/v -> scalar factor on its chain
+    score_scale: float
+    dims: tuple[int, int, int, int]  # B, H, T, D
+    merged: gs.Tensor  # the tokens x channels output of the head merge
+
+
+class OrtAttentionFusion(Fusion[_Attention]):
+    name: ClassVar[str] = "fuse_attention"
+    counts: ClassVar[tuple[str, ...]] = ("QAttention fusions", "migration Mul folded into V")
+
+    def anchors(self, graph: gs.Graph) -> list[gs.Node]:
+        return [n for n in graph.nodes if n.op == "Softmax"]
+
+    def match(self, sm: gs.Node, ctx: FusionContext) -> _Attention | NotFused:
+        why = self._check(sm, ctx.outs, ctx.opset)
+        return NotFused(why) if isinstance(why, str) else why
 
     # -- one attention core ---------------------------------------------------------------------------------------
-    def _fuse(self, graph: gs.Graph, sm: gs.Node, outs: set[str], names: UniqueNames, counts: dict) -> str | None:
+    @staticmethod
+    def _check(sm: gs.Node, outs: set[str], opset: int) -> _Attention | str:
+        """The attention core around ``sm`` verified for QAttention, or why it cannot be fused."""
+        found = match_core(sm, outs)
+        if found is None:
+            return "no QK^T MatMul of two computed tensors feeds the softmax"
+        qk = found.qk
+        core: list[gs.Node] = [sm, *found.scores, qk]
         score_scale = 1.0
-        t = sm.inputs[0]
-        p = producer(t)
-        core: list[gs.Node] = [sm]
-        if p is not None and p.op in ("Mul", "Div"):
-            s = _scalar_operand(p, t_in := _data_operand(p))
-            if s is None or t_in is None:
+        if found.scores:
+            p = found.scores[0]
+            if len(found.scores) > 1 or p.op not in ("Mul", "Div"):
+                ops = ", ".join(sorted({n.op for n in found.scores}))
+                return f"the scores pass through {ops} between QK^T and the softmax: a mask or position bias, " \
+                       "which QAttention cannot add"
+            s = _scalar_operand(p, _data_operand(p))
+            if s is None:
                 return "softmax input is scaled by a non-scalar"
             score_scale = s if p.op == "Mul" else 1.0 / s
-            core.append(p)
-            p = producer(t_in)
-        if p is None or p.op != "MatMul":
-            return "softmax input is not a MatMul"
-        qk = p
-        core.append(qk)
         rank = len(sm.inputs[0].shape or [])
         axis = sm.attrs.get("axis", -1)
-        if rank != 4 or axis not in (-1, 3) or (graph.opset < 13 and axis != 3):
+        if rank != 4 or axis not in (-1, 3) or (opset < 13 and axis != 3):
             return "softmax is not over the last axis of a 4-D score tensor"
         sm_out = sm.outputs[0]
         if sm_out.name in outs or len(sm_out.outputs) != 1 or sm_out.outputs[0].op != "MatMul" \
@@ -127,7 +138,7 @@ class OrtAttentionFusion:
         if x_zp is None or x_zp.dtype != np.uint8 or x_zp.size != 1 or x_scale is None or x_scale.size != 1:
             return "the input is not per-tensor uint8 (QAttention's CPU kernel takes U8S8)"
 
-        mapping = _column_map(chains, gemms, chain_nodes, graph.opset)
+        mapping = _column_map(chains, gemms, chain_nodes, opset)
         if isinstance(mapping, str):
             return mapping
         cols, mults, (B, H, T, D) = mapping
@@ -138,25 +149,34 @@ class OrtAttentionFusion:
         merged = tail[-1].outputs[0]
         code = np.arange(B * H * T * D, dtype=np.float32).reshape(B, H, T, D)
         try:
-            got = _evaluate(tail, {av.outputs[0].name: code}, [merged.name], graph.opset)[0]
+            got = _evaluate(tail, {av.outputs[0].name: code}, [merged.name], opset)[0]
         except Exception as exc:  # a chain the reference evaluator cannot run is not one we can verify
             return f"head merge not verifiable ({type(exc).__name__})"
         if got.size != code.size or not np.array_equal(got.reshape(-1), code.transpose(0, 2, 1, 3).reshape(-1)):
             return "the output chain is not the inverse head merge"
+        if any(g.weight.shape[0] != gemms[0].weight.shape[0] for g in gemms):
+            return "the projections disagree on the input width"
+        return _Attention(qk, q_node, gemms, cols, mults, score_scale, (B, H, T, D), merged)
 
+    def rewrite(self, graph: gs.Graph, m: _Attention, ctx: FusionContext) -> tuple[str, ...]:
+        outs, names = ctx.outs, ctx.names
+        qk, q_node, gemms, cols, mults = m.qk, m.q_node, m.gemms, m.cols, m.mults
+        B, H, T, D = m.dims
+        merged = m.merged
+        x_zp = const_value(q_node.inputs[2])
+        x_scale = const_value(q_node.inputs[1])
+        keys: tuple[str, ...] = ("QAttention fusions",)
         # weights in QAttention's [K, 3 * H * D] layout: q heads, k heads, v heads, gathered from the projections'
         # columns side by side
         C = H * D
         K = gemms[0].weight.shape[0]
-        if any(g.weight.shape[0] != K for g in gemms):
-            return "the projections disagree on the input width"
         idx = np.concatenate([cols[key] for key in "qkv"])
         w = np.concatenate([g.weight for g in gemms], axis=1)[:, idx]
         ws, wz, bias = (np.concatenate([getattr(g, f) for g in gemms])[idx] for f in ("w_scale", "w_zp", "bias"))
         v = slice(2 * C, 3 * C)
         ws[v] *= mults["v"]
         bias[v] *= mults["v"]
-        scale = float(mults["q"] * mults["k"] * score_scale)
+        scale = float(mults["q"] * mults["k"] * m.score_scale)
 
         # a per-channel Mul right after the merge (a migration factor for proj) scales the v columns instead
         out = merged
@@ -167,7 +187,7 @@ class OrtAttentionFusion:
                 ws[v] *= m
                 bias[v] *= m
                 out = nxt.outputs[0]
-                counts["migration Mul folded into V"] += 1
+                keys += ("migration Mul folded into V",)
 
         base = qk.name.rsplit("/", 1)[0] if "/" in qk.name else qk.name
         x = q_node.outputs[0]
@@ -197,8 +217,7 @@ class OrtAttentionFusion:
                                                               np.array(out_shape, np.int64))], outputs=[out]))
         graph.nodes.append(gs.Node("QAttention", names(f"{base}/qattention"), domain="com.microsoft",
                                    attrs={"num_heads": int(H), "scale": scale}, inputs=inputs, outputs=[y]))
-        counts["QAttention fusions"] += 1
-        return None
+        return keys
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ left behind."""
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,16 +109,60 @@ def test_json_structure(vit_analysis):
     assert r["held_out"]["samples"] == 4 and r["calibration"]["samples"] == 8
 
 
+def sections(page: str) -> dict[str, str]:
+    """The page's <h2> sections: heading -> the HTML up to the next heading."""
+    parts = re.split(r"<h2>(.*?)</h2>", page)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
 def test_report_html_is_self_contained(vit_analysis):
     page = (vit_analysis["dir"] / "report.html").read_text()
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     refs = re.findall(r'\b(?:src|href)\s*=\s*["\']([^"\']*)', page)
     assert refs and all(x.startswith("data:") or x.startswith("#") for x in refs), refs
-    assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
-    assert page.count("<svg") > 10 and page.count("data:image/png;base64,") == 2 * 5
+    assert "<script" not in page and "<link" not in page and "@import" not in page
+    urls = re.findall(r"url\(([^)]*)\)", page)
+    assert all(u.startswith("#") for u in urls), urls  # only the SVG's own clip paths
+    assert page.count("data:image/png;base64,") == 2 * 5
     for heading in ("Operators that hurt most", "Error per block and role", "Channel ranges",
                     "Per-channel error of the worst operators", "Attention maps"):
         assert heading in page
+
+
+def test_report_html_draws_every_figure(vit_analysis):
+    """With matplotlib installed every chart slot holds an inline SVG with its titles, labels and legend."""
+    r = vit_analysis["report"]
+    sec = sections((vit_analysis["dir"] / "report.html").read_text())
+    assert "install vitc[plots]" not in "".join(sec.values())
+    by_block = sec["Error per block and role"]
+    assert by_block.count("<svg") == 3  # relative error, MSE, SQNR: one figure each, a panel per role
+    for text in ("q: relative error", "fc2: MSE", "proj: SQNR dB", "block", "per-tensor, class token",
+                 "per-channel, patch tokens"):
+        assert text in by_block, text
+    ranges = sec["Channel ranges of the operator inputs"]
+    assert ranges.count("<svg") == 1 + len(r["input_ranges"])  # the summary, then one figure per input
+    assert "max channel range, all tokens" in ranges and "input of fc2" in ranges and "channel" in ranges
+    hist = sec["Per-channel error of the worst operators"]
+    assert hist.count("<svg") == len(r["histograms"]) == 4
+    assert "log10 relative error per output channel" in hist and "per-channel activations" in hist
+    assert sec["Operators that hurt most"].count("<tr>") == 1 + len(r["ranking"])
+
+
+def test_report_without_matplotlib_keeps_tables_and_maps(tmp_path, monkeypatch, vit_analysis):
+    """No matplotlib: the report is still written, tables and attention maps included, and each chart slot is one
+    line naming the extra."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    root = tmp_path / "run"
+    root.mkdir()
+    run = cli_in_empty_cwd(root, "analyze", "{model}", "-o", root / "out", *FAST)
+    assert run["rc"] == 0, run["err"]
+    page = (root / "out" / "report.html").read_text()
+    assert "<svg" not in page and page.count("data:image/png;base64,") == 2 * 5
+    with_charts = (vit_analysis["dir"] / "report.html").read_text()
+    assert page.count("install vitc[plots] for charts") == with_charts.count('<div class="chart">') > 8
+    sec = sections(page)
+    assert sec["Operators that hurt most"].count("<tr>") == 1 + len(vit_analysis["report"]["ranking"])
+    assert "<ul>" in sec["Summary"] and page.rstrip().endswith("</html>")
 
 
 # -- the numbers ------------------------------------------------------------------------------------------------------

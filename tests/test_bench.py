@@ -3,6 +3,7 @@ fake clock, bad input, and a smoke run of tools/compare_peers.py. No test assert
 
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -119,6 +120,36 @@ def test_bad_input_one_line_exit(capsys, tmp_path, models, case):
     assert rc == code and out == "" and "Traceback" not in err
     errs = errors(err)
     assert len(errs) == 1 and errs[0].startswith("vitc: error: ") and expect in errs[0], err
+
+
+def test_png_without_matplotlib_is_one_line_before_timing(capsys, tmp_path, models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(B, "run_suite", lambda *a, **k: pytest.fail("timed without a way to draw --png"))
+    png, js = tmp_path / "chart.png", tmp_path / "r.json"
+    rc, out, err = cli(capsys, "bench", *models, "--png", png, "--json", js, *QUICK)
+    errs = errors(err)
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert errs == ["vitc: error: --png needs matplotlib, which is not installed; pip install 'vitc[plots]'"], err
+    assert not png.exists() and not js.exists()
+
+
+def synthetic_report() -> B.BenchReport:
+    def m(label: str, batch: int, ms: float, ratio: float | None) -> B.Measurement:
+        return B.Measurement(label, label + ".onnx", "ort", batch, 2, 5, 10, 50, ms * batch, ms * batch, ms * batch,
+                             ms, ms, ms, 1000 / ms, (ms * batch * 1.02, ms * batch * 1.05), 2.0, "fp32", ratio,
+                             None if ratio is None else (ratio * 0.9, ratio * 1.1), ratio, "ci")
+
+    return B.BenchReport([m("fp32", b, 10.0, None) for b in (1, 4)] + [m("int8", b, 4.0, 2.5) for b in (1, 4)],
+                         machine={"cpu": "test cpu", "cpus": 2, "load_avg": [0.5], "onnxruntime": "1.0"})
+
+
+def test_png_chart_is_drawn_and_reproducible(tmp_path):
+    """Two panels (batch 1, batch 4); whiskers that do not straddle the bar are drawn; the same report, the same
+    bytes."""
+    a, b = B.write_png(synthetic_report(), tmp_path / "a.png"), B.write_png(synthetic_report(), tmp_path / "b.png")
+    assert a.read_bytes() == b.read_bytes()
+    with Image.open(a) as im:
+        assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] > 300
 
 
 def test_engine_file_skipped_with_note_when_no_tensorrt(capsys, tmp_path, models):

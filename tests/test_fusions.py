@@ -118,11 +118,13 @@ def test_layernorm_exact_pattern_fuses(tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{"axis_second": -2}, {"exponent": 3.0}])
-def test_layernorm_near_miss_not_fused(kw, tmp_path):
+@pytest.mark.parametrize("kw, why", [({"axis_second": -2}, "variance is not a ReduceMean over the last axis"),
+                                     ({"exponent": 3.0}, "not squared")])
+def test_layernorm_near_miss_not_fused(kw, why, tmp_path):
     nodes, inits = _ln_nodes(**kw)
     r, g = _fuse_ln(_model(nodes, inits), tmp_path)
     assert r.counts["LayerNorm fusions"] == 0 and not r.modified
+    assert len(r.notes) == 1 and "not fused" in r.notes[0] and why in r.notes[0], r.notes
 
 
 def test_layernorm_with_nonconstant_gamma_keeps_mul(tmp_path):
@@ -158,12 +160,18 @@ def test_gelu_any_constant_order_fuses(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw", [{"div": 2.0}, {"one": 2.0}, {"half": 0.6}])
-def test_gelu_near_miss_not_fused(kw, tmp_path):
+@pytest.mark.parametrize("kw, note", [({"div": 2.0}, None), ({"one": 2.0}, "+ 1"), ({"half": 0.6}, "0.5 * x")])
+def test_gelu_near_miss_not_fused(kw, note, tmp_path):
+    """An Erf of anything but x / sqrt(2) is not a GELU candidate (no note); past that, a near-miss says why."""
     nodes, inits = _gelu_nodes(**kw)
     g = _graph(_model(nodes, inits), tmp_path)
-    assert not GeluFusion().run(g).modified
+    r = GeluFusion().run(g)
+    assert not r.modified
     assert ops(g)["Erf"] == 1
+    if note is None:
+        assert r.notes == []
+    else:
+        assert len(r.notes) == 1 and note in r.notes[0], r.notes
 
 
 def test_gelu_intermediate_used_elsewhere_not_fused(tmp_path):
@@ -178,7 +186,10 @@ def test_matmul_add_nonconstant_bias_not_fused(tmp_path):
              helper.make_node("MatMul", ["x", "w"], ["x2"])]
     m = _model(nodes, {"w": np.eye(8, dtype=np.float32)})
     g = _graph(m, tmp_path)
-    assert not MatMulAddFusion().run(g).modified
+    r = MatMulAddFusion().run(g)
+    assert not r.modified
+    # both MatMuls feed the Add: each is a near-miss
+    assert len(r.notes) == 2 and all("not a constant float bias" in n for n in r.notes), r.notes
 
 
 def test_matmul_add_3d_becomes_gemm_with_reshapes(tmp_path):

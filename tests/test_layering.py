@@ -28,7 +28,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "compiler": ("vitc.tools",),
 }
 # inside compiler/, by stage folder: calib < quant < driver < tensorrt < measure < research < cli (the shared modules at
-# compiler/'s top level, errors, progress and cliargs, are the "compiler" layer above)
+# compiler/'s top level, errors, progress, plots and cliargs, are the "compiler" layer above)
 _C = "vitc.compiler."
 FORBIDDEN |= {
     "compiler/calib": ("vitc.tools", *(_C + g for g in ("quant", "driver", "tensorrt", "measure", "research", "cli"))),

@@ -26,7 +26,8 @@ T, C, H = 9, 16, 2
 D = C // H
 
 
-def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_output=False, seed=0, batch=1):
+def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_output=False, seed=0, batch=1,
+                    score_bias=False):
     """x [batch, T, C] -> LayerNorm -> self-attention -> proj -> residual Add. "hf": three q/k/v projections (the
     tiny_vit fixture's spelling, ``_B.attention``); "timm": one fused qkv, Reshape + Split, q and k scaled by
     sqrt(1/sqrt(D)) each, with knobs for the near-misses."""
@@ -49,6 +50,8 @@ def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_
         s = np.float32(math.sqrt(1 / math.sqrt(D)))
         qk = b.op("MatMul", [b.op("Mul", [q, b.const(s)], "attn_mul_q"), b.op("Mul", [kt, b.const(s)], "attn_mul_k")],
                   "attn_qk")
+        if score_bias:  # a relative position bias (Swin, BEiT): a constant added to the scores
+            qk = b.op("Add", [qk, b.const(b.rng.standard_normal((1, H, T, T)).astype(np.float32))], "attn_bias")
         probs = b.op("Softmax", [qk], "attn_softmax", axis=softmax_axis)
         o = b.op("MatMul", [probs, v], "attn_av")
         o = b.op("Transpose", [o], "attn_transpose_o", perm=list(out_perm))
@@ -141,6 +144,7 @@ def test_ort_runs_one_kernel_per_block(capsys, tmp_path):
     ("heads-mixed", {"out_perm": (0, 1, 2, 3)}, "not the inverse head merge"),
     ("softmax-axis", {"softmax_axis": 2}, "not over the last axis"),
     ("probs-output", {"probs_output": True}, "does not feed one attention x V MatMul"),
+    ("position-bias", {"score_bias": True}, "the scores pass through Add"),
 ])
 def test_near_misses_do_not_fuse(capsys, tmp_path, case, kw, why):
     model = attention_model("timm", **kw)

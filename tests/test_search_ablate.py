@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
 from vitc.compiler.quant.policy import (PolicyDefaults, load_policy, parse_policy, policy_to_toml, preset_names,
                                   target_default_policy)
 from vitc.compiler.quant.policy import Granularity
+from vitc.compiler.research.ablate import AblationResult, write_outputs, write_png
 from vitc.compiler.research.policy_search import SearchConfig, per_channel_weights, search, with_upgrades
 from vitc.compiler.research.simulate import SimOptions, Simulator
 
@@ -137,6 +139,30 @@ def test_search_agreement_needs_classifier_and_meets(capsys, vit_file, tmp_path)
                      "--eval-samples", "4", "--no-reference", "--threads", "1", "--start", "default")
     rep = json.loads((out / "search.json").read_text())
     assert rc == 0 and rep["met"] and rep["path"][-1]["agreement_pct"] == 100.0
+
+
+def ablation_result() -> AblationResult:
+    rows = [("granularity", "none (all per-tensor)", 21.3, None), ("granularity", "all (every linear)", -2.0, 0.8),
+            ("steps", "vitc default", 31.0, 2.1), ("steps", "- bias correction", 30.2, 2.1)]
+    return AblationResult(rows=[{"table": t, "row": n, "sqnr_db": q, "cosine": 0.99, "worst_db": q,
+                                 "simulated_nodes": 0, "speedup_vs_source_fp32": x} for t, n, q, x in rows],
+                          meta={"model": "/m/vit.onnx"})
+
+
+def test_ablation_chart_reproducible_and_optional(tmp_path, monkeypatch, caplog):
+    """ablation.png: the same bytes from the same rows; without matplotlib the tables are written and the chart is
+    left out with one warning."""
+    with_png, without = tmp_path / "a", tmp_path / "b"
+    with_png.mkdir(), without.mkdir()
+    assert write_outputs(ablation_result(), with_png) == ["ablation.md", "ablation.json", "ablation.png"]
+    write_png(ablation_result(), tmp_path / "again.png")
+    assert (with_png / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    assert (with_png / "ablation.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert write_outputs(ablation_result(), without) == ["ablation.md", "ablation.json"]
+    assert sorted(p.name for p in without.iterdir()) == ["ablation.json", "ablation.md"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "ablation.png not drawn: install vitc[plots] for charts"]
 
 
 def test_ablate_cli_tables(capsys, vit_file, tmp_path):

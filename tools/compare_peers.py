@@ -563,8 +563,10 @@ def machine() -> dict:
 
 
 def run(cfg: CompareConfig) -> dict:
+    from vitc.compiler import plots
     from vitc.runtimes.ort import quiet
 
+    plots.require("compare_peers' charts (<model>.png)")  # before the timing, not after it
     quiet()
     cfg.outdir.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": machine(), "config": {k: (v.value if isinstance(v, enum.Enum) else

@@ -32,13 +32,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
 
+from vitc.compiler import plots
 from vitc.compiler.cliargs import nonneg_int, pos_float, pos_int
 from vitc.compiler.errors import ModelLoadError, OutputError, RuntimeUnavailableError, VitcError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -717,59 +721,40 @@ def format_report(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
+def _ratio_note(m: Measurement) -> str:
+    if m.speedup_vs_baseline is not None:
+        return f"{m.speedup_vs_baseline:.2f}x"
+    return "base" if m.baseline == m.label else ""
+
+
 def write_png(report: BenchReport, path: Path) -> Path:
-    """A bar chart of ms per image (one panel per batch x threads group, whiskers: 95% CI), drawn with Pillow."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    def font(size: int):
-        try:
-            return ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1: fixed bitmap font
-            return ImageFont.load_default()
-
-    f_title, f_text = font(18), font(13)
+    """A bar chart of ms per image (matplotlib): one panel per batch x threads group, whiskers: 95% CI of the
+    median, each bar's speed ratio beside it."""
+    plots.require("the bench chart")
     groups: dict[tuple, list[Measurement]] = {}
     for m in report.measurements:
         groups.setdefault((m.engine != "trt", m.threads, m.batch), []).append(m)
-    labels = list(dict.fromkeys(m.label for m in report.measurements))
-    palette = [(76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179), (147, 120, 96),
-               (218, 139, 195), (140, 140, 140), (204, 185, 116), (100, 181, 205)]
-    color = {lab: palette[i % len(palette)] for i, lab in enumerate(labels)}
-    width, left, right, bar_h, gap = 1000, 300, 190, 22, 6
-    heights = [40 + len(g) * (bar_h + gap) + 20 for g in groups.values()]
-    title_h = 56
-    img = Image.new("RGB", (width, title_h + sum(heights) + 24), "white")
-    d = ImageDraw.Draw(img)
+    color = {lab: f"C{i % 10}" for i, lab in enumerate(dict.fromkeys(m.label for m in report.measurements))}
     mi = report.machine
-    d.text((12, 10), "ms per image (lower is better); whiskers: 95% CI of the median; ratio: speed vs "
-           f"{next((m.baseline for m in report.measurements if m.baseline), 'the baseline')}",
-           fill="black", font=f_text)
     busy = (f"other processes kept {mi['others_busy_cpus']} CPUs busy before timing" if "others_busy_cpus" in mi
             else f"load average {mi.get('load_avg', ['?'])[0]}")
-    d.text((12, 30), f"{mi.get('cpu', mi.get('machine', ''))}, {mi.get('cpus', '?')} CPUs, {busy}, onnxruntime "
-           f"{mi.get('onnxruntime', '?')}", fill=(90, 90, 90), font=f_text)
-    y = title_h
-    for (cpu, t, b), g in groups.items():
-        d.text((12, y + 8), f"batch {b}" + (f", {t} thread(s)" if t else "") + (" (CPU)" if cpu else " (GPU)"),
-               fill="black", font=f_title)
-        y += 40
-        top = max(max(m.ci95_ms[1] / m.batch, m.ms_per_image) for m in g) * 1.05 or 1.0
-        scale = (width - left - right) / top
-        for m in g:
-            x1 = left + m.ms_per_image * scale
-            d.rectangle([left, y, x1, y + bar_h], fill=color[m.label])
-            lo, hi = left + m.ci95_ms[0] / m.batch * scale, left + m.ci95_ms[1] / m.batch * scale
-            d.line([lo, y + bar_h / 2, hi, y + bar_h / 2], fill="black", width=2)
-            for xx in (lo, hi):
-                d.line([xx, y + 4, xx, y + bar_h - 4], fill="black", width=2)
-            d.text((8, y + 4), _trunc(m.label, 40), fill="black", font=f_text)
-            r = "base" if m.speedup_vs_baseline is None and m.baseline == m.label else \
-                "" if m.speedup_vs_baseline is None else f"{m.speedup_vs_baseline:.2f}x"
-            d.text((max(x1, hi) + 8, y + 4), f"{m.ms_per_image:.2f} ms  {r}", fill="black", font=f_text)
-            y += bar_h + gap
-        y += 20
+    base = next((m.baseline for m in report.measurements if m.baseline), "the baseline")
+
+    def draw(fig: Figure) -> None:
+        axes = fig.subplots(len(groups), 1, squeeze=False, height_ratios=[len(g) + 1.5 for g in groups.values()])
+        for ax, ((cpu, t, b), g) in zip(axes[:, 0], groups.items()):
+            plots.hbars(ax, [_trunc(m.label, 40) for m in g], [m.ms_per_image for m in g],
+                        [color[m.label] for m in g], [f"{m.ms_per_image:.2f} ms  {_ratio_note(m)}" for m in g],
+                        [(m.ci95_ms[0] / m.batch, m.ci95_ms[1] / m.batch) for m in g])
+            ax.set(title=f"batch {b}" + (f", {t} thread(s)" if t else "") + (" (CPU)" if cpu else " (GPU)"),
+                   xlabel="ms per image")
+        fig.suptitle(f"ms per image (lower is better); whiskers: 95% CI of the median; ratio: speed vs {base}\n"
+                     f"{mi.get('cpu', mi.get('machine', ''))}, {mi.get('cpus', '?')} CPUs, {busy}, onnxruntime "
+                     f"{mi.get('onnxruntime', '?')}", x=0.01, ha="left", fontsize=9)
+
+    height = 50 + sum(70 + 26 * len(g) for g in groups.values())
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    path.write_bytes(plots.render(draw, 1000, height, "png", dpi=144))
     return path
 
 
@@ -930,6 +915,8 @@ def run_command(a: argparse.Namespace) -> int:
         raise VitcError("two models have the same label", hint="give distinct --labels")
     _check_out(a.json, "--json")
     _check_out(a.png, "--png")
+    if a.png:
+        plots.require("--png")
     base = resolve_baseline(a.baseline, labels, [str(m) for m in models])
     stop = StopRule.fixed(a.rounds) if a.rounds else StopRule(a.ci, a.min_rounds, max(a.max_rounds, a.min_rounds),
                                                               a.max_time)

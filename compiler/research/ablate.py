@@ -13,7 +13,8 @@ on the same held-out samples against the source model:
 Columns: output SQNR (all samples and worst sample), cosine, top-1/top-5 when a labelled ImageFolder is given,
 how many nodes are simulation-only (per-channel activations: no int8 kernel runs them), and the latency of each
 ORT model timed side by side with the source fp32 model in one run (alternating blocks).
-Output folder: ablation.md, ablation.json, ablation.png (written atomically like a build).
+Output folder, written atomically like a build: ablation.md, ablation.json and, with the vitc[plots] extra,
+ablation.png.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from vitc.compiler import plots
 from vitc.compiler.quant.policy import Granularity, Policy, QuantSpec, Rule, SoftmaxQuantizer, target_default_policy
 from vitc.compiler.research.simulate import SimOptions, Simulator
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -215,44 +221,37 @@ def _fmt(v, unit: str = "") -> str:
 
 
 def write_png(res: AblationResult, path: Path) -> None:
-    """Horizontal bars of output SQNR per row (Pillow), speed ratio written beside each bar."""
-    from PIL import Image, ImageDraw, ImageFont
+    """Horizontal bars of output SQNR per row (matplotlib), one panel per table, speed ratio beside each bar."""
+    plots.require("ablation.png")
+    tables = {t: [r for r in res.rows if r["table"] == t] for t in dict.fromkeys(r["table"] for r in res.rows)}
+    colors = {"granularity": "#4c72b0", "steps": "#55a868"}
 
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    rows = res.rows
-    width, left, right, bar_h, gap, top = 1000, 380, 150, 20, 6, 40
-    h = top + len(rows) * (bar_h + gap) + 30 + 20 * len({r["table"] for r in rows})
-    img = Image.new("RGB", (width, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), f"output SQNR vs source fp32 (dB, higher is better) - {Path(res.meta['model']).name}",
-           fill="black", font=font)
-    hi = max([r["sqnr_db"] for r in rows] + [1.0]) * 1.05
-    scale = (width - left - right) / hi
-    y = top
-    colors = {"granularity": (76, 114, 176), "steps": (85, 168, 104)}
-    last = None
-    for r in rows:
-        if r["table"] != last:
-            d.text((10, y), r["table"], fill=(90, 90, 90), font=font)
-            y += 20
-            last = r["table"]
-        x1 = left + max(r["sqnr_db"], 0.0) * scale
-        d.rectangle([left, y, x1, y + bar_h], fill=colors.get(r["table"], (140, 140, 140)))
-        d.text((10, y + 3), r["row"][:52], fill="black", font=font)
-        ratio = r.get("speedup_vs_source_fp32")
-        d.text((x1 + 6, y + 3), f"{r['sqnr_db']:.1f} dB" + (f"  {ratio:.2f}x" if ratio else ""), fill="black",
-               font=font)
-        y += bar_h + gap
-    img.save(path, format="PNG")
+    def draw(fig: Figure) -> None:
+        axes = fig.subplots(len(tables), 1, sharex=True, squeeze=False,
+                            height_ratios=[len(rows) + 1 for rows in tables.values()])[:, 0]
+        for ax, (table, rows) in zip(axes, tables.items()):
+            notes = [f"{r['sqnr_db']:.1f} dB" + (f"  {r['speedup_vs_source_fp32']:.2f}x"
+                                                  if r.get("speedup_vs_source_fp32") else "") for r in rows]
+            plots.hbars(ax, [r["row"][:60] for r in rows], [r["sqnr_db"] for r in rows],
+                        [colors.get(table, "#8c8c8c")] * len(rows), notes)
+            ax.set_title(table)
+        axes[-1].set_xlabel("output SQNR vs source fp32 (dB, higher is better)")
+        fig.suptitle(f"output SQNR vs source fp32 (dB, higher is better) - {Path(res.meta['model']).name}",
+                     x=0.01, ha="left", fontsize=9)
+
+    height = 40 + sum(50 + 26 * len(rows) for rows in tables.values())
+    path.write_bytes(plots.render(draw, 1000, height, "png", dpi=144))
 
 
-def write_outputs(res: AblationResult, tmp: Path) -> None:
+def write_outputs(res: AblationResult, tmp: Path) -> list[str]:
+    """ablation.json, ablation.md and, with matplotlib, ablation.png into ``tmp``; the names written."""
     (tmp / "ablation.json").write_text(json.dumps(res.to_json(), indent=2, default=str))
     (tmp / "ablation.md").write_text(format_markdown(res))
+    if not plots.available():
+        log.warning("ablation.png not drawn: %s", plots.MISSING_NOTE)
+        return ["ablation.md", "ablation.json"]
     write_png(res, tmp / "ablation.png")
+    return ["ablation.md", "ablation.json", "ablation.png"]
 
 
 # -- `vitc ablate` -----------------------------------------------------------------------------------------------------
@@ -284,7 +283,7 @@ def run_command(a) -> int:
         sim = simulator_from_args(a)
         with tempfile.TemporaryDirectory(prefix="vitc-ablate-") as work:  # rows' models, for timing
             res = ablate(sim, cfg, Path(work))
-        write_outputs(res, tmp)
+        written = write_outputs(res, tmp)
     sys.stdout.write(format_markdown(res))
-    log.info("wrote %s (ablation.md, ablation.json, ablation.png)", a.outdir.absolute())
+    log.info("wrote %s (%s)", a.outdir.absolute(), ", ".join(written))
     return 0

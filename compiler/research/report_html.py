@@ -1,6 +1,8 @@
-"""The `vitc analyze` page: one self-contained HTML file, charts as inline SVG, images as inline PNG (Pillow).
+"""The `vitc analyze` page: one self-contained HTML file, charts as inline SVG (matplotlib, the optional
+``vitc[plots]`` extra), attention maps as inline PNG (Pillow).
 
-No external CSS, JavaScript, fonts or images: the page opens offline and can be mailed as one file.
+No external CSS, JavaScript, fonts or images: the page opens offline and can be mailed as one file. Without
+matplotlib the page keeps its tables and maps, and each chart is one line saying how to get it.
 """
 
 from __future__ import annotations
@@ -10,8 +12,15 @@ import html
 import io
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from vitc.compiler import plots
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 RED, BLUE, GREEN, ORANGE, PURPLE, GREY = "#c0392b", "#2166ac", "#1b7837", "#e08214", "#762a83", "#777777"
 ROLE_COLORS = {"qkv": RED, "q": RED, "k": ORANGE, "v": PURPLE, "proj": GREEN, "fc1": BLUE, "fc2": "#111111",
@@ -25,11 +34,11 @@ h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:36px;border-bot
 h3{font-size:15px;margin:18px 0 6px}p.meta{color:#555;margin-top:0}
 table{border-collapse:collapse;font-size:12.5px}th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
 th{background:#f6f6f6;position:sticky;top:0}td.l,th.l{text-align:left}td.name{max-width:420px;overflow-wrap:anywhere}
-.grid{display:flex;flex-wrap:wrap;gap:10px 18px;align-items:flex-start}.note{color:#666;font-size:12.5px}
+.note{color:#666;font-size:12.5px}
 details{margin:6px 0}summary{cursor:pointer;font-weight:600}figure{margin:0}figcaption{font-size:12px;color:#444}
 .maps td,.maps th{text-align:center;vertical-align:top}.maps img{image-rendering:auto;display:block;margin:auto}
 .bad{color:#b2182b;font-weight:600}code{font-size:12.5px;background:#f4f4f4;padding:0 3px}
-svg text{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif}
+.chart{margin:4px 0 10px}.chart svg{max-width:100%;height:auto}
 """
 
 
@@ -49,151 +58,83 @@ def fmt(v, digits: int = 3) -> str:
     return esc(v)
 
 
-# -- SVG charts -------------------------------------------------------------------------------------------------------
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
-
-
-def _tick_label(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-2:
-        return f"{v:.0e}"
-    return f"{v:g}"
-
-
-def line_chart(series: Sequence[dict], *, title: str, xlabel: str = "", ylabel: str = "", log_y: bool = False,
-               width: int = 380, height: int = 230, step: bool = False, markers: bool | None = None,
-               x_integer: bool = False, legend: bool = True) -> str:
+# -- charts (matplotlib, the optional vitc[plots] extra) --------------------------------------------------------------
+def _plot(ax: Axes, series: Sequence[dict], *, title: str, xlabel: str = "", ylabel: str = "", log_y: bool = False,
+          step: bool = False, markers: bool | None = None, x_integer: bool = False) -> None:
     """Series: dicts with ``label``, ``x``, ``y``, ``color`` and optional ``dash``. ``step``: a histogram outline
-    (x are bin edges, one more than y). Non-positive values are left out of a log axis."""
-    ml, mr, mt, mb = 58, 12, 22, 34
-    shown = [s for s in series if len(s["y"])]
-    lh = 15
-    leg_h = (lh * len(shown) + 4) if legend and shown else 0
-    ph, pw = height - mt - mb, width - ml - mr
-    xs = [float(x) for s in shown for x in s["x"]]
-    ys = []
-    for s in shown:
-        for y in s["y"]:
-            if y is None or not math.isfinite(y) or (log_y and y <= 0):
-                continue
-            ys.append(math.log10(y) if log_y else float(y))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + leg_h}" '
-           f'viewBox="0 0 {width} {height + leg_h}" role="img"><title>{esc(title)}</title>',
-           f'<text x="{ml}" y="14" font-size="12.5" font-weight="600">{esc(title)}</text>']
-    if not xs or not ys:
-        out.append(f'<text x="{ml + 10}" y="{mt + ph / 2}" font-size="12" fill="{GREY}">no data</text></svg>')
-        return "".join(out)
-    x0, x1 = min(xs), max(xs)
-    if x1 == x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-    y0, y1 = min(ys), max(ys)
-    if log_y:
-        y0, y1 = math.floor(y0), math.ceil(y1)
-        if y1 == y0:
-            y1 = y0 + 1
-    else:
-        y0, y1 = min(y0, 0.0) if step else y0, y1
-        if y1 == y0:
-            y0, y1 = y0 - 1, y1 + 1
-        pad = 0.04 * (y1 - y0)
-        y0, y1 = (y0 if step else y0 - pad), y1 + pad
+    (x are bin edges, one more than y). Missing and non-finite values, and non-positive ones on a log axis, are
+    gaps."""
+    from matplotlib.ticker import MaxNLocator
 
-    def px(x):
-        return ml + (float(x) - x0) / (x1 - x0) * pw
-
-    def py(y):
-        v = math.log10(y) if log_y else float(y)
-        return mt + ph - (v - y0) / (y1 - y0) * ph
-
-    out.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fff" stroke="#ccc"/>')
-    # y grid + labels
-    if log_y:
-        span = int(y1 - y0)
-        every = max(1, math.ceil(span / 6))
-        yt = [10.0 ** e for e in range(int(y0), int(y1) + 1, every)]
-    else:
-        yt = _nice_ticks(y0, y1)
-    for t in yt:
-        y = py(t)
-        if mt - 0.5 <= y <= mt + ph + 0.5:
-            out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
-                       f'<text x="{ml - 4}" y="{y + 4:.1f}" font-size="10.5" text-anchor="end">'
-                       f'{esc(_tick_label(t))}</text>')
-    if not log_y and y0 < 0 < y1:
-        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{py(0):.1f}" y2="{py(0):.1f}" stroke="#999"/>')
-    xt = (list(range(math.ceil(x0), math.floor(x1) + 1)) if x_integer and x1 - x0 <= 24 else _nice_ticks(x0, x1, 6))
-    for t in xt:
-        x = px(t)
-        if ml - 0.5 <= x <= ml + pw + 0.5:
-            out.append(f'<text x="{x:.1f}" y="{mt + ph + 14}" font-size="10.5" text-anchor="middle">'
-                       f'{esc(_tick_label(t) if not x_integer else int(t))}</text>')
-    if xlabel:
-        out.append(f'<text x="{ml + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle" '
-                   f'fill="#444">{esc(xlabel)}</text>')
-    if ylabel:
-        out.append(f'<text x="12" y="{mt + ph / 2}" font-size="11" text-anchor="middle" fill="#444" '
-                   f'transform="rotate(-90 12 {mt + ph / 2})">{esc(ylabel)}</text>')
-    for s in shown:
-        dash = ' stroke-dasharray="5 3"' if s.get("dash") else ""
-        pts = []
-        if step:
-            edges, counts = list(s["x"]), list(s["y"])
-            base = py(y0) if not log_y else mt + ph
-            pts.append(f"{px(edges[0]):.1f},{base:.1f}")
-            for i, c in enumerate(counts):
-                yy = py(c) if (not log_y or c > 0) else mt + ph
-                pts.append(f"{px(edges[i]):.1f},{yy:.1f} {px(edges[i + 1]):.1f},{yy:.1f}")
-            pts.append(f"{px(edges[-1]):.1f},{base:.1f}")
-            out.append(f'<polyline fill="none" stroke="{s["color"]}" stroke-width="1.4"{dash} '
-                       f'points="{" ".join(pts)}"/>')
-            continue
-        seg: list[str] = []
-        segs = [seg]
-        for x, y in zip(s["x"], s["y"]):
-            if y is None or not math.isfinite(y) or (log_y and y <= 0):
-                seg = []
-                segs.append(seg)
-                continue
-            seg.append(f"{px(x):.1f},{py(y):.1f}")
-        for sg in segs:
-            if len(sg) > 1:
-                out.append(f'<polyline fill="none" stroke="{s["color"]}" stroke-width="1.5"{dash} '
-                           f'points="{" ".join(sg)}"/>')
-        if markers if markers is not None else len(s["x"]) <= 30:
-            for x, y in zip(s["x"], s["y"]):
-                if y is not None and math.isfinite(y) and not (log_y and y <= 0):
-                    out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.4" fill="{s["color"]}"/>')
-    if legend:
-        for i, s in enumerate(shown):
-            y = height + 4 + i * lh
-            dash = ' stroke-dasharray="5 3"' if s.get("dash") else ""
-            out.append(f'<line x1="{ml}" x2="{ml + 22}" y1="{y + 5}" y2="{y + 5}" stroke="{s["color"]}" '
-                       f'stroke-width="2"{dash}/><text x="{ml + 28}" y="{y + 9}" font-size="11">'
-                       f'{esc(s["label"])}</text>')
-    out.append("</svg>")
-    return "".join(out)
-
-
-def legend(series: Sequence[dict], width: int = 760) -> str:
-    """A one-row legend for a group of charts drawn without their own."""
-    x, items = 4, []
+    drawn = []
     for s in series:
-        dash = ' stroke-dasharray="5 3"' if s.get("dash") else ""
-        items.append(f'<line x1="{x}" x2="{x + 22}" y1="10" y2="10" stroke="{s["color"]}" stroke-width="2"{dash}/>'
-                     f'<text x="{x + 27}" y="14" font-size="11.5">{esc(s["label"])}</text>')
-        x += 40 + 6.5 * len(str(s["label"]))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{int(max(x, 10))}" height="20" role="img">'
-            f'<title>legend</title>{"".join(items)}</svg>')
+        y = np.array([np.nan if v is None else v for v in s["y"]], np.float64)
+        if log_y:
+            y[y <= 0] = np.nan
+        if not np.isfinite(y).any():
+            continue
+        style = {"color": s["color"], "linestyle": "--" if s.get("dash") else "-", "label": s["label"]}
+        if step:
+            ax.stairs(y, s["x"], linewidth=1.3, **style)
+        else:
+            ax.plot(s["x"], y, marker="o" if (markers if markers is not None else len(y) <= 30) else None, **style)
+        drawn.append(y[np.isfinite(y)])
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color=GREY)
+    elif not log_y and min(d.min() for d in drawn) < 0 < max(d.max() for d in drawn):
+        ax.axhline(0, color="#999999", linewidth=0.8)
+    elif log_y:
+        _log_decades(ax, min(d.min() for d in drawn), max(d.max() for d in drawn))
+    if x_integer:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if step:  # counts
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
 
 
+def _log_decades(ax: Axes, lo: float, hi: float) -> None:
+    """A log y axis over the whole decades around ``lo``..``hi`` (both positive), labelled as plain numbers."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    ax.set_yscale("log")
+    ax.set_ylim(10.0 ** e0, 10.0 ** max(e1, e0 + 1))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+# figure legend position -> (matplotlib loc, extra width px, extra height px)
+LEGENDS = {"top": ("outside upper left", 0, 26), "right": ("outside right upper", 150, 0)}
+
+
+def _panel_chart(panels: Sequence[tuple[Sequence[dict], dict]], *, ncols: int, cell: tuple[int, int],
+                 legend: str | None = None) -> str:
+    """One figure, one axes per panel (its series and :func:`_plot` keywords) in rows of ``ncols``, each axes
+    ``cell`` pixels, as inline SVG; ``legend`` ("top", "right"): one legend for the figure, each label once.
+    Without matplotlib: a one-line note in the figure's place."""
+    if not panels:
+        return ""
+    if not plots.available():
+        return f'<p class="note chart">{esc(plots.MISSING_NOTE)}</p>'
+    cols, rows = min(len(panels), ncols), math.ceil(len(panels) / ncols)
+    loc, extra_w, extra_h = LEGENDS[legend] if legend else ("", 0, 0)
+
+    def draw(fig: Figure) -> None:
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        handles: dict[str, object] = {}
+        for ax, (series, kw) in zip(axes, panels):
+            _plot(ax, series, **kw)
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        if loc and handles:
+            fig.legend(list(handles.values()), list(handles), loc=loc, ncols=len(handles) if legend == "top" else 1)
+
+    return f'<div class="chart">{plots.svg(draw, cols * cell[0] + extra_w, rows * cell[1] + extra_h)}</div>'
+
+
+# -- data reduction and attention-map images (Pillow) ------------------------------------------------------------------
 def envelope(y: Sequence[float], buckets: int, how: str) -> tuple[list[float], list[float]]:
     """(x, y) with ``y`` reduced to at most ``buckets`` points, each the max (``how="max"``) or min of its run of
     channels, so a long channel axis keeps its extremes in a small SVG."""
@@ -259,8 +200,12 @@ def _label(o: dict) -> str:
     return f"{o['role']} b{o['block']}" if o.get("block") is not None else str(o["role"])
 
 
+def _role_key(role: str) -> tuple[int, str]:
+    return ROLE_ORDER.index(role) if role in ROLE_ORDER else 99, role
+
+
 def _roles_sorted(roles) -> list[str]:
-    return sorted(roles, key=lambda r: (ROLE_ORDER.index(r) if r in ROLE_ORDER else 99, r))
+    return sorted(roles, key=_role_key)
 
 
 def _series_styles(has_cls: bool) -> list[tuple[str, str, str, bool]]:
@@ -378,7 +323,7 @@ def _ranking_table(r: dict) -> str:
 
 def _by_block_charts(r: dict, metric: str, label: str) -> str:
     has_cls = r["tokens"]["class_token"]
-    charts = []
+    panels = []
     for role in _roles_sorted(r["by_block"]):
         data = r["by_block"][role]
         series = []
@@ -388,10 +333,9 @@ def _by_block_charts(r: dict, metric: str, label: str) -> str:
             blocks = sorted(data[key], key=int)
             series.append({"label": name, "color": color, "dash": dash, "x": [int(b) for b in blocks],
                            "y": [float(np.mean([e[metric] for e in data[key][b]])) for b in blocks]})
-        charts.append(line_chart(series, title=f"{role}: {label}", xlabel="block", log_y=metric != "sqnr_db",
-                                 x_integer=True, legend=False))
-    styles = [{"label": name, "color": color, "dash": dash} for _, name, color, dash in _series_styles(has_cls)]
-    return legend(styles) + '<div class="grid">' + "".join(charts) + "</div>"
+        panels.append((series, {"title": f"{role}: {label}", "xlabel": "block", "log_y": metric != "sqnr_db",
+                                "x_integer": True}))
+    return _panel_chart(panels, ncols=3, cell=(380, 230), legend="top")
 
 
 def _range_summary(r: dict) -> str:
@@ -401,24 +345,21 @@ def _range_summary(r: dict) -> str:
         cons = [ops[c] for c in v.get("consumers", []) if c in ops]
         if not cons or cons[0]["block"] is None:
             continue
-        role = "/".join(sorted({c["role"] for c in cons}, key=lambda x: ROLE_ORDER.index(x) if x in ROLE_ORDER else 99))
+        role = "/".join(_roles_sorted({c["role"] for c in cons}))
         for g in ("all", "no_cls", "cls"):
             if g in v:
                 per_group.setdefault(g, {}).setdefault(role, {})[cons[0]["block"]] = v[g]["max_channel_range"]
     names = {"all": "all tokens", "no_cls": "without the class token", "cls": "class token only"}
-    charts = []
-    for g in ("all", "no_cls", "cls"):
-        if g not in per_group:
-            continue
+    panels = []
+    for g in (g for g in ("all", "no_cls", "cls") if g in per_group):
         series = []
-        for i, (role, d) in enumerate(sorted(per_group[g].items(), key=lambda kv: ROLE_ORDER.index(kv[0].split("/")[0])
-                                                 if kv[0].split("/")[0] in ROLE_ORDER else 99)):
-            blocks = sorted(d)
+        for i, role in enumerate(sorted(per_group[g], key=lambda k: _role_key(k.split("/")[0]))):
+            d = per_group[g][role]
             color = ROLE_COLORS.get(role.split("/")[0], [RED, BLUE, GREEN, ORANGE, PURPLE][i % 5])
-            series.append({"label": f"input of {role}", "color": color, "x": blocks, "y": [d[b] for b in blocks]})
-        charts.append(line_chart(series, title=f"max channel range, {names[g]}", xlabel="block",
-                                 ylabel="max over channels of (max - min)", x_integer=True, width=400, height=250))
-    return '<div class="grid">' + "".join(charts) + "</div>"
+            series.append({"label": f"input of {role}", "color": color, "x": sorted(d), "y": [d[b] for b in sorted(d)]})
+        panels.append((series, {"title": f"max channel range, {names[g]}", "xlabel": "block",
+                                "ylabel": "max over channels of (max - min)", "x_integer": True}))
+    return _panel_chart(panels, ncols=3, cell=(400, 250), legend="top")
 
 
 def _range_panels(r: dict) -> str:
@@ -429,48 +370,38 @@ def _range_panels(r: dict) -> str:
         if not cons:
             continue
         by_block.setdefault(cons[0]["block"], []).append((t, v, cons))
-    names = {"all": "all tokens", "no_cls": "without class token", "cls": "class token only",
-             "calibration": "calibration (all tokens)"}
+    names = {"all": "all tokens", "no_cls": "without class token", "cls": "class token only"}
     out = []
     for block in sorted(by_block, key=lambda b: (b is None, b if b is not None else 0)):
         parts = []
         for t, v, cons in by_block[block]:
             panels = []
-            for g in ("all", "no_cls", "cls"):
-                if g not in v:
-                    continue
+            for g in (g for g in ("all", "no_cls", "cls") if g in v):
                 xa, mx = envelope(v[g]["max"], 260, "max")
                 xb, mn = envelope(v[g]["min"], 260, "min")
-                panels.append(line_chart([{"label": "max", "x": xa, "y": mx, "color": RED},
-                                          {"label": "min", "x": xb, "y": mn, "color": BLUE}],
-                                         title=names[g], xlabel="channel", width=330, height=190,
-                                         markers=False, legend=False))
+                panels.append(([{"label": "max", "x": xa, "y": mx, "color": RED},
+                                {"label": "min", "x": xb, "y": mn, "color": BLUE}],
+                               {"title": names[g], "xlabel": "channel", "markers": False}))
             who = ", ".join(_label(c) for c in cons)
             parts.append(f'<h3>input of {esc(who)} <span class="note">({esc(t)}; max channel range '
                          f'{fmt(v["all"]["max_channel_range"])}; red: max, blue: min per channel)</span></h3>'
-                         f'<div class="grid">{"".join(panels)}</div>')
+                         + _panel_chart(panels, ncols=3, cell=(330, 190)))
         title = "before the blocks / after them" if block is None else f"block {block}"
         out.append(f"<details><summary>{esc(title)}</summary>{''.join(parts)}</details>")
     return "".join(out)
 
 
 def _histograms(r: dict) -> str:
-    has_cls = r["tokens"]["class_token"]
+    modes = (("per_tensor", "per-tensor activations", RED), ("per_channel", "per-channel activations", BLUE))
+    names = {"cls": "class token", "patch": "patch tokens", "all": "all tokens"}
     out = []
     for h in r["histograms"]:
-        edges = h["log10_bin_edges"]
-        charts = []
-        for g in (["cls", "patch"] if has_cls else ["all"]):
-            series = []
-            for mode, name, color in (("per_tensor", "per-tensor", RED), ("per_channel", "per-channel", BLUE)):
-                s = h["series"].get(f"{mode}/{g}")
-                if s is not None:
-                    series.append({"label": name, "x": edges, "y": s["counts"], "color": color})
-            gname = {"cls": "class token", "patch": "patch tokens", "all": "all tokens"}[g]
-            charts.append(line_chart(series, title=f"{_label(h)}: {gname}", xlabel="log10 relative error per "
-                                     "output channel", ylabel="channels", step=True, width=380, height=220,
-                                     legend=False))
-        out.append(f'<div class="grid">{"".join(charts)}</div>')
+        groups = [g for g in ("cls", "patch") if any(f"{m}/{g}" in h["series"] for m, _, _ in modes)] or ["all"]
+        panels = [([{"label": name, "x": h["log10_bin_edges"], "y": h["series"][f"{m}/{g}"]["counts"], "color": color}
+                    for m, name, color in modes if f"{m}/{g}" in h["series"]],
+                   {"title": f"{_label(h)}: {names[g]}", "xlabel": "log10 relative error per output channel",
+                    "ylabel": "channels", "step": True}) for g in groups]
+        out.append(_panel_chart(panels, ncols=2, cell=(380, 220), legend="right"))
     return "".join(out)
 
 
@@ -538,8 +469,7 @@ def render_report(r: dict, images: list[dict]) -> str:
         _range_summary(r), _range_panels(r),
         "<h2>Per-channel error of the worst operators</h2>",
         '<p class="note">Histogram over output channels of the relative error (mean over the tokens of the group), '
-        'log10 bins.</p>', legend([{"label": "per-tensor activations", "color": RED},
-                                   {"label": "per-channel activations", "color": BLUE}]), _histograms(r),
+        'log10 bins.</p>', _histograms(r),
         "<h2>Attention maps</h2>", _maps(r, images),
         "<h2>How this was measured</h2>", f"<ul>{method}</ul>",
         f'<p class="note">Every number behind these figures is in analysis.json. Seconds: '

@@ -36,7 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import TensorProto, numpy_helper
+
+from vitc.passes.attention import find_cores
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +128,6 @@ FLOAT_ONLY = {"LayerNormalization": "LayerNorm", "SkipLayerNormalization": "Laye
               "InstanceNormalization": "InstanceNorm", "Softmax": "Softmax", "LogSoftmax": "Softmax",
               "Gelu": "GELU", "FastGelu": "GELU", "BiasGelu": "GELU", "Erf": "GELU (Erf)", "Tanh": "Tanh",
               "ReduceMean": "LayerNorm (decomposed)", "Sqrt": "LayerNorm (decomposed)", "Pow": "Pow"}
-# between the first attention matmul and its Softmax: scaling, masking, layout
-ATTN_SCORE_OPS = ("Mul", "Div", "Add", "Where", "Cast", "Reshape", "Transpose", "Sub") + QDQ
-ATTN_PROB_OPS = ("Cast", "Dropout", "Identity", "Reshape") + QDQ
 ALLOWED_QTYPES = {TensorProto.INT8, TensorProto.FLOAT8E4M3FN}
 WEIGHT_ONLY_QTYPES = {TensorProto.INT4}
 MHA_HEAD_SIZES = (16, 32, 64)
@@ -142,6 +142,7 @@ class _Graph:
             model = onnx.shape_inference.infer_shapes(model)
         except Exception:  # best effort: shapes are only used for notes and axis sizes
             pass
+        self.model = model
         g = model.graph
         self.nodes = list(g.node)
         self.names = {id(n): (n.name or f"<{n.op_type} #{i}>") for i, n in enumerate(self.nodes)}
@@ -493,44 +494,14 @@ def _check_residuals(g: _Graph, add) -> None:
 
 def _check_attention(g: _Graph, add, rep: CheckReport) -> None:
     n_attn = 0
-    for sm in (n for n in g.nodes if n.op_type == "Softmax"):
-        # BMM1: the MatMul of two computed tensors that feeds this Softmax through scale/mask/layout ops
-        chain: list[onnx.NodeProto] = []
-        t = sm.input[0]
-        bmm1 = None
-        for _ in range(8):
-            p = g.prod(t)
-            if p is None:
-                break
-            if p.op_type == "MatMul":
-                bmm1 = p
-                break
-            if p.op_type not in ATTN_SCORE_OPS:
-                break
-            chain.append(p)
-            acts = [i for i in p.input if i and not g.is_const(i)]
-            if p.op_type == "Add" and len(acts) == 2:  # additive mask: follow the side that leads to a MatMul
-                acts.sort(key=lambda i: g.through(i, ATTN_SCORE_OPS, 8) is None
-                          or g.through(i, ATTN_SCORE_OPS, 8).op_type != "MatMul")
-            if not acts:
-                break
-            t = acts[0]
-        if bmm1 is None or any(g.is_weight(i) for i in bmm1.input):
+    gs_graph = gs.import_onnx(g.model)
+    proto = {id(gn): pn for gn, pn in zip(gs_graph.nodes, g.nodes)}
+    for core in find_cores(gs_graph):
+        sm, bmm1 = proto[id(core.softmax)], proto[id(core.qk)]
+        chain = [proto[id(n)] for n in core.scores]
+        if any(g.is_weight(i) for i in bmm1.input):
             continue
-        # BMM2: a MatMul whose first input is this Softmax's output (through Q/DQ, cast, dropout, reshape)
-        bmm2 = None
-        frontier = [sm.output[0]]
-        for _ in range(5):
-            nxt = []
-            for tt in frontier:
-                for c in g.consumers.get(tt, []):
-                    if c.op_type == "MatMul" and c.input[0] == tt:
-                        bmm2 = c
-                    elif c.op_type in ATTN_PROB_OPS:
-                        nxt.extend(c.output)
-            if bmm2 is not None:
-                break
-            frontier = nxt
+        bmm2 = proto[id(core.av[0])] if core.av else None
         n_attn += 1
         inputs = list(bmm1.input[:2]) + (list(bmm2.input[:2]) if bmm2 is not None else [])
         if not any(g.dq_of_activation(t) for t in inputs) and not any(p.op_type in QDQ for p in chain):
