@@ -122,6 +122,16 @@ def sqnr_db(ref, test) -> float:
     return float(10 * np.log10((ref ** 2).sum() / max((err ** 2).sum(), 1e-30)))
 
 
+def photo_sqnr_db(src, model, n: int = 8, size: int = 32) -> float:
+    """SQNR of ``model`` against ``src`` over ``n`` held-out photo crops (the tiny models' 32x32 ``input``)."""
+    from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
+
+    xs = list(embedded_samples(Preprocess(size, size), n, 5, EVAL_PHOTOS))
+    ref = [ort_run(src, {"input": x[None]})[0] for x in xs]
+    out = [ort_run(model, {"input": x[None]})[0] for x in xs]
+    return sqnr_db(np.concatenate([r.reshape(-1) for r in ref]), np.concatenate([o.reshape(-1) for o in out]))
+
+
 @pytest.fixture
 def vit_path(tmp_path) -> Path:
     p = tmp_path / "tiny_vit.onnx"

@@ -20,7 +20,7 @@ from onnx import TensorProto
 from onnx import helper as h
 
 from conftest import cli, ort_run, sqnr_db, with_max_alpha
-from vitc.tools.tiny_models import _B
+from vitc.tools.tiny_models import GraphBuilder
 
 T, C, H = 9, 16, 2
 D = C // H
@@ -29,9 +29,9 @@ D = C // H
 def attention_model(style="timm", out_perm=(0, 2, 1, 3), softmax_axis=-1, probs_output=False, seed=0, batch=1,
                     score_bias=False):
     """x [batch, T, C] -> LayerNorm -> self-attention -> proj -> residual Add. "hf": three q/k/v projections (the
-    tiny_vit fixture's spelling, ``_B.attention``); "timm": one fused qkv, Reshape + Split, q and k scaled by
+    tiny_vit fixture's spelling, ``GraphBuilder.attention``); "timm": one fused qkv, Reshape + Split, q and k scaled by
     sqrt(1/sqrt(D)) each, with knobs for the near-misses."""
-    b = _B(seed)
+    b = GraphBuilder(seed)
     gamma = (1 + 0.2 * b.rng.standard_normal(C)).astype(np.float32)
     y = b.op("LayerNormalization", ["x", b.const(gamma), b.const(np.zeros(C, np.float32))], "norm1", axis=-1)
     probs = None

@@ -3,11 +3,10 @@ resolution into a plan, `vitc explain --policy`, and each preset built end to en
 
 import json
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import ort_run, search_alphas_by_role, with_max_alpha
+from conftest import photo_sqnr_db, search_alphas_by_role, with_max_alpha
 
 from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
 from vitc.compiler.calib.calibration import Observer, ObserverConfig
@@ -278,18 +277,6 @@ def test_trt_residual_entries_follow_the_residual_add_role(vit):
 
 
 # -- builds ---------------------------------------------------------------------------------------------------------
-def _sqnr(src, model, n=4):
-    from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
-
-    num = den = 0.0
-    for x in embedded_samples(Preprocess(32, 32), n, 5, EVAL_PHOTOS):
-        a = ort_run(src, {"input": x[None]})[0]
-        b = ort_run(model, {"input": x[None]})[0]
-        num += float((a.astype(np.float64) ** 2).sum())
-        den += float(((a - b).astype(np.float64) ** 2).sum())
-    return 10 * np.log10(num / den)
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_builds_and_runs(preset, vit, vit7, tmp_path):
     src = vit7 if "b5-6" in preset else vit
@@ -312,7 +299,7 @@ def test_each_preset_builds_and_runs(preset, vit, vit7, tmp_path):
             assert dq.op_type == "DequantizeLinear" and inits[dq.input[1]].ndim == 1, n.name
             assert [a.i for a in dq.attribute if a.name == "axis"] in ([1], [-1]), n.name
     # measured on this fixture: 17-23 dB (random weights with outlier LayerNorm channels, 4 held-out photos)
-    assert _sqnr(src, res.model_path) > 10.0
+    assert photo_sqnr_db(src, res.model_path, n=4) > 10.0
 
 
 def test_observer_and_simulated_bits_reach_the_model(vit, tmp_path):
@@ -333,7 +320,7 @@ def test_observer_and_simulated_bits_reach_the_model(vit, tmp_path):
     for n in fc2:
         w = inits[f"{n['node']}.weight.int8"]
         assert w.min() >= -8 and w.max() <= 7  # 4-bit values in an int8 container
-    assert _sqnr(vit, res.model_path) > 5.0
+    assert photo_sqnr_db(vit, res.model_path, n=4) > 5.0
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------------

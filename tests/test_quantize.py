@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import ort_run
+from conftest import ort_run, photo_sqnr_db
 
 from vitc.compiler.driver.build import BuildConfig, CalibConfig, CpuKind, build
 from vitc.compiler.driver.loader import load_model
@@ -25,25 +25,9 @@ def vit_build(tmp_path_factory):
     return src, res
 
 
-def _eval_feeds(n=8):
-    from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
-
-    return [{"input": x[None]} for x in embedded_samples(Preprocess(32, 32), n, 5, EVAL_PHOTOS)]
-
-
-def _sqnr(src, model):
-    num = den = 0.0
-    for f in _eval_feeds():
-        a = ort_run(src, f)[0]
-        b = ort_run(model, f)[0]
-        num += (a ** 2).sum()
-        den += ((a - b) ** 2).sum()
-    return 10 * np.log10(num / den)
-
-
 def test_int8_build_is_faithful_to_fp32(vit_build):
     src, res = vit_build
-    assert _sqnr(src, res.model_path) > 18.0  # measured 19.7 dB on held-out photos (random weights, outliers)
+    assert photo_sqnr_db(src, res.model_path) > 18.0  # measured 19.7 dB on held-out photos (random weights, outliers)
 
 
 def test_migration_and_search_beat_plain_per_tensor(vit_build, tmp_path):
@@ -51,7 +35,7 @@ def test_migration_and_search_beat_plain_per_tensor(vit_build, tmp_path):
     plain = build(BuildConfig(model=src, outdir=tmp_path / "plain", calib=CalibConfig(samples=16),
                               search=False, migrate=False, show_progress=False))
     # the fixture's outlier LayerNorm channels wreck per-tensor ranges; migration moves them into the weights
-    assert _sqnr(src, res.model_path) > _sqnr(src, plain.model_path) + 3.0  # measured +4.2 dB
+    assert photo_sqnr_db(src, res.model_path) > photo_sqnr_db(src, plain.model_path) + 3.0  # measured +4.2 dB
 
 
 def test_every_gemm_input_is_dequantized_and_weights_are_int8_per_channel(vit_build):
@@ -195,7 +179,7 @@ def test_dynamic_fc2_runs_as_dynamic_quantize_matmul(vit_build, tmp_path):
     ort.InferenceSession(str(res.model_path), so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
     assert ops["DynamicQuantizeMatMul"] == 2 and ops["QGemm"] == 13 - 6 - 2 and ops["QAttention"] == 2, ops
-    assert _sqnr(src, res.model_path) > 18.0
+    assert photo_sqnr_db(src, res.model_path) > 18.0
 
 
 def test_builds_are_byte_reproducible(tmp_path):

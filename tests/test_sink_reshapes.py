@@ -14,14 +14,14 @@ from onnx import numpy_helper as nh
 from conftest import ort_run
 from vitc.compiler.driver.pipeline import PipelineConfig, export, float_pipeline, run_passes
 from vitc.passes.sink_reshapes import ReshapeSinking
-from vitc.tools.tiny_models import _B
+from vitc.tools.tiny_models import GraphBuilder
 
 T, C = 5, 8
 
 
 def mlp_blocks(depth=2, ln_axis=-1):
     """x [1, T, C] -> depth x (LayerNorm -> fc1 -> GELU -> fc2 -> residual Add) -> LayerNorm -> y [1, T, C]."""
-    b = _B(0)
+    b = GraphBuilder(0)
     x = "x"
     for i in range(depth):
         gamma = (1 + 0.1 * b.rng.standard_normal(C)).astype(np.float32)

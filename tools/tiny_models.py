@@ -34,7 +34,9 @@ class TinyConfig:
     layer_scale: bool = False  # CaiT/DINOv2 LayerScale: each branch output times a learned per-channel gamma
 
 
-class _B:
+class GraphBuilder:
+    """Builds an ONNX graph node by node: seeded random weights as initializers, unique tensor names."""
+
     def __init__(self, seed: int):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -123,7 +125,7 @@ class _B:
 
 
 def tiny_vit(cfg: TinyConfig = TinyConfig()) -> onnx.ModelProto:
-    b = _B(cfg.seed)
+    b = GraphBuilder(cfg.seed)
     batch = "batch" if cfg.dynamic_batch else 1
     npatch = (cfg.img // cfg.patch) ** 2
     tokens = npatch + 1
@@ -169,7 +171,7 @@ def tiny_vit(cfg: TinyConfig = TinyConfig()) -> onnx.ModelProto:
 def tiny_bert(depth: int = 2, dim: int = 32, heads: int = 2, seq: int = 16, vocab: int = 100,
               seed: int = 0, opset: int = 14) -> onnx.ModelProto:
     """Post-norm BERT-like encoder: input_ids [B, seq] int64 -> last hidden state [B, seq, dim]."""
-    b = _B(seed)
+    b = GraphBuilder(seed)
     x = b.op("Gather", [b.const(b.w(vocab, dim, scale=1.0)), "input_ids"], "embed", axis=0)
     x = b.op("Add", [x, b.const(b.w(1, seq, dim, scale=0.1))], "pos")
     x = b.layernorm(x, dim, "pow", "emb_norm")
