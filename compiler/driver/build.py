@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from vitc.compiler.calib import data as D
 from vitc.compiler.calib.calibration import CalibrationTable, ObserverConfig, calibrate
 from vitc.compiler.errors import CalibrationDataError, VitcError
-from vitc.compiler.driver.loader import LoadedModel
+from vitc.compiler.driver.loader import LoadedModel, graph_inputs
 from vitc.compiler.driver.outdir import prepare, publish
 from vitc.compiler.driver.pipeline import Dumps, Target, run_passes
 from vitc.compiler.quant.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
@@ -144,23 +144,15 @@ class BuildResult:
 
 # -- calibration inputs -----------------------------------------------------------------------------------------------
 def input_specs(model: onnx.ModelProto) -> list[D.InputSpec]:
-    inits = {t.name for t in model.graph.initializer}
     specs = []
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        tt = i.type.tensor_type
-        shape = tuple(d.dim_value for d in tt.shape.dim)
+    for gi in graph_inputs(model):
+        shape = tuple(d or 0 for d in gi.dims or ())
         if any(d < 1 for d in shape):
-            raise CalibrationDataError(f"model input {i.name!r} has no fixed shape {list(shape)}",
-                                       hint=f"pass --input-shape {i.name}=D0,D1,...")
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        except (KeyError, TypeError, ValueError):
-            raise CalibrationDataError(f"model input {i.name!r} has an unsupported element type "
-                                       f"{onnx.TensorProto.DataType.Name(tt.elem_type) if tt.elem_type else 'undefined'}"
-                                       ) from None
-        specs.append(D.InputSpec(i.name, shape, dtype))
+            raise CalibrationDataError(f"model input {gi.name!r} has no fixed shape {list(shape)}",
+                                       hint=f"pass --input-shape {gi.name}=D0,D1,...")
+        if gi.dtype is None:
+            raise CalibrationDataError(f"model input {gi.name!r} has an unsupported element type {gi.elem_type}")
+        specs.append(D.InputSpec(gi.name, shape, gi.dtype))
     return specs
 
 

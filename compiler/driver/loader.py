@@ -43,6 +43,39 @@ class LoadedModel:
         return [o.name for o in self.model.graph.output]
 
 
+@dataclass(frozen=True)
+class GraphInput:
+    """A graph input as the model declares it."""
+
+    name: str
+    dims: tuple[int | None, ...] | None  # None: no shape at all; a None dim: dynamic (dim_params names it)
+    dim_params: tuple[str, ...]
+    dtype: np.dtype | None  # None: an element type numpy has no dtype for
+    elem_type: str  # the ONNX element type's name ("undefined" when unset)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
+    """The model's graph inputs that are not initializers, with their declared shapes and types."""
+    inits = _initializer_names(model)
+    out = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = params = None
+        if tt.HasField("shape"):
+            dims = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                         for d in tt.shape.dim)
+            params = tuple(d.dim_param for d in tt.shape.dim)
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):
+            dtype = None
+        name = onnx.TensorProto.DataType.Name(tt.elem_type) if tt.elem_type else "undefined"
+        out.append(GraphInput(i.name, dims, params or (), dtype, name))
+    return out
+
+
 def _initializer_names(model: onnx.ModelProto) -> set[str]:
     return {t.name for t in model.graph.initializer}
 

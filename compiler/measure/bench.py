@@ -39,6 +39,7 @@ import onnx
 
 from vitc.compiler import plots
 from vitc.compiler.cliargs import nonneg_int, pos_float, pos_int
+from vitc.compiler.driver.loader import graph_inputs
 from vitc.compiler.errors import ModelLoadError, OutputError, RuntimeUnavailableError, VitcError
 
 if TYPE_CHECKING:
@@ -187,31 +188,20 @@ def onnx_inputs(path: Path) -> tuple[InputInfo, ...]:
                              hint="check the file is a complete .onnx export") from None
     if not m.HasField("graph") or not m.graph.node:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes)", hint="check the file is a complete .onnx export")
-    inits = {t.name for t in m.graph.initializer}
     out = []
-    for i in m.graph.input:
-        if i.name in inits:
-            continue
-        tt = i.type.tensor_type
-        if not tt.HasField("shape"):
-            raise ModelLoadError(f"{path}: input {i.name!r} has no shape, so its size cannot be fixed",
+    for gi in graph_inputs(m):
+        if gi.dims is None:
+            raise ModelLoadError(f"{path}: input {gi.name!r} has no shape, so its size cannot be fixed",
                                  hint="re-export it with static shapes, or fix them: vitc build --input-shape")
-        dims: list[int | None] = []
-        for j, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(int(d.dim_value))
-            elif j == 0:
-                dims.append(None)
-            else:
+        for j, d in enumerate(gi.dims):
+            if d is None and j > 0:
                 raise ModelLoadError(
-                    f"{path}: input {i.name!r} dim {j} ({d.dim_param or '?'}) is dynamic and is not the batch dim, "
-                    "so bench cannot size its input",
-                    hint=f"fix it first: vitc build {path} --precision fp32 --input-shape {i.name}=D0,D1,...")
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
-        except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(f"{path}: input {i.name!r} has an unsupported element type") from None
-        out.append(InputInfo(i.name, tuple(dims), dtype))
+                    f"{path}: input {gi.name!r} dim {j} ({gi.dim_params[j] or '?'}) is dynamic and is not the batch "
+                    "dim, so bench cannot size its input",
+                    hint=f"fix it first: vitc build {path} --precision fp32 --input-shape {gi.name}=D0,D1,...")
+        if gi.dtype is None:
+            raise ModelLoadError(f"{path}: input {gi.name!r} has an unsupported element type")
+        out.append(InputInfo(gi.name, gi.dims, gi.dtype.name))
     return tuple(out)
 
 
