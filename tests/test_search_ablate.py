@@ -244,3 +244,38 @@ def test_sim_options_defaults_are_the_builds():
     o = SimOptions()
     assert (o.search, o.migrate, o.bias_correction, o.weight_mse_clip, o.pair_safe_weights, o.center) == \
         (cfg.search, cfg.migrate, cfg.bias_correction, cfg.weight_mse_clip, cfg.pair_safe_weights, cfg.center)
+
+
+def _quantizers(model) -> dict[str, tuple]:
+    """Gemm node -> (input scale, int8 weight bytes) of a Q/DQ model."""
+    import onnx
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type != "Gemm":
+            continue
+        dx, dw = prod.get(n.input[0]), prod.get(n.input[1])
+        if dx is None or dx.op_type != "DequantizeLinear" or dw is None or dw.op_type != "DequantizeLinear":
+            continue
+        out[n.name] = (float(consts[dx.input[1]]), consts[dw.input[0]].tobytes())
+    assert out, onnx.helper.printable_graph(model.graph)[:200]
+    return out
+
+
+def test_a_float_upgrade_leaves_the_other_operators_alone(vit_file):
+    """Keeping q float must not move k's and v's ranges or weights (they share q's input and its range search).
+    TensorRT target: its lowering keeps every quantized linear a Gemm (ORT's would fuse q/k/v into QAttention)."""
+    from vitc.compiler.driver.pipeline import Target
+
+    sim = Simulator(vit_file, target=Target.TRT, calib=CalibConfig(samples=8), eval_samples=2, show_progress=False,
+                    threads=1)
+    start = target_default_policy("trt")
+    plan = sim.plan(start)
+    q = next(n for n in plan.quantized() if n.role == "q")
+    base = _quantizers(sim.quantize(start)[0])
+    up = _quantizers(sim.quantize(with_upgrades(start, [(q, "float")]))[0])
+    assert q.node in base and q.node not in up
+    assert up == {k: v for k, v in base.items() if k != q.node}

@@ -410,11 +410,19 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
                 and not node.attrs.get("transA", 0) and np_.activations and np_.activations[0] in reservoir \
                 and np_.activations[0] not in per_channel:
             groups.setdefault(np_.activations[0], []).append((np_, node))
+    tensors = graph.tensors()
     for x_name, members in groups.items():
         rng = table.ranges[x_name]
         if rng.channel_absmax is None:
             continue
-        ws = [const_value(node.inputs[1]) for _, node in members]
+        # the choice is made for every linear reading x, the float ones too: a policy that keeps one of them float
+        # leaves the others' migration and clipping as they were (`vitc search` compares such policies)
+        inside = {id(node) for _, node in members}
+        readers = [node for _, node in members] + [
+            c for c in tensors[x_name].outputs
+            if id(c) not in inside and c.op == "Gemm" and len(c.inputs) > 1 and const_value(c.inputs[1]) is not None
+            and not c.attrs.get("transB", 0) and not c.attrs.get("transA", 0) and c.inputs[0].name == x_name]
+        ws = [const_value(node.inputs[1]) for node in readers]
         spec = members[0][0].spec
         migrate = cfg.migrate and all(np_.spec.migrate for np_, _ in members)  # a policy rule may turn it off
         cap = min((np_.spec.max_alpha for np_, _ in members if np_.spec.max_alpha is not None), default=None)

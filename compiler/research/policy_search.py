@@ -1,12 +1,16 @@
 """`vitc search`: the cheapest policy that meets a fidelity target.
 
-1. Start from a policy (default: the preset ``all-per-tensor``) and measure it end to end.
+1. Start from a policy (default: the target's build default, ``default``) and measure it end to end. Calibration
+   is shared, and the range search picks each linear site's migration and clipping from every linear reading the
+   site's input, float or not: a candidate differs from the start only in the operators it changes, so its measured
+   fidelity moves only with them, and the written policy builds exactly the measured model.
 2. Sensitivity: quantize each operator *alone* (everything else float) under the start policy and measure its output
    noise power against the source model on held-out samples (noise_i = 10^(-SQNR_i/10)). Quantization noises of
    different operators add up nearly independently, so sum_i noise_i predicts the full model's noise, and
    noise_i is what an upgrade of operator i removes.
 3. Greedy: take the upgrade with the most noise removed per unit of cost, apply it, re-measure the whole model end to
-   end, repeat until the target is met (or the upgrade budget runs out).
+   end, repeat until the target is met (or the upgrade budget runs out). An upgrade that lowers the measured
+   fidelity (errors that cancelled) is rolled back.
 
 Upgrades and their cost (the latency they give up, in units of the operator's share of the quantizable MACs):
   * per-channel weights: free (every int8 kernel takes them) — the start policy is upgraded to them first if needed;
@@ -200,6 +204,11 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
                   / total_macs) for n in nodes]
     by_node = {n.node: n for n in nodes}
     want_pc = cfg.per_channel_cost < 1.0
+
+    def measure(policy: Policy):
+        return sim.run(policy, opts).fidelity
+
+    f = measure(start)
     for info in progress(ops, len(ops), "sensitivity", show_progress):
         np_ = by_node[info.node]
         info.noise = _noise(sim, only(start, info.node, np_.spec), opts)
@@ -207,10 +216,6 @@ def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool
             info.noise_per_channel = _noise(sim, only(start, info.node, replace(
                 np_.spec, activation=Granularity.PER_CHANNEL)), opts)
 
-    def measure(policy: Policy):
-        return sim.run(policy, opts).fidelity
-
-    f = measure(start)
     steps = [Step(0, None, None, None, None, 0.0, 0.0, f.sqnr_db, f.worst_sample_sqnr_db, f.mean_cosine,
                   f.top1_agreement_pct)]
     log.info("search: start %r %.2f dB (target %s)", start.name, f.sqnr_db, cfg.describe())
@@ -302,8 +307,8 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
                    help="output SQNR to reach against the source model on the held-out samples")
     t.add_argument("--target-agreement", type=float, default=None, metavar="PCT",
                    help="classifiers: top-1 agreement with the source model to reach (percent)")
-    p.add_argument("--start", default="all-per-tensor", metavar="FILE|PRESET",
-                   help="policy to start from (default: the preset all-per-tensor; 'default' = the build's default)")
+    p.add_argument("--start", default="default", metavar="FILE|PRESET",
+                   help="policy to start from (default: the target's build default; e.g. all-per-tensor)")
     p.add_argument("--max-upgrades", type=int, default=32)
     p.add_argument("--per-channel-cost", type=float, default=1.0,
                    help="cost of simulated per-channel activations relative to float (default 1: neither runs on "
