@@ -6,7 +6,7 @@ HF-transformers and BERT-like (post-norm) graphs get the same labels, fused (the
 
 Quantizable nodes (MatMul/Gemm/Conv, the rows of a plan):
 
-- ``patch_embed``: a Conv reading the graph input; ``conv``: any other Conv.
+- ``patch_embed``: a Conv reading the graph input; ``conv``: any other Conv; ``deconv``: a ConvTranspose (decoders).
 - ``q``, ``k``, ``v``: separate projections (HF exports) feeding the query / key side of Q K^T or the value side of
   attention x V; ``qkv``: one fused projection feeding several of them (timm).
 - ``attn_qk``: the activation x activation MatMul whose result goes to the softmax; ``attn_av``: softmax x V.
@@ -41,12 +41,12 @@ import onnx_graphsurgeon as gs
 from vitc.passes.attention import LAYOUT_OPS, computed_inputs, find_cores, is_const
 from vitc.passes.base import PassResult
 
-QUANTIZABLE = {"MatMul", "Gemm", "Conv"}
+QUANTIZABLE = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 ACTIVATION_FNS = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Relu"}
 GATES = {"Erf", "Tanh", "Sigmoid"}
 
 # roles of quantizable nodes, and of the float nodes that are annotated for policy matching
-QUANTIZABLE_ROLES = ("patch_embed", "conv", "qkv", "q", "k", "v", "attn_qk", "attn_av", "proj", "fc1", "fc2",
+QUANTIZABLE_ROLES = ("patch_embed", "conv", "deconv", "qkv", "q", "k", "v", "attn_qk", "attn_av", "proj", "fc1", "fc2",
                      "head", "linear", "matmul")
 FLOAT_ROLES = ("norm1", "norm2", "final_norm", "norm", "softmax", "gelu", "residual_add")
 ROLES = QUANTIZABLE_ROLES + FLOAT_ROLES
@@ -281,6 +281,9 @@ def annotate(graph: gs.Graph) -> dict[str, Role]:
                 continue
             labels[n.name] = ("patch_embed", None) if _from_graph_input(n.inputs[0], graph_inputs) else \
                 ("conv", block_of(n))
+        elif n.op == "ConvTranspose":
+            if has_const_weight(n):
+                labels[n.name] = ("deconv", block_of(n))
         elif has_const_weight(n):
             src = _upstream(n.inputs[0], stop)
             if src is not None and labels.get(src.name, ("",))[0] == "final_norm":

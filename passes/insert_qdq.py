@@ -145,7 +145,7 @@ class InsertQDQPass:
         w = const_value(node.inputs[1])
         axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
         q, scale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8,
-                                   self.pair_safe_weights and node.op != "Conv")
+                                   self.pair_safe_weights and node.op not in ("Conv", "ConvTranspose"))
         base = f"{node.name}.weight"
         wq = gs.Constant(f"{base}.int8", q)
         zp = np.zeros(scale.shape, np.int8)

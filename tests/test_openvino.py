@@ -161,3 +161,36 @@ def test_bench_times_onnx_in_openvino_beside_ort(tmp_path, capsys, vit_path):
                     "--pause", "0")
     assert code == 0, out
     assert "openvino" in out and "ort" in out
+
+
+def test_convtranspose_runs_int8_on_openvino_and_stays_float_elsewhere(tmp_path):
+    """A decoder's ConvTranspose (role deconv): per-output-channel int8 weights on axis 1 and an int8
+    Deconvolution in OpenVINO's runtime graph, close to the source; the ORT and TensorRT defaults keep it float by a
+    named rule (ORT has no int8 ConvTranspose; TensorRT's Q/DQ deconvolution is not emitted without a GPU to check)."""
+    from vitc.compiler.calib.data import EVAL_PHOTOS, Preprocess, embedded_samples
+    from vitc.runtimes.base import SessionOptions
+    from vitc.runtimes.openvino import InferencePrecision, OpenVinoRuntime
+
+    src = tmp_path / "dec.onnx"
+    onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2, decoder=True)), src)
+    rules = {}
+    for target in (Target.OPENVINO, Target.ORT, Target.TRT):
+        res = build(BuildConfig(model=src, outdir=tmp_path / target.value, target=target,
+                                calib=CalibConfig(samples=8), show_progress=False))
+        node = next(n for n in res.report["policy"]["nodes"] if n["role"] == "deconv")
+        rules[target] = node["rule"]
+        if target is not Target.OPENVINO:
+            continue
+        m = onnx.load(res.model_path)
+        ct = next(n for n in m.graph.node if n.op_type == "ConvTranspose")
+        dq = next(n for n in m.graph.node if n.output[0] == ct.input[1])
+        assert dq.op_type == "DequantizeLinear" and next(a.i for a in dq.attribute if a.name == "axis") == 1
+        sess = OpenVinoRuntime(InferencePrecision.F32).session(res.outdir / res.report["openvino"]["ir"][0],
+                                                              SessionOptions(threads=1))
+        deconv = [lay for lay in sess.runtime_graph() if lay["type"] == "Deconvolution"]
+        assert len(deconv) == 1 and deconv[0]["precision"] in ("u8", "i8"), deconv
+        xs = [x[None] for x in embedded_samples(Preprocess(32, 32), 4, 5, EVAL_PHOTOS)]
+        ref = np.concatenate([ort_run(src, {"input": x})[1] for x in xs])
+        got = np.concatenate([sess.run({"input": x})[1] for x in xs])
+        assert sqnr_db(ref, got) > 20, sqnr_db(ref, got)
+    assert rules == {Target.OPENVINO: "default", Target.ORT: "conv-float-on-ort", Target.TRT: "deconv-float"}

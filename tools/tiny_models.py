@@ -32,6 +32,7 @@ class TinyConfig:
     seed: int = 0
     dynamic_batch: bool = True
     layer_scale: bool = False  # CaiT/DINOv2 LayerScale: each branch output times a learned per-channel gamma
+    decoder: bool = False  # a second output: the patch tokens as a map, upsampled by a ConvTranspose (dense heads)
 
 
 class GraphBuilder:
@@ -157,10 +158,23 @@ def tiny_vit(cfg: TinyConfig = TinyConfig()) -> onnx.ModelProto:
     x = b.layernorm(x, cfg.dim, cfg.ln_square, "final_norm")
     c = b.op("Gather", [x, b.const(np.array(0, np.int64))], "cls_out", axis=1)
     logits = b.linear(c, cfg.dim, cfg.classes, "head")
+    outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, [batch, cfg.classes])]
+    if cfg.decoder:
+        g = cfg.img // cfg.patch
+        p = b.op("Slice", [x, b.const(np.array([1], np.int64)), b.const(np.array([tokens], np.int64)),
+                           b.const(np.array([1], np.int64))], "patch_tokens")
+        p = b.op("Transpose", [p], "to_channels", perm=[0, 2, 1])
+        p = b.op("Reshape", [p, b.const(np.array([0, cfg.dim, g, g], np.int64))], "to_map")
+        up = b.op("ConvTranspose", [p, b.const(b.w(cfg.dim, 8, 2, 2, scale=0.2)), b.const(b.w(8, scale=0.1))],
+                  "upsample", kernel_shape=[2, 2], strides=[2, 2])
+        up = b.op("Relu", [up], "upsample_relu")
+        dense = b.op("Conv", [up, b.const(b.w(2, 8, 1, 1, scale=0.3)), b.const(np.zeros(2, np.float32))], "dense",
+                     kernel_shape=[1, 1])
+        outputs.append(helper.make_tensor_value_info(dense, TensorProto.FLOAT, [batch, 2, 2 * g, 2 * g]))
     graph = helper.make_graph(
         b.nodes, "tiny_vit",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, cfg.img, cfg.img])],
-        [helper.make_tensor_value_info(logits, TensorProto.FLOAT, [batch, cfg.classes])], b.inits)
+        outputs, b.inits)
     graph.output[0].name = logits
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", cfg.opset)], producer_name="vitc-tiny")
     m.ir_version = 8

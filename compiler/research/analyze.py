@@ -56,6 +56,8 @@ from vitc.passes.graphutil import const_value
 
 log = logging.getLogger(__name__)
 
+CONV_OPS = ("Conv", "ConvTranspose")  # NCHW input, channels on axis 1
+
 REPORT_HTML = "report.html"
 REPORT_JSON = "analysis.json"
 ANALYSED_OPS = ("MatMul", "Gemm", "Conv")
@@ -278,7 +280,7 @@ def quantize_weight_like_build(w: np.ndarray, np_: NodePlan, pair_safe: bool) ->
 
 
 def _conv(node: gs.Node, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    """One Conv in ORT (the node's attributes, any padding/stride/group)."""
+    """One Conv or ConvTranspose in ORT (the node's attributes, any padding/stride/group)."""
     from vitc.runtimes.base import SessionOptions
     from vitc.runtimes.ort import OrtRuntime
 
@@ -291,7 +293,7 @@ def _conv(node: gs.Node, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> 
         inits.append(onnx.numpy_helper.from_array(b.astype(np.float32), "b"))
         names.append("b")
     attrs = {k: v for k, v in node.attrs.items()}
-    g = h.make_graph([h.make_node("Conv", names, ["y"], **attrs)], "conv", inputs,
+    g = h.make_graph([h.make_node(node.op, names, ["y"], **attrs)], "conv", inputs,
                      [h.make_empty_tensor_value_info("y")], inits)
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
     m.ir_version = 8
@@ -306,7 +308,7 @@ class _Op:
         self.node = node
         self.np = np_
         self.w = const_value(node.inputs[1]) if np_.weight is not None else None
-        self.b = const_value(node.inputs[2]) if node.op in ("Gemm", "Conv") and len(node.inputs) > 2 else None
+        self.b = const_value(node.inputs[2]) if node.op in ("Gemm", *CONV_OPS) and len(node.inputs) > 2 else None
         self.wq = None if self.w is None else quantize_weight_like_build(
             self.w.astype(np.float32), np_, pair_safe and not node.attrs.get("transB", 0))
         # per-channel activations: a weighted matmul whose activation's last axis is its reduction axis
@@ -315,7 +317,7 @@ class _Op:
 
     def __call__(self, xs: list[np.ndarray], weight: np.ndarray | None) -> np.ndarray:
         n = self.node
-        if n.op == "Conv":
+        if n.op in CONV_OPS:
             return _conv(n, xs[0], weight, self.b)
         if n.op == "Gemm":
             a = xs[0].T if n.attrs.get("transA", 0) else xs[0]
@@ -556,7 +558,7 @@ def _analyse_operators(graph: gs.Graph, aplan: Plan, plan: Plan, table: Calibrat
             outs = op.run(acts, table)
             fp = outs["fp"]
             groups = tok
-            if node.op == "Conv":  # channels on axis 1: move them last; no token axis
+            if node.op in CONV_OPS:  # channels on axis 1: move them last; no token axis
                 outs = {k: None if v is None else np.moveaxis(v, 1, -1) for k, v in outs.items()}
                 fp = outs["fp"]
                 groups = TokenInfo()
@@ -570,7 +572,7 @@ def _analyse_operators(graph: gs.Graph, aplan: Plan, plan: Plan, table: Calibrat
                 errors[mode], pce[mode] = error_stats(fp, q, nsamples, groups, cfg.eps)
             per_channel_err[np_.node] = pce
             x_name = np_.activations[0]
-            has_ranges = op.w is not None and node.op != "Conv"
+            has_ranges = op.w is not None and node.op not in CONV_OPS
             if has_ranges:
                 consumers.setdefault(x_name, []).append(np_.node)
                 if x_name not in ranges:
@@ -592,7 +594,7 @@ def _analyse_operators(graph: gs.Graph, aplan: Plan, plan: Plan, table: Calibrat
                 "per_tensor_range": {t: _range_json(table.ranges.get(t)) for t in np_.activations},
                 "per_channel_note": None if errors["per_channel"] is not None else (
                     "attention matmul: two activations, analysed per-tensor only" if op.w is None else
-                    "Conv input is NCHW: per-tensor only" if node.op == "Conv" else
+                    "Conv input is NCHW: per-tensor only" if node.op in CONV_OPS else
                     "no per-channel calibration range"),
                 "input_ranges": x_name if has_ranges else None,
                 "output_shape": list(outs["fp"].shape),

@@ -174,6 +174,8 @@ def op_macs(np_: NodePlan, sim: Simulator) -> float:
     w = sim.constant(np_.weight)
     if w is None:
         return 0.0
+    if np_.op == "ConvTranspose":  # every input position meets the whole kernel
+        return float(np.prod(xs[0].shape[:1] + xs[0].shape[2:])) * w.size
     if np_.op == "Conv":  # output positions x weight size; stride from the node
         strides = sim.node_attrs(np_.node).get("strides", [1] * (xs[0].ndim - 2))
         spatial = np.prod([max(1, s // st) for s, st in zip(xs[0].shape[2:], strides)])
@@ -182,8 +184,9 @@ def op_macs(np_: NodePlan, sim: Simulator) -> float:
 
 
 def float_cost_factor(np_: NodePlan, target: Target) -> float:
-    # ORT has no int8 Conv with a float output: a Q/DQ'd Conv runs float anyway, so keeping it float costs nothing
-    return 0.0 if (target is Target.ORT and np_.op == "Conv") else 1.0
+    # ORT has no int8 Conv (or ConvTranspose) with a float output: a Q/DQ'd one runs float anyway, so keeping it
+    # float costs nothing
+    return 0.0 if (target is Target.ORT and np_.op in ("Conv", "ConvTranspose")) else 1.0
 
 
 def search(sim: Simulator, start: Policy, cfg: SearchConfig, show_progress: bool = True,
