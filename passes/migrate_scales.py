@@ -4,7 +4,9 @@ For a quantized linear y = x W (Gemm, W[K, N] constant) whose input channels hav
 weight rows |W[k, :]| maxima w_k, choose s_k = a_k^alpha / w_k^(1 - alpha) and compute y = (x / s) (s * W).
 The division lands where it is exact and free when it can:
 - x produced by LayerNormalization whose every consumer is such a Gemm: gamma /= s, beta /= s (a LayerNorm
-  reparameterization, exact in float);
+  reparameterization, exact in float). Layout ops that keep the channel axis last and never mix channels (Reshape,
+  Transpose, Slice, Concat, zero Pad: Swin's cyclic shift and window partition) may sit in between, as long as
+  nothing else reads their outputs;
 - otherwise one ``Mul(x, 1/s)`` before the consumers (GELU output -> fc2); reported in the pass counts.
 All Gemms reading x share one s (computed from the max over their weight rows). Sites where the fold is not exact
 or the statistics are unusable (non-constant or shared weights, a transposed B, zero/NaN channel maxima) are
@@ -118,16 +120,12 @@ class ScaleMigrationPass:
                 counts["sites skipped"] += 1
                 notes.append(f"{gemms[0].name}: bias is not a plain constant, cannot fold the centre; left as is")
                 continue
-            src = x.inputs[0] if len(x.inputs) == 1 else None
             only_gemms = len(users) == len(gemms)
-            if (src is not None and src.op == "Reshape" and only_gemms
-                    and x.shape is not None and src.inputs[0].shape is not None
-                    and src.inputs[0].shape[-1] == x.shape[-1] and len(src.inputs[0].outputs) == 1
-                    and len(src.inputs[0].inputs) == 1 and src.inputs[0].name not in outs):
-                src = src.inputs[0].inputs[0]  # look through the 3-D -> 2-D reshape (last axis kept)
-            ln_ok = (self.fold_layernorm and src is not None and src.op == "LayerNormalization" and only_gemms
-                     and len(src.inputs) >= 3 and all(const_value(t) is not None for t in src.inputs[1:3])
-                     and src.outputs[0].name not in outs)
+            # the LayerNorm whose output reaches x only through channel-keeping layout ops (a 3-D -> 2-D reshape,
+            # Swin's cyclic shift and window partition), with nothing else reading it on the way
+            src = _layernorm_through_layout(x, gemms, outs) if only_gemms else None
+            ln_ok = (self.fold_layernorm and src is not None and len(src.inputs) >= 3
+                     and all(const_value(t) is not None for t in src.inputs[1:3]))
             if ln_ok:
                 # new private constants: a gamma/beta shared with other LayerNorms (exporters deduplicate equal
                 # initializers, e.g. every LayerNorm of a freshly initialised timm model) is left untouched for them
@@ -192,3 +190,71 @@ class ScaleMigrationPass:
             if x.shape is None or x.shape[-1] != w.shape[0]:
                 return "input channels do not match the weight rows"
         return None
+
+
+def _axis(v: int, rank: int) -> int:
+    return v + rank if v < 0 else v
+
+
+def _keeps_channels(n: gs.Node) -> bool:
+    """``n`` moves or slices data without touching the last (channel) axis: each output element (.., c) is an input
+    element (.., c) or a zero of padding, so scaling channel c before ``n`` equals scaling it after."""
+    x = n.inputs[0] if n.inputs else None
+    rank = len(x.shape) if x is not None and x.shape is not None else None
+    if n.op == "Identity":
+        return True
+    if n.op == "Reshape":
+        y = n.outputs[0]
+        return (x.shape is not None and y.shape is not None and len(x.shape) > 0 and len(y.shape) > 0
+                and isinstance(x.shape[-1], int) and x.shape[-1] == y.shape[-1])
+    if rank is None:
+        return False
+    if n.op == "Transpose":
+        perm = n.attrs.get("perm")
+        return perm is not None and _axis(int(perm[-1]), rank) == rank - 1
+    if n.op == "Concat":
+        return _axis(int(n.attrs.get("axis", 0)), rank) != rank - 1
+    if n.op == "Slice":
+        axes = const_value(n.inputs[3]) if len(n.inputs) > 3 and n.inputs[3].name else None
+        if axes is None:
+            return False
+        return all(_axis(int(a), rank) != rank - 1 for a in axes.reshape(-1))
+    if n.op == "Pad":
+        pads = const_value(n.inputs[1]) if len(n.inputs) > 1 else None
+        value = const_value(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else None
+        axes = n.inputs[3] if len(n.inputs) > 3 and n.inputs[3].name else None
+        return (n.attrs.get("mode", "constant") == "constant" and pads is not None and axes is None
+                and pads.size == 2 * rank and pads[rank - 1] == 0 and pads[2 * rank - 1] == 0
+                and (value is None or float(np.asarray(value).reshape(-1)[0]) == 0.0))
+    return False
+
+
+def _layernorm_through_layout(x: gs.Tensor, gemms: list[gs.Node], outs: set[str]) -> gs.Node | None:
+    """The LayerNormalization that produces ``x`` through channel-keeping ops only (or directly), when every tensor
+    on the way is read by those ops or by ``gemms`` alone; None otherwise."""
+    chain: dict[int, gs.Node] = {}
+    ln = None
+    frontier = [x]
+    while frontier:
+        t = frontier.pop()
+        if len(t.inputs) != 1:
+            return None
+        p = t.inputs[0]
+        if p.op == "LayerNormalization":
+            if ln is not None and p is not ln:
+                return None
+            ln = p
+            continue
+        if id(p) in chain:
+            continue
+        if not _keeps_channels(p) or len(chain) >= 32:
+            return None
+        chain[id(p)] = p
+        frontier.extend(p.inputs[: len(p.inputs) if p.op == "Concat" else 1])
+    if ln is None:
+        return None
+    allowed = set(chain) | {id(g) for g in gemms}
+    for t in [ln.outputs[0], *(o for n in chain.values() for o in n.outputs)]:
+        if t.name in outs or any(id(c) not in allowed for c in t.outputs):
+            return None
+    return ln

@@ -326,3 +326,53 @@ def test_one_tensor_with_two_specs_gets_two_quantizers():
     for i in range(2):  # each consumer sees its own quantizer: errors within one step of its grid
         step = 3.0 / 127 if i == 0 else 4.0 / 255
         assert np.abs(out[i] - xv @ ws[i].values).max() < step * np.abs(ws[i].values).sum(0).max()
+
+
+def _ln_window_linear(extra_reader: bool) -> onnx.ModelProto:
+    """x [1, 6, 6, C] -> LayerNorm -> cyclic shift (Slice + Concat) -> window partition (Reshape, Transpose,
+    Reshape) -> linear: Swin's path from norm1 to qkv. ``extra_reader``: the shifted map is also a graph output."""
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(3)
+    c, ws, shift = 8, 3, 1
+    inits = [nh.from_array(a, n) for n, a in {
+        "g": rng.uniform(0.5, 2, c).astype(np.float32), "b": rng.standard_normal(c).astype(np.float32),
+        "s0": np.array([shift], np.int64), "e0": np.array([6], np.int64), "s1": np.array([0], np.int64),
+        "e1": np.array([shift], np.int64), "ax": np.array([1], np.int64),
+        "p1": np.array([1, 2, ws, 2, ws, c], np.int64), "p3": np.array([4, ws * ws, c], np.int64),
+        "w": (rng.standard_normal((c, 3 * c)) / np.sqrt(c)).astype(np.float32),
+        "bias": rng.standard_normal(3 * c).astype(np.float32)}.items()]
+    nodes = [h.make_node("LayerNormalization", ["x", "g", "b"], ["n"], name="norm1", axis=-1),
+             h.make_node("Slice", ["n", "s0", "e0", "ax"], ["ra"], name="roll_a"),
+             h.make_node("Slice", ["n", "s1", "e1", "ax"], ["rb"], name="roll_b"),
+             h.make_node("Concat", ["ra", "rb"], ["r"], name="roll", axis=1),
+             h.make_node("Reshape", ["r", "p1"], ["q1"], name="part1"),
+             h.make_node("Transpose", ["q1"], ["q2"], name="part2", perm=[0, 1, 3, 2, 4, 5]),
+             h.make_node("Reshape", ["q2", "p3"], ["win"], name="windows"),
+             h.make_node("MatMul", ["win", "w"], ["mm"], name="qkv"),
+             h.make_node("Add", ["mm", "bias"], ["y"], name="qkv_bias")]
+    outs = [h.make_tensor_value_info("y", TensorProto.FLOAT, [4, ws * ws, 3 * c])]
+    if extra_reader:
+        outs.append(h.make_tensor_value_info("r", TensorProto.FLOAT, [1, 6, 6, c]))
+    g = h.make_graph(nodes, "ln_window", [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 6, c])], outs, inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_migration_folds_into_layernorm_through_window_layout(extra_reader):
+    """Swin's norm1 -> shift -> partition -> qkv: the factors fold into the LayerNorm (no Mul), exactly; with the
+    shifted map also read elsewhere the fold would change that reader, so one Mul is inserted instead."""
+    m = onnx.shape_inference.infer_shapes(_ln_window_linear(extra_reader))
+    g = gs.import_onnx(m)
+    run_passes(g, float_pipeline(PipelineConfig()))
+    gemm = next(n for n in g.nodes if n.op == "Gemm")
+    factors = {gemm.inputs[0].name: np.random.default_rng(1).uniform(0.2, 5.0, 8).astype(np.float32)}
+    r = ScaleMigrationPass(factors).run(g)
+    assert (r.counts["LayerNorm folds"], r.counts["Mul inserted"]) == ((0, 1) if extra_reader else (1, 0))
+    x = np.random.default_rng(2).standard_normal((1, 6, 6, 8)).astype(np.float32)
+    want = ort_run(m, {"x": x}, optimize=False)
+    got = ort_run(export(g), {"x": x}, optimize=False)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
