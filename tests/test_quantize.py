@@ -1,6 +1,7 @@
 """Q/DQ insertion, scale migration and the ORT lowering, on the tiny ViT and BERT fixtures."""
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,7 +22,9 @@ def vit_build(tmp_path_factory):
     d = tmp_path_factory.mktemp("vb")
     src = d / "vit.onnx"
     onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2)), src)
-    res = build(BuildConfig(model=src, outdir=d / "out", calib=CalibConfig(samples=16), show_progress=False))
+    # the AVX2 class pins what depends on the build machine (saturation guard, bias correction)
+    res = build(BuildConfig(model=src, outdir=d / "out", calib=CalibConfig(samples=16), cpu=CpuKind.AVX2,
+                            show_progress=False))
     return src, res
 
 
@@ -145,12 +148,28 @@ def test_weight_mse_clip_lowers_low_bit_error():
         assert (err1 <= err0 + 1e-9).all() and err1.sum() < err0.sum()
 
 
+def test_bias_correction_default_follows_target_and_cpu():
+    """On by default, except for ORT artifacts without the saturation guard (VNNI/AMX CPUs); explicit wins."""
+    from vitc.compiler.driver.build import uses_bias_correction
+    from vitc.compiler.driver.pipeline import Target
+
+    def cfg(target, cpu, bc=None):
+        return BuildConfig(model=Path("m.onnx"), outdir=Path("o"), target=target, cpu=cpu, bias_correction=bc)
+
+    assert uses_bias_correction(cfg(Target.ORT, CpuKind.AVX2))
+    assert not uses_bias_correction(cfg(Target.ORT, CpuKind.VNNI))
+    assert not uses_bias_correction(cfg(Target.ORT, CpuKind.AMX))
+    assert uses_bias_correction(cfg(Target.ORT, CpuKind.VNNI, True))
+    assert not uses_bias_correction(cfg(Target.ORT, CpuKind.AVX2, False))
+    assert uses_bias_correction(cfg(Target.TRT, CpuKind.VNNI)) and uses_bias_correction(cfg(Target.OPENVINO, CpuKind.VNNI))
+
+
 def test_bias_correction_is_reported_and_changes_only_biases(vit_build, tmp_path):
     src, res = vit_build
     bc = res.report["search"]["bias_correction"]
     assert bc["corrected"] == 13 and bc["mean_abs_shift"] > 0  # q/k/v corrected before they fuse into QAttention
     plain = build(BuildConfig(model=src, outdir=tmp_path / "nobc", calib=CalibConfig(samples=16),
-                              bias_correction=False, show_progress=False))
+                              bias_correction=False, cpu=CpuKind.AVX2, show_progress=False))
     assert "bias_correction" not in plain.report["search"]
     a, b = onnx.load(res.model_path), onnx.load(plain.model_path)
     ia = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}

@@ -183,6 +183,16 @@ def test_ablate_cli_tables(capsys, vit_file, tmp_path):
     assert rows["vitc default"]["sqnr_db"] > rows["- range search (calibrated ranges, no migration/bias corr.)"][
         "sqnr_db"] + 1.0
     assert "| LayerNorm + fc2 |" in stdout
+    # the rotation row is quantized from the rotated graph: another model than the default's
+    assert rows["+ residual-stream rotation"]["sqnr_db"] != rows["vitc default"]["sqnr_db"]
+
+
+def test_rotated_simulator_runs_the_rotation(sim):
+    rot = sim.rotated()
+    assert rot is sim.rotated() and rot.rotate and not sim.rotate
+    assert [r for r in rot.float_passes if r.name == "rotate_residual"][0].modified
+    assert not any(r.name == "rotate_residual" for r in sim.float_passes)
+    assert len(rot.feeds) == len(sim.feeds)
 
 
 def test_ablate_markdown_with_latency_and_labels():

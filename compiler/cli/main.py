@@ -107,8 +107,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="fixed migration strength with --no-search (0: none, 1: all into the weights)")
     b.add_argument("--no-search", action="store_true",
                    help="use the observer's ranges as they are instead of searching migration/clipping per operator")
-    b.add_argument("--no-bias-correction", action="store_true",
-                   help="keep biases as they are (default: subtract each quantized linear's mean output error)")
+    bc = b.add_mutually_exclusive_group()
+    bc.add_argument("--no-bias-correction", dest="bias_correction", action="store_false", default=None,
+                    help="keep biases as they are")
+    bc.add_argument("--bias-correction", dest="bias_correction", action="store_true", default=None,
+                    help="subtract each quantized linear's mean output error from its bias (default: on, except for "
+                         "--target ort on a CPU with VNNI, where it measured worse)")
     b.add_argument("--weight-mse-clip", action="store_true",
                    help="per-channel weight ranges by squared-error-optimal clipping (always on below 8 bits)")
     b.add_argument("--rotate", action="store_true",
@@ -236,7 +240,7 @@ def _cmd_build(a) -> int:
         input_shapes=dict(a.input_shape),
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
-        policy=policy, bias_correction=not a.no_bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,
+        policy=policy, bias_correction=a.bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,
         rotate=a.rotate,
         pair_safe_weights=False if a.no_saturation_guard else None, cpu=CpuKind(a.cpu), keep_temp=a.keep_temp, allow_float=a.allow_float,
         dynamic_roles=_expand_roles(a.dynamic))

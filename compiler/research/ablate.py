@@ -8,7 +8,7 @@ on the same held-out samples against the source model:
   vitc range search (calibrated ranges as the research used them);
 * steps (vitc's deployable path): the build's default, then the same with one step switched off or on
   (bias correction, channel-scale migration, the per-operator range search, saturation-safe weights, MSE weight
-  clipping, attention x V in int8).
+  clipping, the residual-stream rotation, attention x V in int8).
 
 Columns: output SQNR (all samples and worst sample), cosine, top-1/top-5 when a labelled ImageFolder is given,
 how many nodes are simulation-only (per-channel activations: no int8 kernel runs them), and the latency of each
@@ -45,6 +45,7 @@ class Row:
     name: str
     policy: Policy
     options: SimOptions = SimOptions()
+    rotate: bool = False  # quantized from the residual-stream-rotated graph (build --rotate)
 
 
 def granularity_rows(observer, symmetric: bool) -> list[Row]:
@@ -67,9 +68,14 @@ def granularity_rows(observer, symmetric: bool) -> list[Row]:
 
 
 def step_rows(target: str, observer) -> list[Row]:
+    from vitc.compiler.driver.build import BuildConfig, uses_bias_correction
+    from vitc.compiler.driver.pipeline import Target
+
     base = target_default_policy(target, observer)
+    bc_on = uses_bias_correction(BuildConfig(model=Path("."), outdir=Path("."), target=Target(target)))
     rows = [Row("steps", "vitc default", base),
-            Row("steps", "- bias correction", base, SimOptions(bias_correction=False)),
+            Row("steps", "- bias correction", base, SimOptions(bias_correction=False)) if bc_on else
+            Row("steps", "+ bias correction", base, SimOptions(bias_correction=True)),
             Row("steps", "- channel-scale migration", base, SimOptions(migrate=False)),
             Row("steps", "- range search (calibrated ranges, no migration/bias corr.)", base,
                 SimOptions(search=False, migrate=False, bias_correction=False))]
@@ -78,6 +84,7 @@ def step_rows(target: str, observer) -> list[Row]:
     else:  # symmetric activations
         rows.append(Row("steps", "+ input centring", base, SimOptions(center=True)))
     rows.append(Row("steps", "+ MSE weight clipping", base, SimOptions(weight_mse_clip=True)))
+    rows.append(Row("steps", "+ residual-stream rotation", base, rotate=True))
     float_av = next((r for r in base.rules if r.spec.skip and r.roles and "attn_av" in r.roles), None)
     if float_av is not None:  # the default keeps attention x V float: show what int8 there costs
         rules = tuple(r for r in base.rules if r is not float_av)
@@ -127,8 +134,9 @@ def ablate(sim: Simulator, cfg: AblateConfig, workdir: Path, show_progress: bool
                                "calibration": sim.calib_summary})
     paths: list[Path] = []
     for i, row in enumerate(progress(rows, len(rows), "ablation", show_progress)):
-        model, plan, _ = sim.quantize(row.policy, row.options)
-        fid = sim.measure(model)
+        s = sim.rotated() if row.rotate else sim
+        model, plan, _ = s.quantize(row.policy, row.options)
+        fid = s.measure(model)
         path = workdir / f"row{i:02d}.onnx"
         save_model(model, path)
         paths.append(path)

@@ -316,6 +316,10 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
     p.add_argument("--per-channel-cost", type=float, default=1.0,
                    help="cost of simulated per-channel activations relative to float (default 1: neither runs on "
                         "int8 kernels; below 1 the search also tries per-channel)")
+    bc = p.add_mutually_exclusive_group()
+    bc.add_argument("--bias-correction", dest="bias_correction", action="store_true", default=None,
+                    help="measure every candidate with bias correction on (default: as `vitc build` decides)")
+    bc.add_argument("--no-bias-correction", dest="bias_correction", action="store_false", default=None)
     p.add_argument("--no-reference", action="store_true",
                    help="skip measuring the preset all-per-channel for comparison")
 
@@ -326,7 +330,8 @@ def run_command(a) -> int:
     from vitc.compiler.research.simulate import simulator_from_args
 
     cfg = SearchConfig(target_sqnr_db=a.target_sqnr, target_agreement_pct=a.target_agreement,
-                       max_upgrades=a.max_upgrades, per_channel_cost=a.per_channel_cost)
+                       max_upgrades=a.max_upgrades, per_channel_cost=a.per_channel_cost,
+                       options=SimOptions(bias_correction=a.bias_correction))
     defaults = PolicyDefaults.for_target(a.target)
     start = load_policy(a.start, defaults)
     refs = {} if a.no_reference else {"all-per-channel": load_policy("all-per-channel", defaults)}

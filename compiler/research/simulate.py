@@ -39,15 +39,17 @@ class SimOptions:
 
     search: bool = True  # per-site migration strength / clipping chosen by output error
     migrate: bool = True  # channel-scale migration (only with search: the fixed-strength path recalibrates)
-    bias_correction: bool = True
+    bias_correction: bool | None = None  # None: as the build decides (uses_bias_correction)
     weight_mse_clip: bool = False
     pair_safe_weights: bool | None = None  # None: on for ORT
     center: bool = False  # symmetric activations: per-channel input centring (as BuildConfig.center: off)
 
     def describe(self) -> str:
         off = [k for k, v in (("search", self.search), ("migration", self.migrate and self.search),
-                              ("bias correction", self.bias_correction and self.search)) if not v]
+                              ("bias correction", self.bias_correction is not False and self.search)) if not v]
         extra = ["weight MSE clip"] if self.weight_mse_clip else []
+        if self.bias_correction and self.search:
+            extra.append("bias correction")
         if self.pair_safe_weights is False:
             off.append("pair-safe weights")
         if self.center:
@@ -75,19 +77,24 @@ class Simulator:
     def __init__(self, model: Path, *, target: Target = Target.ORT, calib: CalibConfig = CalibConfig(),
                  fuse: bool = True, batch: int = 1, input_shapes: dict | None = None, eval_source: Path | None = None,
                  eval_samples: int = 8, search_samples: int = 4, show_progress: bool = True, threads: int = 0,
-                 eval_seed: int = 11):
+                 eval_seed: int = 11, rotate: bool = False):
         from vitc.runtimes.base import SessionOptions
         from vitc.runtimes.ort import OrtRuntime, quiet
 
         quiet()
         silence_graphsurgeon()
+        self._args = dict(target=target, calib=calib, fuse=fuse, batch=batch, input_shapes=input_shapes,
+                          eval_source=eval_source, eval_samples=eval_samples, search_samples=search_samples,
+                          show_progress=show_progress, threads=threads, eval_seed=eval_seed)
+        self.rotate = rotate
+        self._rotated: Simulator | None = None
         self.path = Path(model)
         self.target = target
         self.calib = calib
         self.threads = threads
         self.search_samples = search_samples
         fe = front_end(self.path, target, fuse=fuse, batch=batch, input_shapes=input_shapes,
-                       policy=calibrate_everything_policy(target, calib))
+                       policy=calibrate_everything_policy(target, calib), rotate=rotate)
         self.source = fe.source.model
         self.float_passes = fe.float_passes
         self.float_model = fe.float_model()
@@ -103,6 +110,15 @@ class Simulator:
         ref = self._rt.session(self.source.SerializeToString(), self._opts)
         self.reference = [ref.run(f) for f in self.feeds]
         self.output_names = ref.output_names
+
+    def rotated(self) -> "Simulator":
+        """The same model, data and settings with the residual-stream rotation in the front end (its own
+        calibration: the rotated graph's tensors are other tensors)."""
+        if self.rotate:
+            return self
+        if self._rotated is None:
+            self._rotated = Simulator(self.path, rotate=True, **self._args)
+        return self._rotated
 
     def constant(self, tensor: str) -> np.ndarray | None:
         """The value of a constant of the float model (None: not a constant)."""
@@ -124,7 +140,7 @@ class Simulator:
         plan = plan_for(graph, policy, node_roles(graph), self.target)
         cfg = BuildConfig(model=self.path, outdir=self.path, target=self.target, calib=self.calib, policy=policy,
                           migrate=opts.migrate, search=opts.search, search_samples=self.search_samples,
-                          bias_correction=opts.bias_correction and opts.search,
+                          bias_correction=opts.bias_correction if opts.search else False,
                           weight_mse_clip=opts.weight_mse_clip, pair_safe_weights=opts.pair_safe_weights,
                           center=opts.center, show_progress=False)
         table = self._table_for(plan)
