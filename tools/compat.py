@@ -269,15 +269,9 @@ def to_markdown(results: dict) -> str:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from vitc.compiler.driver.build import installed_versions
 
-    out = {}
-    for pkg in ("onnxruntime", "onnx", "torch", "timm", "openvino"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return installed_versions(("onnxruntime", "onnx", "torch", "timm", "openvino"))
 
 
 def run(models: list[str], exporters: list[str], outdir: Path, threads: int, max_time: float, eval_samples: int,

@@ -329,16 +329,22 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def package_versions() -> dict:
+def installed_versions(packages: tuple[str, ...]) -> dict[str, str | None]:
+    """Each distribution's installed version (None: not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
-    for pkg in ("vitc", "onnx", "onnx-graphsurgeon", "onnxruntime", "numpy"):
+    out: dict[str, str | None] = {}
+    for pkg in packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def package_versions() -> dict:
+    return {"python": platform.python_version(),
+            **installed_versions(("vitc", "onnx", "onnx-graphsurgeon", "onnxruntime", "numpy"))}
 
 
 def save_and_check(model: onnx.ModelProto, path: Path, src: LoadedModel) -> None:

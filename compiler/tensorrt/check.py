@@ -30,7 +30,6 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,19 +204,6 @@ class _Graph:
             return True
         p = self.prod(t)
         return p is not None and p.op_type == "DequantizeLinear" and self.const_source(p.input[0])
-
-    def through(self, t: str, ops: Iterable[str], depth: int = 4) -> onnx.NodeProto | None:
-        """The first producer of ``t`` that is not one of ``ops`` (following each op's first computed input)."""
-        ops = tuple(ops)
-        for _ in range(depth + 1):
-            p = self.prod(t)
-            if p is None or p.op_type not in ops:
-                return p
-            acts = [i for i in p.input if i and not self.is_const(i)]
-            if not acts:
-                return None
-            t = acts[0]
-        return None
 
 
 def _attr(n: onnx.NodeProto, name: str, default=None):
