@@ -34,8 +34,11 @@ class InsertQDQPass:
     name: ClassVar[str] = "insert_qdq"
 
     def __init__(self, plan: Plan, table: CalibrationTable, dynamic_nodes: frozenset[str] = frozenset(),
-                 weight_mse_clip: bool = False, pair_safe_weights: bool = False):
+                 weight_mse_clip: bool = False, pair_safe_weights: bool = False,
+                 rounded: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         self.plan = plan
+        # node -> (int8 weight, scale) rounded before this pass (GPTQ); stored as given
+        self.rounded = rounded or {}
         self.table = table
         self.weight_mse_clip = weight_mse_clip
         self.pair_safe_weights = pair_safe_weights
@@ -144,8 +147,11 @@ class InsertQDQPass:
     def _quantize_weight(self, graph, node, np_: NodePlan, x_scales, counts, params: dict[str, dict]):
         w = const_value(node.inputs[1])
         axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
-        q, scale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8,
-                                   self.pair_safe_weights and node.op not in ("Conv", "ConvTranspose"))
+        if node.name in self.rounded:
+            q, scale = self.rounded[node.name]
+        else:
+            q, scale = quantize_weight(w, axis, np_.spec.bits, self.weight_mse_clip or np_.spec.bits < 8,
+                                       self.pair_safe_weights and node.op not in ("Conv", "ConvTranspose"))
         base = f"{node.name}.weight"
         wq = gs.Constant(f"{base}.int8", q)
         zp = np.zeros(scale.shape, np.int8)

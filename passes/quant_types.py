@@ -75,6 +75,14 @@ class Granularity(enum.Enum):
     PER_CHANNEL = "per-channel"
 
 
+class WeightRounding(enum.Enum):
+    """How a linear's weights are rounded onto their int8 grid: each to its nearest level, or GPTQ (the rounding
+    error of each input row spread over the rows not yet rounded, against calibration inputs; Gemm weights only)."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"
+
+
 class SoftmaxQuantizer(enum.Enum):
     """How attention x V's probability input is quantized. Only ``uniform`` runs on engines; the log quantizers
     (levels 2^-q, or 2^-q/2 for log-sqrt2) put their resolution near 0, where softmax probabilities (~1/T) live,
@@ -99,6 +107,7 @@ class QuantSpec:
     migrate: bool = True  # channel-scale migration into this linear's weights may be applied (build --migrate)
     # the strongest migration (SmoothQuant alpha) the range search may pick for this linear; None: any in its grid
     max_alpha: float | None = None
+    rounding: WeightRounding = WeightRounding.NEAREST  # weight rounding (GPTQ: Gemm weights, calibrated Hessian)
 
     def describe(self) -> str:
         if self.skip:
@@ -107,7 +116,8 @@ class QuantSpec:
                 f"weight={self.weight.value} observer={self.observer.describe()}"
                 + ("" if self.softmax is SoftmaxQuantizer.UNIFORM else f" softmax={self.softmax.value}")
                 + ("" if self.migrate else " migrate=off")
-                + ("" if self.max_alpha is None or not self.migrate else f" max_alpha={self.max_alpha:g}"))
+                + ("" if self.max_alpha is None or not self.migrate else f" max_alpha={self.max_alpha:g}")
+                + ("" if self.rounding is WeightRounding.NEAREST else f" rounding={self.rounding.value}"))
 
 
 @dataclass
@@ -174,5 +184,5 @@ class Plan:
                 "simulated": [n.node for n in self.simulated()], "warnings": list(self.warnings)}
 
 
-__all__ = ["Observer", "ObserverConfig", "TensorRange", "CalibrationTable", "Granularity", "SoftmaxQuantizer",
+__all__ = ["Observer", "ObserverConfig", "TensorRange", "CalibrationTable", "Granularity", "SoftmaxQuantizer", "WeightRounding",
            "QuantSpec", "NodePlan", "simulation_reasons", "Plan"]

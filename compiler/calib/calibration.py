@@ -21,6 +21,50 @@ log = logging.getLogger(__name__)
 NUM_BINS = 2048
 
 
+class SecondMoments:
+    """Sum of x^T x and of x over the tokens of one tensor (last axis: channels): the Hessian of a linear's output
+    error that GPTQ rounding minimises. K x K float64 per tensor, kept only for inputs of GPTQ-rounded linears."""
+
+    def __init__(self) -> None:
+        self.gram: np.ndarray | None = None
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, v: np.ndarray) -> None:
+        x = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
+        if self.gram is None:
+            self.gram = np.zeros((x.shape[1], x.shape[1]), np.float64)
+            self.total = np.zeros(x.shape[1], np.float64)
+        self.gram += x.T @ x
+        self.total += x.sum(axis=0, dtype=np.float64)
+        self.count += x.shape[0]
+
+    def hessian(self, factors: np.ndarray | None = None, shift: np.ndarray | None = None) -> np.ndarray:
+        """sum x'^T x' for x' = x / factors - shift (the migrated input), from the moments of x."""
+        assert self.gram is not None and self.total is not None
+        h = self.gram
+        m = self.total
+        if factors is not None:
+            inv = 1.0 / np.asarray(factors, np.float64)
+            h = h * np.outer(inv, inv)
+            m = m * inv
+        if shift is not None:
+            c = np.asarray(shift, np.float64)
+            h = h - np.outer(m, c) - np.outer(c, m) + self.count * np.outer(c, c)
+        return h
+
+
+def collect_moments(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], tensors: Iterable[str],
+                    feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, SecondMoments]:
+    """Second moments of ``tensors`` over ``feeds`` (a calibration pass of its own)."""
+    out = {t: SecondMoments() for t in dict.fromkeys(tensors)}
+    for feed in feeds:
+        values = run(feed)
+        for name, m in out.items():
+            m.update(values[name])
+    return out
+
+
 class TensorObserver:
     """Streaming statistics of one tensor."""
 
@@ -132,11 +176,13 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
               feeds: Iterable[dict[str, np.ndarray]], cfg: ObserverConfig, *, model_digest: str,
               progress: Callable[[Iterator], Iterator] | None = None,
               observer_overrides: dict[str, ObserverConfig] | None = None,
-              reservoir: dict[str, list[np.ndarray]] | None = None, keep: int = 0) -> CalibrationTable:
+              reservoir: dict[str, list[np.ndarray]] | None = None, keep: int = 0,
+              moments: dict[str, SecondMoments] | None = None) -> CalibrationTable:
     """Run ``run(feed) -> {tensor: value}`` over ``feeds`` and observe ``tensors``.
 
     With ``reservoir`` and ``keep`` > 0, the first ``keep`` values of every tensor are also kept there (for the
-    output-error search); memory stays bounded by ``keep``.
+    output-error search); memory stays bounded by ``keep``. Tensors named in ``moments`` also get their second
+    moments accumulated there (GPTQ rounding).
     """
     names = list(dict.fromkeys(tensors))
     observers = {n: TensorObserver() for n in names}
@@ -150,6 +196,8 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
             observers[name].update(values[name])
             if reservoir is not None and n < keep:
                 reservoir.setdefault(name, []).append(np.array(values[name], copy=True))
+        for name, m in (moments or {}).items():
+            m.update(values[name])
         n += 1
     if n == 0:
         raise CalibrationDataError("calibration data is empty", hint="give at least one sample")

@@ -30,7 +30,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from vitc.compiler.driver.build import (CPU_METADATA_KEY, FP32_NAME, INT8_NAME, BuildConfig, CalibConfig, Precision,
-                                 calibration_feeds, detect_cpu, node_roles, ort_session, plan_for, refine_ranges,
+                                 calibration_feeds, detect_cpu, gptq_weights, new_moments, node_roles, ort_session,
+                                 plan_for, refine_ranges,
                                  resolve_cpu, run_calibration, save_and_check, uses_pair_safe_weights)
 from vitc.compiler.calib.calibration import CalibrationTable
 from vitc.compiler.errors import ModelLoadError, PassError, VitcError
@@ -77,6 +78,8 @@ class BuildContext:
     calib_summary: dict = field(default_factory=dict)
     reservoir: dict[str, list[np.ndarray]] = field(default_factory=dict)  # a few samples' activations (the search)
     migration: Migration | None = None  # what the fixed-strength migration (--no-search) applied
+    moments: dict | None = None  # second moments of the GPTQ-rounded linears' inputs (calibration)
+    rounded: dict | None = None  # node -> (int8 weight, scale) of the GPTQ-rounded linears
     model: onnx.ModelProto | None = None  # the artifact
     extra_outputs: list[str] = field(default_factory=list)  # files beside the artifact (OpenVINO IR)
 
@@ -231,17 +234,22 @@ def _calibrate(ctx: BuildContext) -> None:
         n_un = sum(not f["why"].startswith("policy rule") for f in ctx.float_ops)
         log.info("%d weighted op(s) stay float: %d by the policy, %d not recognised (build.json float_ops)",
                  len(ctx.float_ops), len(ctx.float_ops) - n_un, n_un)
+    ctx.moments = new_moments(plan)
     ctx.table, ctx.calib_summary = run_calibration(export(ctx.graph, ctx.source.model), plan, cfg.calib,
                                                    cfg.show_progress, reservoir=ctx.reservoir,
-                                                   keep=cfg.search_samples if cfg.search else 0, scratch=ctx.scratch)
+                                                   keep=cfg.search_samples if cfg.search else 0, scratch=ctx.scratch,
+                                                   moments=ctx.moments)
 
 
 def _search(ctx: BuildContext) -> None:
-    ctx.graph, ctx.plan, ctx.table, search_report, mig_res = refine_ranges(
-        ctx.graph, ctx.plan, ctx.table, ctx.reservoir, ctx.policy, ctx.cfg, dumps=ctx.dumps)
+    ctx.graph, ctx.plan, ctx.table, search_report, mig_res, ctx.rounded = refine_ranges(
+        ctx.graph, ctx.plan, ctx.table, ctx.reservoir, ctx.policy, ctx.cfg, dumps=ctx.dumps, moments=ctx.moments)
     ctx.results.append(mig_res)
+    if "weight_rounding" in search_report:
+        ctx.report["weight_rounding"] = search_report.pop("weight_rounding")
     ctx.report["search"] = search_report
     ctx.reservoir = {}  # not needed past the search
+    ctx.moments = None
 
 
 def _migrate_fixed(ctx: BuildContext) -> None:
@@ -264,15 +272,19 @@ def _recalibrate(ctx: BuildContext) -> None:
     log.info("recalibrating: the fixed-strength migration (--no-search, --alpha %g) rescaled %d activation(s), "
              "whose calibrated ranges no longer hold", cfg.migrate_alpha, len(ctx.migration.applied))
     ctx.plan = plan_for(ctx.graph, ctx.policy, node_roles(ctx.graph), cfg.target)
+    ctx.moments = new_moments(ctx.plan)
     ctx.table, ctx.calib_summary = run_calibration(export(ctx.graph, ctx.source.model), ctx.plan, cfg.calib,
-                                                   cfg.show_progress, label="recalibrating", scratch=ctx.scratch)
+                                                   cfg.show_progress, label="recalibrating", scratch=ctx.scratch,
+                                                   moments=ctx.moments)
 
 
 def _insert_qdq(ctx: BuildContext) -> None:
     cfg, plan = ctx.cfg, ctx.plan
     dyn = frozenset(n.node for n in plan.quantized() if n.role in cfg.dynamic_roles and n.op == "Gemm")
+    if ctx.rounded is None and ctx.moments:
+        ctx.rounded, ctx.report["weight_rounding"] = gptq_weights(ctx.graph, plan, ctx.moments, cfg)
     qdq = InsertQDQPass(plan, ctx.table, dynamic_nodes=dyn, weight_mse_clip=cfg.weight_mse_clip,
-                        pair_safe_weights=uses_pair_safe_weights(cfg))
+                        pair_safe_weights=uses_pair_safe_weights(cfg), rounded=ctx.rounded or {})
     res = run_passes(ctx.graph, [qdq], dumps=ctx.dumps)[0]
     ctx.results.append(res)
     ctx.report["policy"] = plan.to_json()

@@ -21,7 +21,7 @@ from vitc.compiler.errors import PolicyError
 from vitc.passes.annotate import FLOAT_ROLES, QUANTIZABLE_ROLES, ROLES
 # the plan's types live below the compiler (passes/ consumes them); importable from here as before
 from vitc.passes.quant_types import (Granularity, NodePlan, Observer, ObserverConfig, Plan, QuantSpec,
-                                     SoftmaxQuantizer, simulation_reasons)
+                                     SoftmaxQuantizer, WeightRounding, simulation_reasons)
 
 # Roles a rule can name. ``residual`` is the skip input of a residual Add that the TensorRT target quantizes
 # (compiler/quant/trt_residual.py); everything else comes from passes/annotate.py.
@@ -174,9 +174,10 @@ QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 # -- policy files and presets -----------------------------------------------------------------------------------------
 DEFAULT_PRESET = "default"
 RULE_KEYS = ("name", "roles", "role", "blocks", "node", "input_from", "activation", "weight", "observer", "percentile",
-             "bits", "symmetric", "softmax", "migrate", "max_alpha", "skip")
+             "bits", "symmetric", "softmax", "migrate", "max_alpha", "rounding", "skip")
 MATCH_KEYS = ("roles", "role", "blocks", "node", "input_from")
-SPEC_KEYS = ("activation", "weight", "observer", "percentile", "bits", "symmetric", "softmax", "migrate", "max_alpha")
+SPEC_KEYS = ("activation", "weight", "observer", "percentile", "bits", "symmetric", "softmax", "migrate", "max_alpha",
+             "rounding")
 TOP_KEYS = ("name", "description", "rule")
 
 
@@ -470,6 +471,8 @@ def _parse_rule(r: dict, i: int, lines: _Lines, err, defaults: PolicyDefaults):
             raise err(at("max_alpha"), f"rule {name!r} has migrate = false and also sets max_alpha",
                       "remove one of them: max_alpha caps a migration the rule allows")
         over["max_alpha"] = float(a)
+    if "rounding" in r:
+        over["rounding"] = member("rounding", WeightRounding, "rounding = {v} is not a weight rounding")
     skip = r.get("skip", False)
     if not isinstance(skip, bool):
         raise err(at("skip"), "skip must be true or false")
@@ -516,7 +519,15 @@ def policy_to_toml(policy: Policy) -> str:
             out.append("migrate = false")
         elif sp.max_alpha is not None:
             out.append(f"max_alpha = {sp.max_alpha!r}")
+        if sp.rounding is not WeightRounding.NEAREST:
+            out.append(f"rounding = {_toml_str(sp.rounding.value)}")
     return "\n".join(out) + "\n"
+
+
+def with_rounding(policy: Policy, rounding: WeightRounding) -> Policy:
+    """``policy`` with every quantizing rule's weight rounding set to ``rounding``."""
+    rules = tuple(r if r.spec.skip else replace(r, spec=replace(r.spec, rounding=rounding)) for r in policy.rules)
+    return replace(policy, name=f"{policy.name}+{rounding.value}", rules=rules)
 
 
 def glob_escape(name: str) -> str:
@@ -524,7 +535,7 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-__all__ = ["Granularity", "SoftmaxQuantizer", "QuantSpec", "Rule", "Policy", "default_policy", "trt_policy", "TrtAttention", "NodePlan",
+__all__ = ["Granularity", "SoftmaxQuantizer", "WeightRounding", "QuantSpec", "Rule", "Policy", "default_policy", "trt_policy", "TrtAttention", "NodePlan",
            "Plan", "Observer", "ObserverConfig", "QUANTIZABLE_OPS", "PolicyDefaults", "load_policy", "parse_policy",
            "preset_names", "target_default_policy", "expand_roles", "simulation_reasons", "RULE_ROLES",
-           "ROLE_GROUPS", "INPUT_ROLES", "policy_to_toml", "glob_escape"]
+           "ROLE_GROUPS", "INPUT_ROLES", "policy_to_toml", "glob_escape", "with_rounding"]

@@ -8,7 +8,7 @@ on the same held-out samples against the source model:
   vitc range search (calibrated ranges as the research used them);
 * steps (vitc's deployable path): the build's default, then the same with one step switched off or on
   (bias correction, channel-scale migration, the per-operator range search, saturation-safe weights, MSE weight
-  clipping, the residual-stream rotation, attention x V in int8).
+  clipping, the residual-stream rotation, GPTQ weight rounding, attention x V in int8).
 
 Columns: output SQNR (all samples and worst sample), cosine, top-1/top-5 when a labelled ImageFolder is given,
 how many nodes are simulation-only (per-channel activations: no int8 kernel runs them), and the latency of each
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vitc.compiler import plots
-from vitc.compiler.quant.policy import Granularity, Policy, QuantSpec, Rule, SoftmaxQuantizer, target_default_policy
+from vitc.compiler.quant.policy import (Granularity, Policy, QuantSpec, Rule, SoftmaxQuantizer, WeightRounding,
+                                        target_default_policy, with_rounding)
 from vitc.compiler.research.simulate import SimOptions, Simulator
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def step_rows(target: str, observer) -> list[Row]:
         rows.append(Row("steps", "+ input centring", base, SimOptions(center=True)))
     rows.append(Row("steps", "+ MSE weight clipping", base, SimOptions(weight_mse_clip=True)))
     rows.append(Row("steps", "+ residual-stream rotation", base, rotate=True))
+    rows.append(Row("steps", "+ GPTQ weight rounding", with_rounding(base, WeightRounding.GPTQ)))
     float_av = next((r for r in base.rules if r.spec.skip and r.roles and "attn_av" in r.roles), None)
     if float_av is not None:  # the default keeps attention x V float: show what int8 there costs
         rules = tuple(r for r in base.rules if r is not float_av)

@@ -20,8 +20,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.driver.build import (BuildConfig, CalibConfig, held_out_feeds, input_specs, node_roles, plan_for,
-                                 refine_ranges, run_calibration, silence_graphsurgeon, uses_pair_safe_weights)
+from vitc.compiler.driver.build import (BuildConfig, CalibConfig, calibration_runner, gptq_nodes, gptq_weights,
+                                        held_out_feeds, input_specs, node_roles, plan_for, refine_ranges,
+                                        run_calibration, silence_graphsurgeon, uses_pair_safe_weights)
 from vitc.compiler.calib.calibration import CalibrationTable
 from vitc.compiler.measure.fidelity import Fidelity
 from vitc.compiler.driver.frontend import front_end
@@ -101,6 +102,7 @@ class Simulator:
         self._float_graph = fe.graph  # read-only from here on (constants and attributes for cost models)
         self.roles = fe.roles
         self.reservoir: dict[str, list[np.ndarray]] = {}
+        self._moments: dict | None = None  # second moments of every linear input, collected on first GPTQ use
         self.table, self.calib_summary = run_calibration(self.float_model, fe.plan, calib, show_progress,
                                                          reservoir=self.reservoir, keep=search_samples)
         batch = input_specs(self.source)[0].shape[0] if eval_source is None else 1  # whole batches of crops
@@ -144,19 +146,39 @@ class Simulator:
                           weight_mse_clip=opts.weight_mse_clip, pair_safe_weights=opts.pair_safe_weights,
                           center=opts.center, show_progress=False)
         table = self._table_for(plan)
+        moments = self.moments(plan) if gptq_nodes(plan) else None
         report: dict = {}
         pipe_log = logging.getLogger("vitc.compiler.driver.pipeline")
         level = pipe_log.level
         pipe_log.setLevel(max(level, logging.WARNING))  # one report line per policy would drown the search's own log
         try:
+            rounded: dict = {}
             if opts.search:
-                graph, plan, table, report, _ = refine_ranges(graph, plan, table, self.reservoir, policy, cfg)
+                graph, plan, table, report, _, rounded = refine_ranges(graph, plan, table, self.reservoir, policy,
+                                                                       cfg, moments=moments)
+            elif moments:
+                rounded, report["weight_rounding"] = gptq_weights(graph, plan, moments, cfg)
             qdq = InsertQDQPass(plan, table, weight_mse_clip=opts.weight_mse_clip,
-                                pair_safe_weights=uses_pair_safe_weights(cfg))
+                                pair_safe_weights=uses_pair_safe_weights(cfg), rounded=rounded)
             run_passes(graph, [qdq, *lowering_passes(self.target)])
         finally:
             pipe_log.setLevel(level)
         return export(graph, self.source), plan, report
+
+    def moments(self, plan: Plan) -> dict:
+        """Second moments of the inputs of the plan's GPTQ-rounded linears, from one extra pass over the calibration
+        data (collected once, for every linear input of the float model)."""
+        if self._moments is None:
+            from vitc.compiler.calib.calibration import collect_moments
+
+            graph = gs.import_onnx(self.float_model)
+            names = sorted({n.inputs[0].name for n in graph.nodes if n.op == "Gemm" and len(n.inputs) > 1
+                            and isinstance(n.inputs[1], gs.Constant) and not n.attrs.get("transA", 0)
+                            and not n.attrs.get("transB", 0)})
+            log.info("collecting second moments of %d linear input(s) for GPTQ rounding", len(names))
+            run, feeds = calibration_runner(self.float_model, names, self.calib)
+            self._moments = collect_moments(run, names, feeds)
+        return {t: m for t, m in self._moments.items() if t in {np_.activations[0] for np_ in gptq_nodes(plan)}}
 
     def _table_for(self, plan: Plan) -> CalibrationTable:
         want = set(plan.activation_tensors())
