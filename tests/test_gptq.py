@@ -120,3 +120,14 @@ def test_gptq_build_rounds_every_linear_and_stays_faithful(gptq_builds):
     # by about 1 dB (docs/analysis.md), so the bound only catches a rounding that breaks the layer
     assert photo_sqnr_db(src, res["gptq"].model_path) > photo_sqnr_db(src, res["nearest"].model_path) - 1.5
     assert "weight_rounding" not in res["nearest"].report
+
+
+def test_explain_names_the_gptq_linears(gptq_builds, capsys, tmp_path):
+    from conftest import cli
+
+    src, _ = gptq_builds
+    pol = tmp_path / "gptq.toml"
+    pol.write_text(policy_to_toml(with_rounding(target_default_policy("ort"), WeightRounding.GPTQ)))
+    code, out = cli(capsys, "explain", str(src), "--policy", str(pol))[:2]
+    rows = [line for line in out.splitlines() if " Gemm " in line]
+    assert code == 0 and rows and all(line.rstrip().endswith("GPTQ rounding") for line in rows)

@@ -393,7 +393,9 @@ def format_plan(plan, roles: dict, graph) -> str:
         sp = n.spec
         rows.append((name, n.op, n.role, block_s, sp.activation.value, sp.weight.value if n.weight else "-",
                      sp.observer.describe(), str(sp.bits), "sym" if sp.symmetric else "asym", n.rule,
-                     "simulated: " + ", ".join(n.simulation) if n.simulated else ""))
+                     "; ".join(x for x in ("simulated: " + ", ".join(n.simulation) if n.simulated else "",
+                                           "GPTQ rounding" if n.weight and sp.rounding.value == "gptq" and n.op == "Gemm"
+                                           and n.weight_axis == 1 else "") if x)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     widths[0] = min(widths[0], 60)
     out = []

@@ -415,7 +415,7 @@ def gptq_nodes(plan: Plan, graph: gs.Graph | None = None) -> list:
     out = []
     for np_ in plan.quantized():
         if np_.spec.rounding is not WeightRounding.GPTQ or np_.op != "Gemm" or np_.weight is None \
-                or not np_.activations:
+                or np_.weight_axis != 1 or not np_.activations:
             continue
         node = nodes.get(np_.node)
         if node is not None and (node.attrs.get("transA", 0) or node.attrs.get("transB", 0)
