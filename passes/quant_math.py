@@ -130,11 +130,9 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, bits: int 
         return np.clip(np.rint(w / scale.reshape(1, -1)), -qmax, qmax).astype(np.int8)
     s = np.asarray(scale, np.float64).reshape(1, -1)
     Q = np.zeros_like(W)
-    done = np.zeros(k, bool)
-    partner = np.empty(k, np.int64)  # position (in ``order``) of each row's saturation-guard neighbour
+    partner = np.full(k, -1, np.int64)  # position (in ``order``) of each row's saturation-guard neighbour
     pos = np.empty(k, np.int64)
     pos[order] = np.arange(k)
-    partner[:] = -1
     if pair_safe:
         even = k - k % 2
         for r in range(even):
@@ -147,11 +145,10 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, bits: int 
             i = b0 + j
             q = np.clip(np.rint(Wb[j] / s[0]), -qmax, qmax)
             p = partner[i]
-            if p >= 0 and done[p]:
+            if 0 <= p < i:  # the neighbour was rounded first
                 lim = 128.0 - np.abs(Q[p])
                 q = np.clip(q, -lim, lim)
             Q[i] = q
-            done[i] = True
             e = (Wb[j] - q * s[0]) / U[i, i]
             Wb[j + 1:] -= np.outer(U[i, i + 1:b1], e)
             Eb[j] = e

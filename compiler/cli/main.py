@@ -373,7 +373,10 @@ def _cmd_explain(a) -> int:
 
 def format_plan(plan, roles: dict, graph) -> str:
     """The `vitc explain` table: one row per annotated node in graph order (float ops included, marked float)."""
+    from vitc.compiler.driver.build import gptq_nodes
+
     planned = {n.node: n for n in plan.nodes}
+    gptq = {n.node for n in gptq_nodes(plan, graph)}
     order = [n.name for n in graph.nodes]
     ops = {n.name: n.op for n in graph.nodes}
     rows = [("node", "op", "role", "block", "act", "weight", "observer", "bits", "sym", "rule", "note")]
@@ -394,8 +397,7 @@ def format_plan(plan, roles: dict, graph) -> str:
         rows.append((name, n.op, n.role, block_s, sp.activation.value, sp.weight.value if n.weight else "-",
                      sp.observer.describe(), str(sp.bits), "sym" if sp.symmetric else "asym", n.rule,
                      "; ".join(x for x in ("simulated: " + ", ".join(n.simulation) if n.simulated else "",
-                                           "GPTQ rounding" if n.weight and sp.rounding.value == "gptq" and n.op == "Gemm"
-                                           and n.weight_axis == 1 else "") if x)))
+                                           "GPTQ rounding" if name in gptq else "") if x)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     widths[0] = min(widths[0], 60)
     out = []

@@ -102,7 +102,7 @@ class Simulator:
         self._float_graph = fe.graph  # read-only from here on (constants and attributes for cost models)
         self.roles = fe.roles
         self.reservoir: dict[str, list[np.ndarray]] = {}
-        self._moments: dict | None = None  # second moments of every linear input, collected on first GPTQ use
+        self._moments: dict = {}  # second moments of linear inputs, collected when a GPTQ policy first needs them
         self.table, self.calib_summary = run_calibration(self.float_model, fe.plan, calib, show_progress,
                                                          reservoir=self.reservoir, keep=search_samples)
         batch = input_specs(self.source)[0].shape[0] if eval_source is None else 1  # whole batches of crops
@@ -166,19 +166,17 @@ class Simulator:
         return export(graph, self.source), plan, report
 
     def moments(self, plan: Plan) -> dict:
-        """Second moments of the inputs of the plan's GPTQ-rounded linears, from one extra pass over the calibration
-        data (collected once, for every linear input of the float model)."""
-        if self._moments is None:
+        """Second moments of the inputs of the plan's GPTQ-rounded linears, from an extra pass over the calibration
+        data for the inputs no earlier policy needed (kept for the next policies)."""
+        want = {np_.activations[0] for np_ in gptq_nodes(plan)}
+        missing = sorted(want - self._moments.keys())
+        if missing:
             from vitc.compiler.calib.calibration import collect_moments
 
-            graph = gs.import_onnx(self.float_model)
-            names = sorted({n.inputs[0].name for n in graph.nodes if n.op == "Gemm" and len(n.inputs) > 1
-                            and isinstance(n.inputs[1], gs.Constant) and not n.attrs.get("transA", 0)
-                            and not n.attrs.get("transB", 0)})
-            log.info("collecting second moments of %d linear input(s) for GPTQ rounding", len(names))
-            run, feeds = calibration_runner(self.float_model, names, self.calib)
-            self._moments = collect_moments(run, names, feeds)
-        return {t: m for t, m in self._moments.items() if t in {np_.activations[0] for np_ in gptq_nodes(plan)}}
+            log.info("collecting second moments of %d linear input(s) for GPTQ rounding", len(missing))
+            run, feeds = calibration_runner(self.float_model, missing, self.calib)
+            self._moments.update(collect_moments(run, missing, feeds))
+        return {t: self._moments[t] for t in want}
 
     def _table_for(self, plan: Plan) -> CalibrationTable:
         want = set(plan.activation_tensors())
