@@ -64,7 +64,8 @@ class InsertQDQPass:
                 raise PassError(self.name, "planned node not in graph", node=np_.node,
                                 hint="the plan must be resolved on the graph being quantized")
             if np_.node in self.dynamic_nodes and node.op == "Gemm" and np_.weight is not None:
-                if lower_dynamic_gemm(graph, node, np_, counts, params, self.weight_mse_clip, self.pair_safe_weights):
+                if lower_dynamic_gemm(graph, node, np_, counts, params, self.weight_mse_clip, self.pair_safe_weights,
+                                      self.rounded.get(node.name)):
                     continue
                 notes.append(f"{node.name}: a transposed/scaled Gemm or a computed bias cannot take a per-inference "
                              "input range; quantized with its calibrated range instead")

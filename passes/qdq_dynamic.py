@@ -15,11 +15,13 @@ from vitc.passes.quant_types import Granularity, NodePlan
 
 
 def lower_dynamic_gemm(graph: gs.Graph, node: gs.Node, np_: NodePlan, counts: dict, params: dict[str, dict],
-                   weight_mse_clip: bool = False, pair_safe_weights: bool = False) -> bool:
+                       weight_mse_clip: bool = False, pair_safe_weights: bool = False,
+                       rounded: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
     """Gemm(x, W, b) -> DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq) -> Cast -> Mul(xs * ws) -> Add(b).
 
     The spelling ORT's quantize_dynamic emits, which ORT's optimizer fuses into DynamicQuantizeMatMul. False (and
-    the graph untouched) for a transposed or scaled Gemm or a computed bias.
+    the graph untouched) for a transposed or scaled Gemm or a computed bias. ``rounded`` (int8 weight, scale): the
+    weight as already rounded (GPTQ), stored as given.
     """
     if node.attrs.get("transA", 0) or node.attrs.get("transB", 0) or node.attrs.get("alpha", 1.0) != 1.0 \
             or node.attrs.get("beta", 1.0) != 1.0:
@@ -31,8 +33,9 @@ def lower_dynamic_gemm(graph: gs.Graph, node: gs.Node, np_: NodePlan, counts: di
     b = const_value(node.inputs[2]) if len(node.inputs) > 2 else None
     base = node.name
     axis = np_.weight_axis if np_.spec.weight is Granularity.PER_CHANNEL else None
-    q, wscale = quantize_weight(w, axis, np_.spec.bits, weight_mse_clip or np_.spec.bits < 8,
-                                pair_safe_weights)
+    q, wscale = rounded if rounded is not None else quantize_weight(w, axis, np_.spec.bits,
+                                                                    weight_mse_clip or np_.spec.bits < 8,
+                                                                    pair_safe_weights)
     xq = gs.Variable(f"{base}.xq", dtype=np.uint8, shape=x.shape)
     xs = gs.Variable(f"{base}.x_scale", dtype=np.float32, shape=[])
     xzp = gs.Variable(f"{base}.x_zero_point", dtype=np.uint8, shape=[])

@@ -87,13 +87,13 @@ def gptq_builds(tmp_path_factory):
     d = tmp_path_factory.mktemp("gptq")
     src = d / "vit.onnx"
     onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2)), src)
-    pol = d / "gptq.toml"
-    pol.write_text(policy_to_toml(with_rounding(target_default_policy("ort"), WeightRounding.GPTQ)))
     out = {}
-    for name, policy in (("nearest", None), ("gptq", pol)):
+    for name, rounding in (("nearest", WeightRounding.NEAREST), ("gptq", WeightRounding.GPTQ)):
         from vitc.compiler.quant.policy import load_policy
 
-        p = None if policy is None else load_policy(policy, PolicyDefaults.for_target("ort"))
+        pol = d / f"{name}.toml"
+        pol.write_text(policy_to_toml(with_rounding(target_default_policy("ort"), rounding)))
+        p = load_policy(pol, PolicyDefaults.for_target("ort"))
         out[name] = build(BuildConfig(model=src, outdir=d / name, calib=CalibConfig(samples=16), cpu=CpuKind.AVX2,
                                       policy=p, show_progress=False))
     return src, out
@@ -131,3 +131,26 @@ def test_explain_names_the_gptq_linears(gptq_builds, capsys, tmp_path):
     code, out = cli(capsys, "explain", str(src), "--policy", str(pol))[:2]
     rows = [line for line in out.splitlines() if " Gemm " in line]
     assert code == 0 and rows and all(line.rstrip().endswith("GPTQ rounding") for line in rows)
+
+
+def test_the_ort_default_rounds_with_gptq_also_where_fc2_runs_dynamic(tmp_path):
+    """The ORT default policy rounds with GPTQ; a linear lowered with a per-inference input range (--dynamic fc2)
+    stores those rounded weights too (build.json counts it as rounded), not a second, nearest rounding."""
+    src = tmp_path / "vit.onnx"
+    onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2)), src)
+    assert {r.spec.rounding for r in target_default_policy("ort").rules if not r.spec.skip} == {WeightRounding.GPTQ}
+    weights = {}
+    for name, policy in (("gptq", None),
+                         ("nearest", with_rounding(target_default_policy("ort"), WeightRounding.NEAREST))):
+        res = build(BuildConfig(model=src, outdir=tmp_path / name, calib=CalibConfig(samples=8), policy=policy,
+                                dynamic_roles=frozenset({"fc2"}), show_progress=False))
+        m = onnx.load(res.model_path)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+        weights[name] = {n.name: inits[n.input[1]] for n in m.graph.node if n.op_type == "MatMulInteger"}
+        if name == "gptq":
+            fc2 = [n["node"] for n in res.report["policy"]["nodes"] if n["role"] == "fc2"]
+            assert set(fc2) <= set(res.report["weight_rounding"]["error_ratio_nearest_over_gptq"])
+    assert len(weights["gptq"]) == 2 and weights["gptq"].keys() == weights["nearest"].keys()
+    for k, q in weights["gptq"].items():
+        diff = np.abs(q.astype(int) - weights["nearest"][k].astype(int))
+        assert 0 < diff.max() <= 8, k

@@ -420,14 +420,16 @@ def test_migrate_key_parses_round_trips_and_rejects_non_bool():
            "skip = true", "migrate")
 
 
-def test_ort_default_keeps_migration_off_fc2_and_trt_default_keeps_it_on(vit, tmp_path):
-    """The ORT default's rule "fc2-no-migration" reaches the build: LayerNorm-fed linears still migrate (folded
-    into norm1/norm2), fc2 gets no Mul; the TensorRT default (symmetric int8) migrates fc2 as well."""
+def test_fc2_migration_lands_as_one_mul_before_its_quantizer(vit, tmp_path):
+    """fc2's input (GELU's output) takes its migration factors as one Mul before the quantizer, on both targets,
+    wherever the range search picked a strength (no Mul where it picked none); LayerNorm-fed linears migrate by
+    folding into norm1/norm2. The ORT default caps fc2's strength (rule "fc2-mild-migration"), TensorRT's does not."""
     from vitc.compiler.quant.policy import target_default_policy
 
     ort_pol, trt_pol = target_default_policy("ort"), target_default_policy("trt")
-    assert ort_pol.lookup("n", "fc2", 0).name == "fc2-no-migration" and not ort_pol.lookup("n", "fc2", 0).spec.migrate
-    assert ort_pol.lookup("n", "fc1", 0).spec.migrate and trt_pol.lookup("n", "fc2", 0).spec.migrate
+    fc2_rule = ort_pol.lookup("n", "fc2", 0)
+    assert fc2_rule.name == "fc2-mild-migration" and fc2_rule.spec.migrate and fc2_rule.spec.max_alpha == 0.65
+    assert trt_pol.lookup("n", "fc2", 0).spec.migrate and trt_pol.lookup("n", "fc2", 0).spec.max_alpha is None
     counts = {}
     for target in ("ort", "trt"):
         res = build(BuildConfig(model=vit, outdir=tmp_path / target, target=Target(target),
@@ -436,14 +438,15 @@ def test_ort_default_keeps_migration_off_fc2_and_trt_default_keeps_it_on(vit, tm
         m = onnx.load(res.model_path)
         prod = {o: n for n in m.graph.node for o in n.output}
         fc2 = [n["node"] for n in res.report["policy"]["nodes"] if n["role"] == "fc2"]
+        alpha = {tuple(v["nodes"]): v["alpha"] for v in res.report["search"]["linear"].values()}
         assert len(fc2) == 2
-        before_q = []  # what feeds each fc2's activation quantizer: DQ <- Q <- ?
         for n in m.graph.node:
             if n.name in fc2:
                 q = prod[prod[n.input[0]].input[0]]
                 assert q.op_type == "QuantizeLinear"
-                before_q.append(prod[q.input[0]].op_type)
-        assert before_q == (["Gelu", "Gelu"] if target == "ort" else ["Mul", "Mul"]), (target, before_q)
+                a = alpha[(n.name,)]
+                assert a is None or target == "trt" or a <= 0.65, (target, a)
+                assert prod[q.input[0]].op_type == ("Gelu" if a is None else "Mul"), (target, n.name, a)
     assert counts["ort"]["LayerNorm folds"] == counts["trt"]["LayerNorm folds"] == 4
 
 
@@ -463,19 +466,23 @@ def test_max_alpha_key_parses_round_trips_and_rejects_bad_values():
     assert capped_alphas(1.0) == ALPHAS
 
 
-def test_ort_default_caps_migration_at_proj_only(vit, tmp_path):
-    """The ORT default's rule "proj-mild-migration" reaches the range search: every proj site migrates with at most
-    alpha 0.3, while the LayerNorm-fed sites still pick stronger ones. The TensorRT default has no cap."""
+def test_ort_default_caps_migration_at_proj_and_fc2(vit, tmp_path):
+    """The ORT default's rules "proj-mild-migration" and "fc2-mild-migration" reach the range search: every proj
+    site migrates with at most alpha 0.3, every fc2 site with at most 0.65, while the LayerNorm-fed sites still pick
+    stronger ones. The TensorRT default has no cap."""
     from vitc.compiler.quant.policy import target_default_policy
 
     ort_pol, trt_pol = target_default_policy("ort"), target_default_policy("trt")
     assert ort_pol.lookup("n", "proj", 0).name == "proj-mild-migration"
     assert ort_pol.lookup("n", "proj", 0).spec.max_alpha == 0.3 and ort_pol.lookup("n", "fc1", 0).spec.max_alpha is None
+    assert ort_pol.lookup("n", "fc2", 0).spec.max_alpha == 0.65
     assert all(r.spec.max_alpha is None for r in trt_pol.rules)
     res = build(BuildConfig(model=vit, outdir=tmp_path / "ort", calib=CalibConfig(samples=4), show_progress=False))
     by_role = search_alphas_by_role(res.report)
     assert len(by_role["proj"]) == 2 and all(a is None or a <= 0.3 for a in by_role["proj"]), by_role
-    assert any(a is not None and a > 0.3 for r, al in by_role.items() if r != "proj" for a in al), by_role  # local
+    assert len(by_role["fc2"]) == 2 and all(a is None or a <= 0.65 for a in by_role["fc2"]), by_role
+    assert any(a is not None and a > 0.3 for r, al in by_role.items() if r not in ("proj", "fc2") for a in al), \
+        by_role  # the LayerNorm-fed sites are not capped
 
 
 def test_max_alpha_caps_the_fixed_strength_too(vit, tmp_path):

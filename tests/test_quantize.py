@@ -267,15 +267,19 @@ def test_migration_folds_layernorms_that_share_gamma_beta(tmp_path, image_batch)
 def test_qdq_numbers_match_an_independent_reference(tmp_path, target):
     """Every Q/DQ the build writes, recomputed here from first principles (not through vitc's quantization code):
     activation scale and zero-point from the final calibration range, int8 weights as round-half-even of the float
-    weight (the graph just before insert_qdq) over max|w|/127 per output column, int32 biases on x_scale * w_scale."""
+    weight (the graph just before insert_qdq) over max|w|/127 per output column, int32 biases on x_scale * w_scale.
+    The target's default policy with nearest weight rounding (GPTQ rounding: tests/test_gptq.py)."""
     import json
 
     from onnx import numpy_helper
+
+    from vitc.compiler.quant.policy import WeightRounding, target_default_policy, with_rounding
 
     src = tmp_path / "vit.onnx"
     onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2)), src)
     res = build(BuildConfig(model=src, outdir=tmp_path / "o", target=Target(target), calib=CalibConfig(samples=8),
                             fuse_attention=False, cpu=CpuKind.VNNI, show_progress=False,
+                            policy=with_rounding(target_default_policy(target), WeightRounding.NEAREST),
                             dump_after=frozenset({"migrate_scales"})))
     rep = json.loads((res.outdir / "build.json").read_text())
     table = rep["calibration_table"]

@@ -469,8 +469,8 @@ def gptq_weights(graph: gs.Graph, plan: Plan, moments: dict, cfg: BuildConfig, f
         # output error on the calibration tokens, tr(D^T H D) with D the weight's rounding error
         d_near = w - nearest.astype(np.float64) * cols
         d_gptq = w - q.astype(np.float64) * cols
-        e_near = float(np.einsum("kn,kj,jn->", d_near, h, d_near))
-        e_gptq = float(np.einsum("kn,kj,jn->", d_gptq, h, d_gptq))
+        e_near = float((d_near * (h @ d_near)).sum())
+        e_gptq = float((d_gptq * (h @ d_gptq)).sum())
         ratios[np_.node] = e_near / max(e_gptq, 1e-30)
     seconds = time.perf_counter() - t0
     if rounded:

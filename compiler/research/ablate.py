@@ -86,7 +86,10 @@ def step_rows(target: str, observer) -> list[Row]:
         rows.append(Row("steps", "+ input centring", base, SimOptions(center=True)))
     rows.append(Row("steps", "+ MSE weight clipping", base, SimOptions(weight_mse_clip=True)))
     rows.append(Row("steps", "+ residual-stream rotation", base, rotate=True))
-    rows.append(Row("steps", "+ GPTQ weight rounding", with_rounding(base, WeightRounding.GPTQ)))
+    if any(r.spec.rounding is WeightRounding.GPTQ for r in base.rules if not r.spec.skip):
+        rows.append(Row("steps", "- GPTQ weight rounding (nearest)", with_rounding(base, WeightRounding.NEAREST)))
+    else:
+        rows.append(Row("steps", "+ GPTQ weight rounding", with_rounding(base, WeightRounding.GPTQ)))
     float_av = next((r for r in base.rules if r.spec.skip and r.roles and "attn_av" in r.roles), None)
     if float_av is not None:  # the default keeps attention x V float: show what int8 there costs
         rules = tuple(r for r in base.rules if r is not float_av)
