@@ -224,6 +224,8 @@ def add_arguments(p, shape_type, floats3_type, std3_type, positive_type) -> None
     p.add_argument("--calib", type=Path, default=None,
                    help="image folder, .npz or .npy for calibration; default: embedded photos")
     p.add_argument("--calib-samples", type=positive_type, default=32)
+    p.add_argument("--seed", type=int, default=0, help="calibration crops of the embedded photos are drawn with this "
+                                                       "seed (as in `vitc build`)")
     p.add_argument("--eval", type=Path, default=None,
                    help="held-out image folder / .npz for fidelity; default: embedded photos calibration never sees")
     p.add_argument("--eval-samples", type=positive_type, default=8)
@@ -243,7 +245,7 @@ def simulator_from_args(a) -> Simulator:
 
     if not 0 < a.percentile <= 100:
         raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a number in (0, 100]")
-    calib = CalibConfig(source=a.calib, samples=a.calib_samples, observer=ObserverConfig(Observer(a.observer),
+    calib = CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ObserverConfig(Observer(a.observer),
                                                                                           a.percentile),
                         mean=a.mean, std=a.std)
     return Simulator(a.model, target=Target(a.target), calib=calib, batch=a.batch or 1, input_shapes=dict(a.input_shape),
