@@ -377,3 +377,39 @@ def test_trained_encoder_findings(tmp_path):
         # calibration crops; with 8 their ranges are tighter and saturate more often, +2.4 dB in block 5)
         assert sq("fc1", b, g="cls") < sq("fc1", b, g="patch") - 15, b
         assert sq("fc1", b, "per_channel") > sq("fc1", b) + 3, b
+
+
+def test_analyze_rotate_shows_input_channel_ranges_before_and_after(tmp_path):
+    """`analyze --rotate`: an outlier channel planted in the residual stream (patch-embedding channel 5 x40) stands
+    out in the LayerNorm-fed linears' inputs before the rotation and is spread over all channels after it; the HTML
+    report has the table. A model the pass cannot rotate gets the reason instead."""
+    from onnx import numpy_helper
+
+    from vitc.tools.tiny_models import tiny_bert
+
+    m = tiny_vit(TinyConfig(depth=2, dim=64, heads=2))
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    init = next(t for t in m.graph.initializer if t.name == conv.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w[5] *= 40
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    src = tmp_path / "vit.onnx"
+    onnx.save(m, src)
+    r = analyze(AnalyzeConfig(model=src, outdir=tmp_path / "a", calib=CalibConfig(samples=4), samples=2, maps=0,
+                              rotate=True, show_progress=False)).report
+    rot = r["rotation"]
+    assert rot["pass"]["counts"]["streams rotated"] == 1
+    ln_fed = [o for o in rot["operators"] if o["role"] in ("q", "k", "v", "qkv", "fc1")]
+    assert len(ln_fed) >= 2 * 2, [o["role"] for o in rot["operators"]]
+    for o in ln_fed:
+        assert o["before"]["spread"] > 8 and o["after"]["spread"] < 0.5 * o["before"]["spread"], o
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert "before and after" in html and ln_fed[0]["node"] in html
+
+    bert, ids = tmp_path / "bert.onnx", tmp_path / "ids.npz"
+    onnx.save(tiny_bert(), bert)
+    np.savez(ids, input_ids=np.random.default_rng(0).integers(0, 100, (4, 16)).astype(np.int64))
+    r = analyze(AnalyzeConfig(model=bert, outdir=tmp_path / "b", calib=CalibConfig(source=ids, samples=2),
+                              eval_source=ids, samples=2, maps=0, rotate=True, show_progress=False)).report
+    assert r["rotation"]["operators"] == [] and r["rotation"]["pass"]["notes"][0].startswith("not rotated:")
+    assert "Not rotated" in (tmp_path / "b" / "report.html").read_text()

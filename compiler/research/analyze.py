@@ -81,6 +81,9 @@ class AnalyzeConfig:
     histograms: int = 4  # operators with per-channel error histograms (the worst ones)
     eps: float = 1e-4  # of the relative error mean((q - fp)^2 / (fp^2 + eps))
     capture_budget_mb: float = 256.0  # activations held at once (all held-out samples of one chunk of operators)
+    # analyse the residual-stream-rotated graph (build --rotate) and compare each linear's input channel ranges with
+    # those of the unrotated graph on the same held-out samples
+    rotate: bool = False
     force: bool = False
     show_progress: bool = True
 
@@ -483,7 +486,7 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
     try:
         t = time.perf_counter()
         fe = front_end(cfg.model, cfg.target, batch=cfg.batch, input_shapes=cfg.input_shapes, policy=cfg.policy,
-                       observer=cfg.calib.observer)
+                       observer=cfg.calib.observer, rotate=cfg.rotate)
         float_model = fe.float_model()  # with the preprocessing `vitc export` recorded
         fixed_dims, graph, results, roles, policy, plan = (fe.source.fixed_dims, fe.graph, fe.results, fe.roles,
                                                            fe.policy, fe.plan)
@@ -513,6 +516,10 @@ def analyze(cfg: AnalyzeConfig) -> AnalyzeResult:
 
         report = _report(cfg, fixed_dims, policy, plan, aplan, tok, held, calib_summary, table, operators, ranges,
                          per_channel_err, attention, results)
+        if cfg.rotate:
+            t = time.perf_counter()
+            report["rotation"] = rotation_view(cfg, results, operators, ranges, feeds, tok)
+            stages["ranges before rotation"] = time.perf_counter() - t
         stages["total"] = time.perf_counter() - t_all
         report["seconds"] = {k: round(v, 3) for k, v in stages.items()}
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=1, default=_json_default, allow_nan=False))
@@ -606,6 +613,40 @@ def _analyse_operators(graph: gs.Graph, aplan: Plan, plan: Plan, table: Calibrat
     for t, cs in consumers.items():
         ranges[t]["consumers"] = cs
     return operators, ranges, per_channel_err
+
+
+def rotation_view(cfg: AnalyzeConfig, results, operators: list[dict], ranges: dict[str, dict],
+                  feeds: list[dict[str, np.ndarray]], tok: TokenInfo) -> dict:
+    """Each analysed linear's input channel ranges in the rotated graph (``ranges``) against the same linear's input
+    in the unrotated graph, on the same held-out ``feeds``: largest and median channel range (max - min) and their
+    ratio (how far the loudest channel stands out), and the largest |x|. Linears are matched by node name; the
+    rotation pass's own report (rotated, or why not) comes along."""
+    from vitc.compiler.driver.frontend import front_end
+
+    rot = next((r for r in results if r.name == "rotate_residual"), None)
+    out: dict = {"pass": None if rot is None else rot.to_json(), "operators": []}
+    if rot is None or not rot.counts.get("streams rotated"):
+        return out
+    before = front_end(cfg.model, cfg.target, batch=cfg.batch, input_shapes=cfg.input_shapes, policy=cfg.policy,
+                       observer=cfg.calib.observer)
+    nodes = {n.name: n for n in before.graph.nodes}
+    pairs = [(o, nodes[o["node"]].inputs[0].name) for o in operators
+             if o["input_ranges"] and o["node"] in nodes and nodes[o["node"]].op in ("MatMul", "Gemm")]
+    probe = _Probe(before.float_model(), [t for _, t in pairs])
+    acts = [probe.run(f) for f in feeds]
+    del probe, before
+
+    def summary(r: dict) -> dict:
+        a = r["all"]
+        return {"max_channel_range": a["max_channel_range"], "median_channel_range": a["median_channel_range"],
+                "spread": a["max_channel_range"] / max(a["median_channel_range"], 1e-12), "max_abs": a["max_abs"]}
+
+    for o, name in pairs:
+        x = np.concatenate([a[name] for a in acts])
+        b, r = summary(channel_ranges(x, len(feeds), tok)), summary(ranges[o["input_ranges"]])
+        out["operators"].append({"node": o["node"], "role": o["role"], "block": o["block"], "before": b,
+                                 "after": r})
+    return out
 
 
 def _range_json(r: TensorRange | None) -> dict | None:
@@ -860,6 +901,9 @@ def add_arguments(p: argparse.ArgumentParser, shape_type, floats3_type, std3_typ
     p.add_argument("--simulate", action="store_true", help="allow simulation-only policy settings (bits 4/6)")
     p.add_argument("--observer", choices=[o.value for o in Observer], default=Observer.PERCENTILE.value)
     p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--rotate", action="store_true",
+                   help="analyse the residual-stream-rotated graph (as build --rotate) and show each linear's input "
+                        "channel ranges before and after the rotation")
     p.add_argument("--eps", type=float, default=AnalyzeConfig.eps,
                    help="eps of the relative error mean((q - fp)^2 / (fp^2 + eps))")
     add_input_options(p, shape_type=shape_type, floats3_type=floats3_type, std3_type=std3_type,
@@ -898,7 +942,7 @@ def run_command(a: argparse.Namespace) -> int:
         model=a.model, outdir=outdir, target=Target(a.target), batch=a.batch or 1, input_shapes=dict(a.input_shape),
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         eval_source=a.eval, samples=a.samples, maps=a.maps, policy=policy, quantized=a.quantized, top=a.top,
-        eps=a.eps, force=a.force)
+        eps=a.eps, rotate=a.rotate, force=a.force)
     try:
         res = analyze(cfg)
     except BaseException:
@@ -913,6 +957,14 @@ def run_command(a: argparse.Namespace) -> int:
                       else f"{w['role']} ({w['sqnr_db_per_tensor']:.1f} dB)" for w in r["ranking"][:3])
     log.info("wrote %s and %s (%d operators; worst per-tensor: %s)", res.outdir / REPORT_HTML,
              res.outdir / REPORT_JSON, len(r["operators"]), worst or "-")
+    rot = r.get("rotation")
+    if rot is not None and rot["operators"]:
+        med = {k: float(np.median([o[k]["spread"] for o in rot["operators"]])) for k in ("before", "after")}
+        log.info("rotation: median input channel spread (largest / median channel range) %.1f -> %.1f over %d "
+                 "linears", med["before"], med["after"], len(rot["operators"]))
+    elif rot is not None:
+        log.warning("rotation: the residual stream was not rotated (%s)",
+                    "; ".join((rot.get("pass") or {}).get("notes", [])) or "no rotation pass")
     return 0
 
 

@@ -430,6 +430,28 @@ def _maps(r: dict, images: list[dict]) -> str:
             f'held-out samples: {fmt(a.get("output_sqnr_db"))} dB.</p>' + "".join(rows))
 
 
+def _rotation_table(r: dict) -> str:
+    rot = r.get("rotation")
+    if rot is None:
+        return ""
+    p = rot.get("pass") or {}
+    if not rot["operators"]:
+        why = "; ".join(p.get("notes", [])) or "the rotation pass did not run"
+        return f"<h2>Residual-stream rotation</h2><p class=\"note\">Not rotated: {esc(why)}</p>"
+    rows = []
+    for o in sorted(rot["operators"], key=lambda o: (o["block"] is None, o["block"] or 0, _role_key(o["role"]))):
+        b, a = o["before"], o["after"]
+        rows.append(f"<tr><td>{esc(o['block'] if o['block'] is not None else '-')}</td><td>{esc(o['role'])}</td>"
+                    f"<td>{fmt(b['spread'])}</td><td>{fmt(a['spread'])}</td><td>{fmt(b['max_abs'])}</td>"
+                    f"<td>{fmt(a['max_abs'])}</td><td><code>{esc(o['node'])}</code></td></tr>")
+    return ("<h2>Residual-stream rotation: input channel ranges before and after</h2>"
+            '<p class="note">Per linear input, over the held-out samples: spread = largest channel range (max - min) / '
+            "median channel range, and the largest |x|, in the unrotated and the rotated graph. A per-tensor int8 "
+            "range spends its levels on the loudest channel, so a lower spread leaves more of them to the rest.</p>"
+            "<table><tr><th>block</th><th>role</th><th>spread before</th><th>spread after</th><th>max |x| before</th>"
+            "<th>max |x| after</th><th>node</th></tr>" + "".join(rows) + "</table>")
+
+
 def render_report(r: dict, images: list[dict]) -> str:
     tok = r["tokens"]
     held, cal = r["held_out"], r["calibration"]
@@ -466,7 +488,7 @@ def render_report(r: dict, images: list[dict]) -> str:
         "<h2>Channel ranges of the operator inputs</h2>",
         '<p class="note">Per channel of each linear\'s input, over the held-out samples: max - min, the largest '
         'over channels, per block. Below, per input, each channel\'s max (red) and min (blue).</p>',
-        _range_summary(r), _range_panels(r),
+        _range_summary(r), _range_panels(r), _rotation_table(r),
         "<h2>Per-channel error of the worst operators</h2>",
         '<p class="note">Histogram over output channels of the relative error (mean over the tokens of the group), '
         'log10 bins.</p>', _histograms(r),
