@@ -219,8 +219,10 @@ def calibration_feeds(model: onnx.ModelProto, cc: CalibConfig) -> tuple[Iterator
                                            hint="add images or lower --batch")
         samples = counted(samples)
         kind = "image folder"
-    return D.batched(samples, spec), {"source": str(src) if src else "embedded", "kind": kind,
-                                      "preprocess": pre.to_json()}
+    summary = {"source": str(src) if src else "embedded", "kind": kind, "preprocess": pre.to_json()}
+    if src is None:
+        summary["crop_seed"] = cc.seed
+    return D.batched(samples, spec), summary
 
 
 def held_out_feeds(model: onnx.ModelProto, source: Path | None, samples: int, cc: CalibConfig,
