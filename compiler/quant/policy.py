@@ -224,7 +224,7 @@ def target_default_policy(target: str, observer: ObserverConfig | None = None) -
     # them a few loud GELU channels set the per-tensor range alone, and uncapped (alpha 0.8 everywhere) the flattened
     # channels overfit the calibration photos (docs/policies.md has the held-out numbers). TensorRT's symmetric
     # grid needs the migration even more, so trt_policy migrates fc2 uncapped.
-    # Every ORT linear is GPTQ-rounded (docs/analysis.md): about 5 s per ViT-S build for 0.5-1.5 dB.
+    # Every ORT linear is GPTQ-rounded (docs/analysis.md): about 5 s per ViT-S build for +0.2 to +4.4 dB held out.
     # The attention output projection's input is not normalized, so its channel ranges follow the image: a strong
     # migration fitted to the calibration photos flattens every channel to the edge of the per-tensor range, and
     # unseen photos clip (random-weight DeiT-S: the site's output error on held-out photos rose 10-40x at alpha
