@@ -220,7 +220,7 @@ def target_default_policy(target: str, observer: ObserverConfig | None = None) -
         # (72 held-out crops) int8 there costs 0.25 dB (33.61 vs 33.36 dB), the decoder's convolutions nothing.
         return trt_policy(observer, attention=TrtAttention.FLOAT, quantize_residual=False, quantize_patch_embed=False)
     # ORT: asymmetric uint8 activations; migration into fc2 capped at alpha 0.65. fc2's input (GELU's output) cannot
-    # take the factors anywhere exact, so they cost one float Mul per block (~3% of the encoder's latency); without
+    # take the factors anywhere exact, so they cost one float Mul per block (1-3% of the encoder's latency); without
     # them a few loud GELU channels set the per-tensor range alone, and uncapped (alpha 0.8 everywhere) the flattened
     # channels overfit the calibration photos (docs/policies.md has the held-out numbers). TensorRT's symmetric
     # grid needs the migration even more, so trt_policy migrates fc2 uncapped.
