@@ -12,7 +12,9 @@ the float output, per-tensor and per-channel activations, weights as the policy 
 - attention maps (last block's class-token attention and attention rollout) of the float model and of a quantized
   model (the policy's plan with the calibrated ranges, Q/DQ inserted as `vitc build --no-search --no-migrate
   --no-bias-correction` would, or a built model given with ``--quantized``) on the first few inputs, and that
-  model's output SQNR against float.
+  model's output SQNR against float;
+- with ``rotate``, the residual-stream-rotated graph (build --rotate) is analysed, and each linear's input channel
+  spread and largest |x| are compared with the unrotated graph's on the same held-out samples (``rotation``).
 
 The numerics are those of the build (``compiler/calib/range_search.py`` fake-quant helpers, ``passes/insert_qdq``'s weight
 quantization): per-tensor activations with the calibrated range of the policy's observer (asymmetric uint8 on the
