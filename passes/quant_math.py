@@ -129,8 +129,8 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, bits: int 
     H += damp * float(np.mean(np.diag(H))) * np.eye(k)
     try:
         U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
-    except np.linalg.LinAlgError:
-        return np.clip(np.rint(w / scale.reshape(1, -1)), -qmax, qmax).astype(np.int8)
+    except np.linalg.LinAlgError:  # not a usable Hessian: spread nothing, i.e. nearest rounding (guard kept)
+        U = np.eye(k)
     s = np.asarray(scale, np.float64).reshape(1, -1)
     Q = np.zeros_like(W)
     partner = np.full(k, -1, np.int64)  # position (in ``order``) of each row's saturation-guard neighbour

@@ -157,3 +157,19 @@ def test_the_ort_default_rounds_with_gptq_also_where_fc2_runs_dynamic(tmp_path):
     for k, q in weights["gptq"].items():
         diff = np.abs(q.astype(int) - weights["nearest"][k].astype(int))
         assert 0 < diff.max() <= 8, k
+
+
+def test_gptq_with_an_unusable_hessian_is_nearest_rounding_and_keeps_the_guard():
+    """A Hessian the ridge cannot make invertible falls back to nearest rounding on the same grid, and the
+    saturation guard still holds for every neighbouring row pair."""
+    rng = np.random.default_rng(4)
+    w = np.repeat(rng.uniform(0.08, 0.1, (3, 5)), 2, axis=0).astype(np.float32)  # equal row pairs near the max
+    scale = np.full(5, float(w.max()) / 127, np.float32)
+    h = np.where(np.eye(6, dtype=bool), 1.0, 2.0)  # + the ridge (mean diagonal 1): every entry 2, singular
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.inv(h + np.eye(6))
+    near = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    assert (np.abs(near[0::2].astype(int)) + np.abs(near[1::2].astype(int))).max() > 128  # would saturate
+    assert np.array_equal(gptq_round(w, h, scale, damp=1.0), near)
+    q = gptq_round(w, h, scale, pair_safe=True, damp=1.0)
+    assert (np.abs(q[0::2].astype(int)) + np.abs(q[1::2].astype(int))).max() <= 128
