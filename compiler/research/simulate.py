@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from vitc.compiler.driver.build import (BuildConfig, CalibConfig, calibration_runner, gptq_nodes, gptq_weights,
+                                        sequential_weights,
                                         held_out_feeds, input_specs, node_roles, plan_for, refine_ranges,
                                         run_calibration, silence_graphsurgeon, uses_pair_safe_weights)
 from vitc.compiler.calib.calibration import CalibrationTable
@@ -44,6 +45,7 @@ class SimOptions:
     weight_mse_clip: bool = False
     pair_safe_weights: bool | None = None  # None: on for ORT
     center: bool = False  # symmetric activations: per-channel input centring (as BuildConfig.center: off)
+    sequential: bool = False  # refit the GPTQ linears one input at a time on the quantized model's inputs
 
     def describe(self) -> str:
         off = [k for k, v in (("search", self.search), ("migration", self.migrate and self.search),
@@ -55,6 +57,8 @@ class SimOptions:
             off.append("pair-safe weights")
         if self.center:
             extra.append("input centring")
+        if self.sequential and self.search:
+            extra.append("sequential refit")
         return ", ".join([f"no {k}" for k in off] + extra) or "vitc default"
 
 
@@ -156,6 +160,8 @@ class Simulator:
             if opts.search:
                 graph, plan, table, report, _, rounded = refine_ranges(graph, plan, table, self.reservoir, policy,
                                                                        cfg, moments=moments)
+                if opts.sequential and rounded:
+                    rounded, report["sequential"] = sequential_weights(graph, plan, table, rounded, self.source, cfg)
             elif moments:
                 rounded, report["weight_rounding"] = gptq_weights(graph, plan, moments, cfg)
             qdq = InsertQDQPass(plan, table, weight_mse_clip=opts.weight_mse_clip,
