@@ -60,30 +60,52 @@ def sequential_build(tmp_path_factory):
     onnx.save(tiny_vit(TinyConfig(depth=2, dim=64, heads=2)), src)
     res = build(BuildConfig(model=src, outdir=d / "seq", calib=CalibConfig(samples=8), sequential=True,
                             show_progress=False))
-    return src, res
+    default = build(BuildConfig(model=src, outdir=d / "default", calib=CalibConfig(samples=8), show_progress=False))
+    return src, res, default
 
 
 def test_a_sequential_build_refits_every_gptq_linear_and_stays_faithful(sequential_build):
-    src, res = sequential_build
+    src, res, default = sequential_build
     rep = res.report["sequential"]
     rounded = res.report["weight_rounding"]["error_ratio_nearest_over_gptq"]
     assert rep["linears"] == len(rounded) == 2 * 6 + 1 and set(rep["nodes"]) == set(rounded)
     assert rep["steps"] == 2 * 4 + 1  # per block: LayerNorm 1 (q, k, v), attention output, LayerNorm 2, GELU; head
-    # on the calibration tokens each refit (before rounding) reproduces the float output better than the float
-    # weights do on the quantized inputs, and the rounded refit beats the first GPTQ rounding
-    assert all(v["fit_ratio"] > 1.0 and v["rounded_ratio"] > 1.0 for v in rep["nodes"].values())
-    assert photo_sqnr_db(src, res.model_path) > 20.0
+    # on the calibration tokens the rounded refit beats the first GPTQ rounding on the same quantized inputs: a
+    # refit paired with the wrong float tensor would not
+    assert all(v["rounded_ratio"] > 1.0 for v in rep["nodes"].values())
+    # held-out photos: measured 25.3 dB against the default's 23.4 dB here (the trained ViT-S loses, see
+    # docs/analysis.md); the bound catches a refit that breaks the model
+    assert photo_sqnr_db(src, res.model_path) > photo_sqnr_db(src, default.model_path) - 1.0
+
+
+def test_the_sequential_refit_replaces_bias_correction(sequential_build, tmp_path):
+    """The refit's float reference is the model before any bias correction: with bias correction asked for, the
+    artifact is the same byte for byte (every linear of the tiny ViT is refitted, bias included)."""
+    src, res, _ = sequential_build
+    bc = build(BuildConfig(model=src, outdir=tmp_path / "bc", calib=CalibConfig(samples=8), sequential=True,
+                           bias_correction=True, show_progress=False))
+    assert "bias_correction" not in bc.report
+    assert bc.model_path.read_bytes() == res.model_path.read_bytes()
+
+
+def test_sequential_without_the_search_is_refused_before_outdir(tmp_path, sequential_build):
+    from vitc.compiler.errors import VitcError
+
+    src, _, _ = sequential_build
+    with pytest.raises(VitcError, match="range search"):
+        build(BuildConfig(model=src, outdir=tmp_path / "o", sequential=True, search=False, show_progress=False))
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_sequential_build_is_byte_reproducible(sequential_build, tmp_path):
-    src, res = sequential_build
+    src, res, _ = sequential_build
     again = build(BuildConfig(model=src, outdir=tmp_path / "again", calib=CalibConfig(samples=8), sequential=True,
                               show_progress=False))
     assert again.model_path.read_bytes() == res.model_path.read_bytes()
 
 
 def test_sequential_without_the_search_is_one_line_exit_2(sequential_build, capsys, tmp_path):
-    src, _ = sequential_build
+    src, _, _ = sequential_build
     code, out, err = cli(capsys, "build", str(src), "-o", str(tmp_path / "o"), "--sequential", "--no-search")
     assert code == 2 and "--sequential" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()

@@ -384,6 +384,9 @@ def build(cfg: BuildConfig) -> BuildResult:
 
     quiet()
     silence_graphsurgeon()
+    if cfg.sequential and not cfg.search:
+        raise VitcError("sequential refit needs the range search (it refits the search's GPTQ-rounded linears)",
+                        hint="drop --no-search")
     if cfg.target is Target.OPENVINO:  # before OUTDIR is touched
         from vitc.runtimes.openvino import require
 
@@ -499,8 +502,12 @@ def sequential_weights(graph: gs.Graph, plan: Plan, table: CalibrationTable, rou
 
     t0 = time.perf_counter()
     nodes = {n.name: n for n in graph.nodes}
+    # --dynamic linears keep their first rounding (their input range is per inference) but run as deployed
+    dyn = frozenset(n.node for n in plan.quantized() if n.role in cfg.dynamic_roles and n.op == "Gemm")
     targets = [np_ for np_ in gptq_nodes(plan, graph)
-               if len(nodes[np_.node].inputs) < 3 or const_value(nodes[np_.node].inputs[2]) is not None]
+               if np_.node not in dyn and nodes[np_.node].attrs.get("alpha", 1.0) == 1.0
+               and nodes[np_.node].attrs.get("beta", 1.0) == 1.0
+               and (len(nodes[np_.node].inputs) < 3 or const_value(nodes[np_.node].inputs[2]) is not None)]
     if not targets:
         return rounded, {}
     graph.toposort()
@@ -516,10 +523,12 @@ def sequential_weights(graph: gs.Graph, plan: Plan, table: CalibrationTable, rou
     per_node: dict[str, dict] = {}
     for step in ordered:
         q = graph.copy()
-        run_passes(q, [InsertQDQPass(plan, table, weight_mse_clip=cfg.weight_mse_clip, pair_safe_weights=pair_safe,
-                                     rounded=rounded)], quiet=True)
+        run_passes(q, [InsertQDQPass(plan, table, dynamic_nodes=dyn, weight_mse_clip=cfg.weight_mse_clip,
+                                     pair_safe_weights=pair_safe, rounded=rounded)], quiet=True)
         qnodes = {n.name: n for n in q.nodes}
-        pairs = {np_.node: (np_.activations[0], qnodes[np_.node].inputs[0].name) for np_ in step}
+        seen: dict[str, str] = {}  # float input -> one consumer's dequantized input (every consumer's is the same)
+        pairs = {np_.node: (np_.activations[0], seen.setdefault(np_.activations[0], qnodes[np_.node].inputs[0].name))
+                 for np_ in step}
         wanted = list(dict.fromkeys(pairs.values()))
         frun = _prefix_runner(reference, [p[0] for p in wanted], source, scratch)
         qrun = _prefix_runner(q, [p[1] for p in wanted], source, scratch)
@@ -661,7 +670,7 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
     if moments:
         rounded, report["weight_rounding"] = gptq_weights(graph, new_plan, moments, cfg, factors, applied_shifts,
                                                           done.renamed)
-    if uses_bias_correction(cfg):
+    if uses_bias_correction(cfg) and not cfg.sequential:  # the sequential refit fits the biases itself
         report["bias_correction"] = _correct_biases(graph, groups, factors, reservoir, final, cfg, applied_shifts,
                                                     rounded)
     new_table = CalibrationTable(table.model_digest, table.observer + " + output-error search", table.samples, final)

@@ -148,7 +148,7 @@ class Simulator:
                           migrate=opts.migrate, search=opts.search, search_samples=self.search_samples,
                           bias_correction=opts.bias_correction if opts.search else False,
                           weight_mse_clip=opts.weight_mse_clip, pair_safe_weights=opts.pair_safe_weights,
-                          center=opts.center, show_progress=False)
+                          center=opts.center, sequential=opts.sequential and opts.search, show_progress=False)
         table = self._table_for(plan)
         moments = self.moments(plan) if gptq_nodes(plan) else None
         report: dict = {}
