@@ -59,6 +59,37 @@ def _bypass(node: gs.Node, src: gs.Tensor, dst: gs.Tensor) -> None:
     node.inputs.clear()
 
 
+BROADCASTING_BINARY = ("Add", "Sub", "Mul", "Div")
+
+
+def _absorbed_by_broadcast(node: gs.Node) -> bool:
+    """An Expand whose every consumer is a broadcasting binary op (Add, Sub, Mul, Div) whose other operand already has
+    each expanded dim (F.normalize's ``x / norm.expand_as(x)`` in SwinV2's cosine attention): the consumer broadcasts
+    the unexpanded input to the same output, so the Expand is a no-op there."""
+    if len(node.inputs) != 2:
+        return False
+    target = const_value(node.inputs[1])
+    d, out = node.inputs[0].shape, node.outputs[0].shape
+    consumers = node.outputs[0].outputs
+    if target is None or d is None or out is None or not consumers or len(out) < len(d):
+        return False
+    y = node.outputs[0]
+    for c in consumers:
+        if c.op not in BROADCASTING_BINARY or len(c.inputs) != 2 or c.inputs[0] is c.inputs[1]:
+            return False
+        other = c.inputs[1] if c.inputs[0] is y else c.inputs[0]
+        xs = other.values.shape if isinstance(other, gs.Constant) else other.shape
+        if xs is None or len(xs) < len(out):
+            return False
+        for k in range(1, len(out) + 1):
+            o_k, d_k = out[-k], (d[-k] if k <= len(d) else 1)
+            if o_k == d_k:
+                continue  # not expanded along this axis
+            if not (isinstance(o_k, int) and d_k == 1 and xs[-k] == o_k):
+                return False
+    return True
+
+
 class CanonicalizePass:
     name: ClassVar[str] = "canonicalize"
     max_rounds = 64  # each round folds one more link of a chain (Swin: pads from shapes, per block)
@@ -138,7 +169,8 @@ class CanonicalizePass:
     @staticmethod
     def _is_noop(node: gs.Node) -> bool:
         """A node whose output equals its data input once shapes are fixed: zero Pad, full Slice, identity
-        Transpose, Reshape/Expand to the input's own static shape, one-input Concat."""
+        Transpose, Reshape/Expand to the input's own static shape, one-input Concat; or whose consumers compute the
+        same without it (an Expand that their broadcasting already does)."""
         if not node.inputs or len(node.outputs) != 1:
             return False
         x = node.inputs[0]
@@ -167,10 +199,13 @@ class CanonicalizePass:
         if node.op in ("Reshape", "Expand") and static and len(node.inputs) == 2:
             target = const_value(node.inputs[1])
             out = node.outputs[0].shape
-            return (target is not None and out is not None and list(out) == list(shape)
-                    and (node.op == "Reshape" or list(target) == list(shape)))
+            if (target is not None and out is not None and list(out) == list(shape)
+                    and (node.op == "Reshape" or list(target) == list(shape))):
+                return True
         if node.op == "Concat":
             return len(node.inputs) == 1
+        if node.op == "Expand":
+            return _absorbed_by_broadcast(node)
         return False
 
     @classmethod

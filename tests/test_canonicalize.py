@@ -65,3 +65,51 @@ def test_a_nonzero_pad_and_a_partial_slice_stay():
     assert ops["Pad"] == 1 and ops["Slice"] == 1, ops
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     np.testing.assert_array_equal(ort_run(export(g), {"x": x})[0], ort_run(model, {"x": x})[0])
+
+
+def _normalize_model(other_shape: list[int], consumer: str = "Div") -> onnx.ModelProto:
+    """SwinV2's F.normalize spelling: y = x / Expand(clip(norm(x)), shape of x), then ``consumer`` with an operand of
+    ``other_shape`` in place of x."""
+    nodes = [
+        h.make_node("ReduceL2", ["x"], ["n"], axes=[-1], keepdims=1),
+        h.make_node("Clip", ["n", "eps"], ["c"]),
+        h.make_node("Expand", ["c", "target"], ["e"]),
+        h.make_node(consumer, ["z", "e"], ["y"]),
+    ]
+    inits = [onnx.numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
+             onnx.numpy_helper.from_array(np.array([2, 3, 8], np.int64), "target")]
+    g = h.make_graph(nodes, "normalize", [h.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8]),
+                                          h.make_tensor_value_info("z", TensorProto.FLOAT, other_shape)],
+                     [h.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_an_expand_the_consumer_broadcasts_anyway_goes_and_outputs_stay_equal():
+    model = _normalize_model([2, 3, 8])
+    g = gs.import_onnx(model)
+    CanonicalizePass().run(g)
+    assert "Expand" not in {n.op for n in g.nodes}
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32), "z": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(ort_run(export(g), feed)[0], ort_run(model, feed)[0])
+
+
+def test_an_expand_that_sets_the_output_shape_stays():
+    """z of shape [3, 1]: without the Expand, z / c would broadcast to [2, 3, 1], not [2, 3, 8]."""
+    model = _normalize_model([3, 1])
+    g = gs.import_onnx(model)
+    CanonicalizePass().run(g)
+    assert "Expand" in {n.op for n in g.nodes}
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32), "z": rng.standard_normal((3, 1)).astype(np.float32)}
+    out = ort_run(export(g), feed)[0]
+    assert out.shape == (2, 3, 8)
+    np.testing.assert_array_equal(out, ort_run(model, feed)[0])
+
+
+def test_an_expand_feeding_a_non_broadcasting_op_stays():
+    model = _normalize_model([2, 3, 8], consumer="Concat")
+    model.graph.node[-1].attribute.extend([h.make_attribute("axis", 0)])
+    g = gs.import_onnx(model)
+    CanonicalizePass().run(g)
+    assert "Expand" in {n.op for n in g.nodes}
