@@ -73,12 +73,19 @@ def _absorbed_by_broadcast(node: gs.Node) -> bool:
     consumers = node.outputs[0].outputs
     if target is None or d is None or out is None or not consumers or len(out) < len(d):
         return False
+    if static_shape(d) is not None:  # the recorded output shape must be the Expand's own result, not a stale one
+        try:
+            if list(np.broadcast_shapes(tuple(d), tuple(int(v) for v in target))) != list(out):
+                return False
+        except ValueError:
+            return False
     y = node.outputs[0]
     for c in consumers:
-        if c.op not in BROADCASTING_BINARY or len(c.inputs) != 2 or c.inputs[0] is c.inputs[1]:
+        if (c.op not in BROADCASTING_BINARY or c.domain not in (None, "", "ai.onnx") or len(c.inputs) != 2
+                or c.inputs[0] is c.inputs[1]):
             return False
         other = c.inputs[1] if c.inputs[0] is y else c.inputs[0]
-        xs = other.values.shape if isinstance(other, gs.Constant) else other.shape
+        xs = other.shape
         if xs is None or len(xs) < len(out):
             return False
         for k in range(1, len(out) + 1):

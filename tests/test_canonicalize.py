@@ -90,7 +90,8 @@ def test_an_expand_the_consumer_broadcasts_anyway_goes_and_outputs_stay_equal():
     CanonicalizePass().run(g)
     assert "Expand" not in {n.op for n in g.nodes}
     rng = np.random.default_rng(0)
-    feed = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32), "z": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    feed = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32),
+            "z": rng.standard_normal((2, 3, 8)).astype(np.float32)}
     np.testing.assert_array_equal(ort_run(export(g), feed)[0], ort_run(model, feed)[0])
 
 
@@ -111,5 +112,21 @@ def test_an_expand_feeding_a_non_broadcasting_op_stays():
     model = _normalize_model([2, 3, 8], consumer="Concat")
     model.graph.node[-1].attribute.extend([h.make_attribute("axis", 0)])
     g = gs.import_onnx(model)
+    CanonicalizePass().run(g)
+    assert "Expand" in {n.op for n in g.nodes}
+
+
+def test_an_expand_stays_when_one_of_its_consumers_needs_it_or_it_is_a_graph_output():
+    model = _normalize_model([2, 3, 8])
+    # a second consumer whose other operand is [1, 1, 1]: without the Expand its output would be [2, 3, 1]
+    model.graph.node.append(h.make_node("Mul", ["e", "w"], ["y2"]))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((1, 1, 1), np.float32), "w"))
+    model.graph.output.append(h.make_tensor_value_info("y2", TensorProto.FLOAT, None))
+    g = gs.import_onnx(model)
+    CanonicalizePass().run(g)
+    assert "Expand" in {n.op for n in g.nodes}
+    exposed = _normalize_model([2, 3, 8])
+    exposed.graph.output.append(h.make_tensor_value_info("e", TensorProto.FLOAT, None))
+    g = gs.import_onnx(exposed)
     CanonicalizePass().run(g)
     assert "Expand" in {n.op for n in g.nodes}

