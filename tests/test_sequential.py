@@ -92,7 +92,7 @@ def test_sequential_without_the_search_is_refused_before_outdir(tmp_path, sequen
     from vitc.compiler.errors import VitcError
 
     src, _, _ = sequential_build
-    with pytest.raises(VitcError, match="range search"):
+    with pytest.raises(VitcError, match="--sequential refits the range search"):
         build(BuildConfig(model=src, outdir=tmp_path / "o", sequential=True, search=False, show_progress=False))
     assert not (tmp_path / "o").exists()
 

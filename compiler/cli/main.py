@@ -219,8 +219,6 @@ def _cmd_build(a) -> int:
         raise VitcError(f"--percentile {a.percentile} is out of range", hint="give a value in (0, 100], e.g. 99.99")
     if not 0 <= a.alpha <= 1:
         raise VitcError(f"--alpha {a.alpha} is out of range", hint="give a value in [0, 1]")
-    if a.sequential and a.no_search:
-        raise VitcError("--sequential refits the range search's GPTQ-rounded linears", hint="drop --no-search")
     dumpable = _dump_pass_names()
     unknown_passes = sorted(set(a.dump_after) - set(dumpable) - {"all"})
     if unknown_passes:

@@ -385,7 +385,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     quiet()
     silence_graphsurgeon()
     if cfg.sequential and not cfg.search:
-        raise VitcError("sequential refit needs the range search (it refits the search's GPTQ-rounded linears)",
+        raise VitcError("--sequential refits the range search's GPTQ-rounded linears; the search is off",
                         hint="drop --no-search")
     if cfg.target is Target.OPENVINO:  # before OUTDIR is touched
         from vitc.runtimes.openvino import require
@@ -450,7 +450,7 @@ def gptq_weights(graph: gs.Graph, plan: Plan, moments: dict, cfg: BuildConfig, f
     import time
 
     from vitc.passes.graphutil import const_value
-    from vitc.passes.quant_math import GPTQ_DAMP, gptq_round, quantize_weight
+    from vitc.passes.quant_math import GPTQ_DAMP
 
     t0 = time.perf_counter()
     factors, shifts, renamed = factors or {}, shifts or {}, renamed or {}
@@ -469,10 +469,7 @@ def gptq_weights(graph: gs.Graph, plan: Plan, moments: dict, cfg: BuildConfig, f
             skipped.append(f"{np_.node}: no calibration moments of its input; nearest rounding")
             continue
         h = m.hessian(factors.get(orig), shifts.get(orig))
-        axis = np_.weight_axis if np_.spec.weight.value == "per-channel" else None
-        nearest, scale = quantize_weight(w, axis, np_.spec.bits, cfg.weight_mse_clip or np_.spec.bits < 8, pair_safe)
-        cols = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[1],))
-        q = gptq_round(w, h, cols, np_.spec.bits, pair_safe)
+        q, scale, nearest, cols = _gptq_on_nearest_grid(w, h, np_, cfg, pair_safe)
         rounded[np_.node] = (q, scale)
         # output error on the calibration tokens, tr(D^T H D) with D the weight's rounding error
         d_near = w - nearest.astype(np.float64) * cols
@@ -489,6 +486,17 @@ def gptq_weights(graph: gs.Graph, plan: Plan, moments: dict, cfg: BuildConfig, f
     return rounded, report
 
 
+def _gptq_on_nearest_grid(w: np.ndarray, h: np.ndarray, np_, cfg: BuildConfig, pair_safe: bool):
+    """GPTQ rounding of W[K, N] against ``h`` on the per-channel grid nearest rounding would use (saturation guard
+    kept). Returns (int8 GPTQ weight, scale, int8 nearest weight, the scale per output column as float64)."""
+    from vitc.passes.quant_math import gptq_round, quantize_weight
+
+    axis = np_.weight_axis if np_.spec.weight.value == "per-channel" else None
+    nearest, scale = quantize_weight(w, axis, np_.spec.bits, cfg.weight_mse_clip or np_.spec.bits < 8, pair_safe)
+    cols = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[1],))
+    return gptq_round(w, h, cols, np_.spec.bits, pair_safe), scale, nearest, cols
+
+
 def sequential_weights(graph: gs.Graph, plan: Plan, table: CalibrationTable, rounded: dict,
                        source: onnx.ModelProto, cfg: BuildConfig, scratch: Path | None = None) -> tuple[dict, dict]:
     """Refit and re-round the weights of the plan's GPTQ linears in graph order, one input tensor at a time, each on
@@ -498,7 +506,6 @@ def sequential_weights(graph: gs.Graph, plan: Plan, table: CalibrationTable, rou
     from vitc.compiler.calib.sequential import FIT_DAMP, CrossMoments, fit_linear, output_error
     from vitc.passes.graphutil import const_value
     from vitc.passes.insert_qdq import InsertQDQPass
-    from vitc.passes.quant_math import gptq_round, quantize_weight
 
     t0 = time.perf_counter()
     nodes = {n.name: n for n in graph.nodes}
@@ -542,11 +549,7 @@ def sequential_weights(graph: gs.Graph, plan: Plan, table: CalibrationTable, rou
             w = const_value(node.inputs[1])
             b = const_value(node.inputs[2]) if len(node.inputs) > 2 else None
             fit = fit_linear(w, b, m)
-            axis = np_.weight_axis if np_.spec.weight.value == "per-channel" else None
-            _, scale = quantize_weight(fit.weight, axis, np_.spec.bits, cfg.weight_mse_clip or np_.spec.bits < 8,
-                                       pair_safe)
-            cols = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[1],))
-            qw = gptq_round(fit.weight, m.hessian(), cols, np_.spec.bits, pair_safe)
+            qw, scale, _, cols = _gptq_on_nearest_grid(fit.weight, m.hessian(), np_, cfg, pair_safe)
             rounded[np_.node] = (qw, scale)
             bias = gs.Constant(f"{node.name}.bias.fitted", fit.bias.astype(b.dtype if b is not None else np.float32))
             if len(node.inputs) > 2:
