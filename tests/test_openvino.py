@@ -80,6 +80,16 @@ def test_openvino_runs_every_quantized_linear_in_int8(ov_build):
     # at most the head's: the class token's quantization after a Gather has nothing to fuse into; every one on the
     # token stream is a post-op of its producer (LayerNorm, GELU, attention)
     assert len([lay for lay in layers if lay["type"] == "FakeQuantize"]) <= 1
+    # int8 QK^T: the query/key quantizations run inside their FullyConnected layers and each attention block is one
+    # Subgraph on int8 inputs (softmax x V float inside it)
+    att = [lay for lay in layers if lay["type"] == "Subgraph"]
+    assert len(att) == 2 and all(lay["precision"] == "i8" for lay in att), att
+    qk = [lay for lay in fcs if any(f.endswith((".QuantizeLinear",)) and ("_attn_qt_" in f or "_attn_kt_" in f)
+                                    for f in lay["fused"])]
+    assert len(qk) == 4, [lay["fused"] for lay in fcs]
+    # fc2's input (GELU's output) is asymmetric uint8: a u8 FullyConnected with the zero-point folded in
+    fc2 = [lay for lay in fcs if "_fc2_" in lay["name"]]
+    assert len(fc2) == 2 and all(lay["precision"] == "u8" for lay in fc2), fc2
     s = precision_summary(layers)
     assert s == res.report["openvino"]["runtime_graph_f32"]
     assert s["heavy_float"] <= 1  # the patch embedding stays float by the target's default policy
@@ -100,7 +110,9 @@ def test_openvino_ir_stays_close_to_the_source(ov_build):
     got = np.concatenate([s.run({name: x})[0] for x in xs])
     onnx_int8 = np.concatenate([ort_run(res.model_path, {name: x})[0] for x in xs])
     assert sqnr_db(ref, got) > 20, sqnr_db(ref, got)  # 21.8 dB measured
-    assert sqnr_db(onnx_int8, got) > 60  # OpenVINO computes what ORT computes from the ONNX artifact (140 dB here)
+    # OpenVINO computes what ORT computes from the ONNX artifact, up to rounding flips where the plugin quantizes the
+    # query/key inside their FullyConnected layers (47.8 dB here; a misread graph lands under 25)
+    assert sqnr_db(onnx_int8, got) > 40
     rep = json.loads((res.outdir / "build.json").read_text())
     assert rep["outputs"] == ["model.int8.onnx", "model.int8.xml", "model.int8.bin"]
     assert rep["openvino"]["version"] == ov.__version__
@@ -192,5 +204,5 @@ def test_convtranspose_runs_int8_on_openvino_and_stays_float_elsewhere(tmp_path)
         xs = [x[None] for x in embedded_samples(Preprocess(32, 32), 4, 5, EVAL_PHOTOS)]
         ref = np.concatenate([ort_run(src, {"input": x})[1] for x in xs])
         got = np.concatenate([sess.run({"input": x})[1] for x in xs])
-        assert sqnr_db(ref, got) > 20, sqnr_db(ref, got)
+        assert sqnr_db(ref, got) > 17, sqnr_db(ref, got)  # 19.1 dB; int8 QK^T costs 3-5 dB on this random model
     assert rules == {Target.OPENVINO: "default", Target.ORT: "conv-float-on-ort", Target.TRT: "deconv-float"}

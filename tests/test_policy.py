@@ -21,7 +21,7 @@ from vitc.passes.annotate import annotate
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 PRESETS = ["default", "all-per-tensor", "ln-per-channel", "ln-fc2-per-channel", "ln-fc2-b5-6-per-channel",
-           "all-per-channel", "trt-int8-mha"]
+           "all-per-channel", "trt-int8-mha", "openvino-float-attention"]
 ORT = PolicyDefaults.for_target("ort")
 
 
@@ -288,7 +288,7 @@ def test_each_preset_builds_and_runs(preset, vit, vit7, tmp_path):
     sim = {n["node"] for n in r["nodes"] if n["simulated"]}
     assert set(r["simulated"]) == sim
     assert all(n["simulation"] == ["per-channel activations"] for n in r["nodes"] if n["simulated"])
-    assert (len(sim) == 0) == (preset in ("default", "all-per-tensor", "trt-int8-mha"))
+    assert (len(sim) == 0) == (preset in ("default", "all-per-tensor", "trt-int8-mha", "openvino-float-attention"))
     m = onnx.load(res.model_path)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
     # each simulated node reads its activation through a per-axis (last axis) QuantizeLinear / DequantizeLinear
@@ -483,6 +483,24 @@ def test_ort_default_caps_migration_at_proj_and_fc2(vit, tmp_path):
     assert len(by_role["fc2"]) == 2 and all(a is None or a <= 0.65 for a in by_role["fc2"]), by_role
     assert any(a is not None and a > 0.3 for r, al in by_role.items() if r not in ("proj", "fc2") for a in al), \
         by_role  # the LayerNorm-fed sites are not capped
+
+
+def test_openvino_default_quantizes_qk_keeps_softmax_x_v_float_and_fc2_uint8():
+    """The OpenVINO default as a plan: QK^T quantized (symmetric), softmax x V float, fc2's input asymmetric uint8
+    with the migration capped at 0.65, proj capped at 0.3, every other input symmetric; every linear GPTQ-rounded."""
+    from vitc.compiler.quant.policy import WeightRounding, policy_to_toml, target_default_policy
+
+    pol = target_default_policy("openvino")
+    assert pol.name == "openvino"
+    assert pol.lookup("n", "attn_av", 0).spec.skip and not pol.lookup("n", "attn_qk", 0).spec.skip
+    assert pol.lookup("n", "attn_qk", 0).spec.symmetric
+    fc2, proj = pol.lookup("n", "fc2", 0).spec, pol.lookup("n", "proj", 0).spec
+    assert not fc2.symmetric and fc2.max_alpha == 0.65 and proj.symmetric and proj.max_alpha == 0.3
+    assert pol.lookup("n", "qkv", 0).spec.symmetric and pol.lookup("n", "patch_embed", 0).spec.skip
+    assert {r.spec.rounding for r in pol.rules if not r.spec.skip} == {WeightRounding.GPTQ}
+    back = parse(policy_to_toml(pol))
+    assert [(r.name, r.roles, r.spec.skip or r.spec) for r in back.rules] == \
+        [(r.name, r.roles, r.spec.skip or r.spec) for r in pol.rules]
 
 
 def test_max_alpha_caps_the_fixed_strength_too(vit, tmp_path):

@@ -189,6 +189,28 @@ def test_ablate_cli_tables(capsys, vit_file, tmp_path):
     assert rows["+ sequential refit"]["sqnr_db"] != rows["vitc default"]["sqnr_db"]
 
 
+def test_ablate_openvino_steps_undo_each_choice_of_its_default():
+    """The OpenVINO steps table has a row per choice of its default: fc2's input back to symmetric int8 (nothing
+    else changed) and QK^T back to float (attention x V stays float); the ORT and TensorRT tables have neither."""
+    from vitc.compiler.calib.calibration import ObserverConfig
+    from vitc.compiler.research.ablate import step_rows
+
+    base = target_default_policy("openvino")
+    rows = {r.name: r.policy for r in step_rows("openvino", ObserverConfig())}
+    sym = rows["- uint8 fc2 input (symmetric int8 there too)"]
+    assert sym.lookup("n", "fc2", 0).spec.symmetric and not base.lookup("n", "fc2", 0).spec.symmetric
+    assert [r.spec for r in sym.rules if "fc2" not in (r.roles or ())] == \
+        [r.spec for r in base.rules if "fc2" not in (r.roles or ())]
+    qk = rows["- int8 QK^T (both attention matmuls float)"]
+    assert qk.lookup("n", "attn_qk", 0).spec.skip and qk.lookup("n", "attn_av", 0).spec.skip
+    assert not base.lookup("n", "attn_qk", 0).spec.skip
+    assert not rows["+ attention x V int8"].lookup("n", "attn_av", 0).spec.skip
+    assert "- migration into fc2 (GELU output)" in rows
+    for target in ("ort", "trt"):
+        names = {r.name for r in step_rows(target, ObserverConfig())}
+        assert not names & {"- uint8 fc2 input (symmetric int8 there too)", "- int8 QK^T (both attention matmuls float)"}
+
+
 def test_rotated_simulator_runs_the_rotation(sim):
     rot = sim.rotated()
     assert rot is sim.rotated() and rot.rotate and not sim.rotate
