@@ -170,6 +170,13 @@ class FakeTrt(types.ModuleType):
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Engine builds with the fake TensorRT write their default timing cache under a test folder, never the user's
+    ~/.cache/vitc."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 @pytest.fixture
 def outdir(tmp_path):
     """A `vitc build --target trt`-shaped folder (the tiny ViT's Q/DQ graph and a build.json)."""
