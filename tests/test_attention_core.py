@@ -67,6 +67,27 @@ def test_where_mask_and_prob_ops():
     assert core is not None and [n.name for n in core.probs] == ["drop", "cast"] and core.av[0].name == "av"
 
 
+def test_nan_guard_on_the_probabilities_is_passed():
+    """PyTorch's SDPA export with a mask (HF BERT): Where(IsNaN(p), 0, p) between the softmax and attention x V."""
+    probs = [h.make_node("IsNaN", ["p"], ["nan"], name="isnan"),
+             h.make_node("Where", ["nan", "zero", "p"], ["pg"], name="guard")]
+    g = _graph([h.make_node("Identity", ["qk"], ["s"])], inits=[_const("zero", np.float32(0.0))], probs_nodes=probs,
+               prob="pg")
+    core = match_core(next(n for n in g.nodes if n.op == "Softmax"))
+    assert core is not None and [n.name for n in core.probs] == ["guard"] and core.av[0].name == "av"
+
+
+def test_where_mixing_two_computed_tensors_into_the_probabilities_is_not_passed():
+    """Where(c, p, other) with another computed tensor is not a guard: attention x V is not found through it."""
+    probs = [h.make_node("Where", ["keep", "p", "other"], ["pg"], name="mix")]
+    g = _graph([h.make_node("Identity", ["qk"], ["s"])],
+               extra_inputs=[h.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, T, T]),
+                             h.make_tensor_value_info("other", TensorProto.FLOAT, [B * NW, H, T, T])],
+               probs_nodes=probs, prob="pg")
+    core = match_core(next(n for n in g.nodes if n.op == "Softmax"))
+    assert core is not None and core.av == []
+
+
 @pytest.mark.parametrize("case", ["weight", "no-matmul"])
 def test_not_a_core(case):
     if case == "weight":  # a classifier softmax: MatMul with a constant weight

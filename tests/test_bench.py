@@ -66,6 +66,23 @@ def test_batches_threads_skips_json_png(capsys, tmp_path, models):
         assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] > 300
 
 
+def test_text_model_with_a_two_row_token_type_table_runs(capsys, tmp_path):
+    """Integer inputs (token ids, masks, token types) are fed as 1: valid for a BERT-style token-type table of two
+    rows, which a random id would overrun."""
+    from onnx import TensorProto, helper as h, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(2, 8), "token_type_table")
+    g = h.make_graph([h.make_node("Gather", ["token_type_table", "token_type_ids"], ["emb"])], "tt",
+                     [h.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", 4])],
+                     [h.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 4, 8])], [table])
+    src = tmp_path / "tt.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), src)
+    rc, out, err = cli(capsys, "bench", src, *QUICK)
+    assert rc == 0, err
+    feeds = B.random_feeds(B.onnx_inputs(src), 2)
+    assert feeds["token_type_ids"].shape == (2, 4) and (feeds["token_type_ids"] == 1).all()
+
+
 def test_baseline_by_name_and_labels(capsys, tmp_path, models):
     dyn, fixed = models
     js = tmp_path / "r.json"

@@ -481,7 +481,8 @@ def gptq_weights(graph: gs.Graph, plan: Plan, moments: dict, cfg: BuildConfig, f
     if rounded:
         log.info("GPTQ rounding: %d linear(s) in %.1f s, calibration output error %.2fx lower than nearest "
                  "(median)", len(rounded), seconds, float(np.median(list(ratios.values()))))
-    report = {"gptq": len(rounded), "damp": GPTQ_DAMP, "seconds": round(seconds, 2),
+    # no timing in here: build.json stays byte-comparable between builds (its stage times are in "seconds")
+    report = {"gptq": len(rounded), "damp": GPTQ_DAMP,
               "error_ratio_nearest_over_gptq": {k: round(v, 3) for k, v in ratios.items()}, "notes": skipped}
     return rounded, report
 
@@ -565,8 +566,7 @@ def sequential_weights(graph: gs.Graph, plan: Plan, table: CalibrationTable, rou
                                   "rounded_ratio": None if e_old is None else round(e_old / max(e_new, 1e-30), 3)}
     seconds = time.perf_counter() - t0
     log.info("sequential refit: %d linear(s) in %d step(s), %.1f s", len(per_node), len(ordered), seconds)
-    return rounded, {"linears": len(per_node), "steps": len(ordered), "damp": FIT_DAMP, "seconds": round(seconds, 2),
-                     "nodes": per_node}
+    return rounded, {"linears": len(per_node), "steps": len(ordered), "damp": FIT_DAMP, "nodes": per_node}
 
 
 def _prefix_runner(graph: gs.Graph, outputs: list[str], source: onnx.ModelProto, scratch: Path | None):

@@ -161,6 +161,9 @@ class Candidate:
 
 
 def random_feeds(inputs: Sequence[InputInfo], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal float inputs; integer inputs (token ids, attention masks, token types) are all 1: a valid
+    index into any embedding table with two or more rows (a token-type table has two), and a mask that keeps every
+    token."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for i in inputs:
@@ -171,7 +174,7 @@ def random_feeds(inputs: Sequence[InputInfo], batch: int, seed: int = 0) -> dict
         elif dt.kind == "b":
             feeds[i.name] = np.zeros(shape, dt)
         else:
-            feeds[i.name] = rng.integers(0, 100, size=shape).astype(dt)
+            feeds[i.name] = np.ones(shape, dt)
     return feeds
 
 
