@@ -7,7 +7,8 @@ An attention core is
 where QK^T and attention x V multiply two computed tensors (no constant operand), the score ops are what exporters
 put between QK^T and the Softmax (scaling by a constant, additive masks and position biases, constant or computed,
 ``Where`` masks, layout ops, Q/DQ pairs) and the probability ops what they put after it (layout ops, dropout,
-casts, Q/DQ, a ``Where`` that replaces some probabilities by a constant, as PyTorch's SDPA export does for NaN rows). The Softmax is the anchor: ``match_core`` walks up from its input to the first MatMul of two computed
+casts, Q/DQ, a ``Where`` that replaces some probabilities by a constant, as PyTorch's SDPA export does for NaN
+rows). The Softmax is the anchor: ``match_core`` walks up from its input to the first MatMul of two computed
 tensors, trying both sides of a binary op whose operands are both computed (a mask added to the scores), and down
 from its output to the MatMuls that read the probabilities as their first operand.
 
@@ -118,7 +119,8 @@ def _find_av(t: gs.Tensor, outs: set[str]) -> tuple[list[gs.Node], list[gs.Node]
 
 
 def _passes_probs(c: gs.Node, t: gs.Tensor) -> bool:
-    """``c`` moves or scales the probabilities ``t`` (a layout op on its data input, a scaling by a constant)."""
+    """``c`` moves, scales or guards the probabilities ``t`` (a layout op on its data input, a scaling by a constant,
+    a Where choosing between ``t`` and a constant)."""
     if c.op in LAYOUT_OPS:
         return c.inputs[0] is t
     if c.op == "Where" and len(c.inputs) == 3:  # a guard such as Where(IsNaN(p), 0, p): p or a constant fill

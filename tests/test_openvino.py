@@ -109,7 +109,7 @@ def test_openvino_ir_stays_close_to_the_source(ov_build):
     ref = np.concatenate([ort_run(src, {name: x})[0] for x in xs])
     got = np.concatenate([s.run({name: x})[0] for x in xs])
     onnx_int8 = np.concatenate([ort_run(res.model_path, {name: x})[0] for x in xs])
-    assert sqnr_db(ref, got) > 20, sqnr_db(ref, got)  # 21.8 dB measured
+    assert sqnr_db(ref, got) > 20, sqnr_db(ref, got)  # 22.2 dB measured
     # OpenVINO computes what ORT computes from the ONNX artifact, up to rounding flips where the plugin quantizes the
     # query/key inside their FullyConnected layers (47.8 dB here; a misread graph lands under 25)
     assert sqnr_db(onnx_int8, got) > 40

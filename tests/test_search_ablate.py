@@ -208,7 +208,8 @@ def test_ablate_openvino_steps_undo_each_choice_of_its_default():
     assert "- migration into fc2 (GELU output)" in rows
     for target in ("ort", "trt"):
         names = {r.name for r in step_rows(target, ObserverConfig())}
-        assert not names & {"- uint8 fc2 input (symmetric int8 there too)", "- int8 QK^T (both attention matmuls float)"}
+        assert not names & {"- uint8 fc2 input (symmetric int8 there too)",
+                            "- int8 QK^T (both attention matmuls float)"}
 
 
 def test_rotated_simulator_runs_the_rotation(sim):

@@ -162,8 +162,8 @@ class Candidate:
 
 def random_feeds(inputs: Sequence[InputInfo], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Standard-normal float inputs; integer inputs (token ids, attention masks, token types) are all 1: a valid
-    index into any embedding table with two or more rows (a token-type table has two), and a mask that keeps every
-    token."""
+    index into any embedding table with two or more rows (a token-type table has two), and an integer mask that
+    keeps every token; boolean inputs are False."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for i in inputs:

