@@ -503,6 +503,18 @@ def test_openvino_default_quantizes_qk_keeps_softmax_x_v_float_and_fc2_uint8():
         [(r.name, r.roles, r.spec.skip or r.spec) for r in pol.rules]
 
 
+def test_openvino_float_attention_preset_is_the_openvino_default_with_qk_float():
+    """The preset file restates the OpenVINO default; only its attention rule differs (QK^T float too)."""
+    from vitc.compiler.quant.policy import target_default_policy
+
+    base = target_default_policy("openvino")
+    preset = load_policy("openvino-float-attention", PolicyDefaults.for_target("openvino"))
+    assert [(r.roles, r.spec.skip or r.spec) for r in preset.rules if r.roles != frozenset({"attn_qk", "attn_av"})] \
+        == [(r.roles, r.spec.skip or r.spec) for r in base.rules if r.roles != frozenset({"attn_av"})]
+    att = [r for r in preset.rules if r.roles == frozenset({"attn_qk", "attn_av"})]
+    assert len(att) == 1 and att[0].spec.skip
+
+
 def test_max_alpha_caps_the_fixed_strength_too(vit, tmp_path):
     """Without the search (--alpha A), a capped site migrates with min(A, max_alpha): a build at alpha 0.8 capped
     at 0.3 everywhere writes the same model, byte for byte, as an uncapped build at alpha 0.3, and not the same

@@ -74,9 +74,7 @@ def fit_linear(w: np.ndarray, b: np.ndarray | None, m: CrossMoments, damp: float
     defaults to FIT_DAMP."""
     damp = FIT_DAMP if damp is None else damp
     assert m.qq is not None and m.qf is not None and m.ff is not None
-    n = w.shape[1]
-    bias = np.zeros(n, np.float64) if b is None else np.asarray(b, np.float64).reshape(-1)
-    wa = np.concatenate([np.asarray(w, np.float64), bias[None, :]], axis=0)  # [K+1, N]
+    wa = _augmented(w, b)
     k = wa.shape[0]
     lam = damp * float(np.mean(np.diag(m.qq)[:-1]))
     target = m.qf @ wa  # x~^T (x W + b)
@@ -84,13 +82,16 @@ def fit_linear(w: np.ndarray, b: np.ndarray | None, m: CrossMoments, damp: float
     return LinearFit(new[:-1].astype(w.dtype), new[-1].astype(np.float32), _error(m, wa, wa), _error(m, wa, new))
 
 
-def output_error(m: CrossMoments, w: np.ndarray, b: np.ndarray | None, w_new: np.ndarray, b_new: np.ndarray) -> float:
-    """|| x W + b - (x~ W_new + b_new) ||^2 over the accumulated tokens."""
-    n = w.shape[1]
-    bias = np.zeros(n) if b is None else np.asarray(b, np.float64).reshape(-1)
-    wa = np.concatenate([np.asarray(w, np.float64), bias[None, :]], axis=0)
-    va = np.concatenate([np.asarray(w_new, np.float64), np.asarray(b_new, np.float64).reshape(1, -1)], axis=0)
-    return _error(m, wa, va)
+def output_error(m: CrossMoments, w: np.ndarray, b: np.ndarray | None, w_new: np.ndarray,
+                 b_new: np.ndarray | None) -> float:
+    """|| x W + b - (x~ W_new + b_new) ||^2 over the accumulated tokens (a missing bias is zero)."""
+    return _error(m, _augmented(w, b), _augmented(w_new, b_new))
+
+
+def _augmented(w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """[W; b] as one float64 [K+1, N] matrix, the bias row matching the moments' ones column."""
+    bias = np.zeros(w.shape[1]) if b is None else np.asarray(b, np.float64).reshape(-1)
+    return np.concatenate([np.asarray(w, np.float64), bias[None, :]], axis=0)
 
 
 def _error(m: CrossMoments, wa: np.ndarray, va: np.ndarray) -> float:

@@ -542,7 +542,7 @@ def sequential_weights(graph: gs.Graph, plan: Plan, table: CalibrationTable, rou
         qrun = _prefix_runner(q, [p[1] for p in wanted], source, scratch)
         moments = {p: CrossMoments() for p in wanted}
         for feed in feeds:
-            for ((xf, xq), m), vf, vq in zip(moments.items(), frun(feed), qrun(feed)):
+            for m, vf, vq in zip(moments.values(), frun(feed), qrun(feed)):
                 m.update(vf, vq)
         for np_ in step:
             node = nodes[np_.node]
@@ -561,7 +561,7 @@ def sequential_weights(graph: gs.Graph, plan: Plan, table: CalibrationTable, rou
             deq = qw.astype(np.float64) * cols
             e_new = output_error(m, w, b, deq, fit.bias)
             e_old = output_error(m, w, b, prev[0].astype(np.float64) * np.asarray(prev[1], np.float64).reshape(1, -1),
-                                 np.zeros(w.shape[1]) if b is None else b) if prev is not None else None
+                                 b) if prev is not None else None
             per_node[np_.node] = {"fit_ratio": round(fit.error_before / max(fit.error_after, 1e-30), 3),
                                   "rounded_ratio": None if e_old is None else round(e_old / max(e_new, 1e-30), 3)}
     seconds = time.perf_counter() - t0

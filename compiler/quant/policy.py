@@ -143,8 +143,7 @@ class TrtAttention(enum.Enum):
 
 
 def trt_policy(observer: ObserverConfig | None = None, attention: TrtAttention = TrtAttention.INT8,
-               quantize_residual: bool = True, quantize_patch_embed: bool = True,
-               quantize_deconv: bool = False) -> Policy:
+               quantize_residual: bool = True, quantize_patch_embed: bool = True) -> Policy:
     """TensorRT explicit quantization (strongly typed Q/DQ): symmetric int8 with zero-point 0, per-tensor
     activations, per-channel weights, Q/DQ on every input of every Conv/Gemm/MatMul.
 
@@ -154,13 +153,11 @@ def trt_policy(observer: ObserverConfig | None = None, attention: TrtAttention =
     ``compiler/quant/trt_residual.py``); quantizing it lets TensorRT fuse the Add into the GEMM epilogue.
     ``vitc check --target trt`` reports a residual left float as a lost fusion. ``quantize_patch_embed=False``
     keeps the patch-embedding Conv (the first layer, ~1% of a ViT-S's MACs) in fp16. ConvTranspose (role ``deconv``,
-    decoders) stays fp16 unless ``quantize_deconv``: TensorRT runs int8 deconvolutions, but with no GPU here its
-    Q/DQ form has not been built into an engine, so the TensorRT default does not emit it.
+    decoders) stays fp16: TensorRT runs int8 deconvolutions, but with no GPU here their Q/DQ form has not been built
+    into an engine, so the TensorRT policy does not emit it.
     """
     ob = observer or ObserverConfig()
-    rules: tuple[Rule, ...] = ()
-    if not quantize_deconv:
-        rules += (Rule("deconv-float", QuantSpec(skip=True), roles=frozenset({"deconv"})),)
+    rules: tuple[Rule, ...] = (Rule("deconv-float", QuantSpec(skip=True), roles=frozenset({"deconv"})),)
     if not quantize_patch_embed:
         rules += (Rule("patch-embed-float", QuantSpec(skip=True), roles=frozenset({"patch_embed"})),)
     if attention is TrtAttention.FLOAT:
