@@ -528,3 +528,20 @@ def test_max_alpha_caps_the_fixed_strength_too(vit, tmp_path):
                                 calib=CalibConfig(samples=4), show_progress=False))
         models[label] = res.model_path.read_bytes()
     assert models["capped"] == models["0.3"] and models["capped"] != models["0.8"]
+
+
+def test_tensorrt_doc_restates_the_tensorrt_default():
+    """docs/tensorrt.md shows the TensorRT default as a policy file; that file must build the same plan rules."""
+    from pathlib import Path
+
+    from vitc.compiler.quant.policy import PolicyDefaults, parse_policy, target_default_policy
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "tensorrt.md").read_text()
+    start = text.index("```toml", text.index("**The default policy** corresponds to this file")) + len("```toml")
+    doc = parse_policy(text[start:text.index("```", start)], "docs/tensorrt.md", PolicyDefaults.for_target("trt"))
+    default = target_default_policy("trt")
+    assert [r.name for r in doc.rules] == [r.name for r in default.rules]
+    for a, b in zip(doc.rules, default.rules):
+        assert a.roles == b.roles and a.spec.skip == b.spec.skip, a.name
+        if not a.spec.skip:  # what a skipped rule would round with never reaches a node
+            assert a.spec == b.spec, a.name

