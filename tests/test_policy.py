@@ -21,7 +21,7 @@ from vitc.passes.annotate import annotate
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 PRESETS = ["default", "all-per-tensor", "ln-per-channel", "ln-fc2-per-channel", "ln-fc2-b5-6-per-channel",
-           "all-per-channel", "trt-int8-mha", "openvino-float-attention"]
+           "all-per-channel", "trt-int8-mha", "openvino-float-attention", "no-migration-caps"]
 ORT = PolicyDefaults.for_target("ort")
 
 
@@ -288,7 +288,8 @@ def test_each_preset_builds_and_runs(preset, vit, vit7, tmp_path):
     sim = {n["node"] for n in r["nodes"] if n["simulated"]}
     assert set(r["simulated"]) == sim
     assert all(n["simulation"] == ["per-channel activations"] for n in r["nodes"] if n["simulated"])
-    assert (len(sim) == 0) == (preset in ("default", "all-per-tensor", "trt-int8-mha", "openvino-float-attention"))
+    assert (len(sim) == 0) == (preset in ("default", "all-per-tensor", "trt-int8-mha", "openvino-float-attention",
+                                     "no-migration-caps"))
     m = onnx.load(res.model_path)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
     # each simulated node reads its activation through a per-axis (last axis) QuantizeLinear / DequantizeLinear
@@ -545,3 +546,14 @@ def test_tensorrt_doc_restates_the_tensorrt_default():
         assert a.roles == b.roles and a.spec.skip == b.spec.skip, a.name
         if not a.spec.skip:  # what a skipped rule would round with never reaches a node
             assert a.spec == b.spec, a.name
+
+
+def test_no_migration_caps_preset_is_the_ort_default_without_its_caps():
+    from vitc.compiler.quant.policy import target_default_policy
+
+    pre = load_policy("no-migration-caps", ORT)
+    capped = [r for r in target_default_policy("ort").rules if r.spec.max_alpha is not None]
+    assert {r.name for r in capped} == {"fc2-mild-migration", "proj-mild-migration"}
+    rest = [r for r in target_default_policy("ort").rules if r.spec.max_alpha is None]
+    assert [(r.name, r.roles, r.spec.skip) for r in pre.rules] == [(r.name, r.roles, r.spec.skip) for r in rest]
+    assert [r.spec for r in pre.rules if not r.spec.skip] == [r.spec for r in rest if not r.spec.skip]

@@ -314,3 +314,14 @@ def test_a_float_upgrade_leaves_the_other_operators_alone(vit_file):
     up = _quantizers(sim.quantize(with_upgrades(start, [(q, "float")]))[0])
     assert q.node in base and q.node not in up
     assert up == {k: v for k, v in base.items() if k != q.node}
+
+
+def test_simulator_matches_build_with_holdout_search(sim, vit_file, tmp_path):
+    """The ablate row "+ held-out range search" is the model `vitc build --holdout-search` writes."""
+    pol = load_policy("no-migration-caps", PolicyDefaults.for_target("ort"))
+    simulated = sim.run(pol, SimOptions(holdout_search=True))
+    res = build(BuildConfig(model=vit_file, outdir=tmp_path / "b", calib=CalibConfig(samples=8), policy=pol,
+                            holdout_search=True, show_progress=False))
+    assert all(v.get("scored_on_held_out_ranges") for v in res.report["search"]["linear"].values())
+    built = sim.measure(res.model_path.read_bytes())
+    assert abs(built.sqnr_db - simulated.fidelity.sqnr_db) < 0.05

@@ -177,12 +177,16 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
               progress: Callable[[Iterator], Iterator] | None = None,
               observer_overrides: dict[str, ObserverConfig] | None = None,
               reservoir: dict[str, list[np.ndarray]] | None = None, keep: int = 0,
-              moments: dict[str, SecondMoments] | None = None) -> CalibrationTable:
+              moments: dict[str, SecondMoments] | None = None,
+              fit_ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+              fit_sample: Callable[[int], bool] | None = None) -> CalibrationTable:
     """Run ``run(feed) -> {tensor: value}`` over ``feeds`` and observe ``tensors``.
 
     With ``reservoir`` and ``keep`` > 0, the first ``keep`` values of every tensor are also kept there (for the
     output-error search); memory stays bounded by ``keep``. Tensors named in ``moments`` also get their second
-    moments accumulated there (GPTQ rounding).
+    moments accumulated there (GPTQ rounding). With ``fit_ranges`` and ``fit_sample``, the per-channel (min, max) of
+    every tensor over the samples ``i`` with ``fit_sample(i)`` go there: the range search scores its candidates on
+    the reservoir with ranges from inputs the reservoir does not show.
     """
     names = list(dict.fromkeys(tensors))
     observers = {n: TensorObserver() for n in names}
@@ -196,6 +200,14 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
             observers[name].update(values[name])
             if reservoir is not None and n < keep:
                 reservoir.setdefault(name, []).append(np.array(values[name], copy=True))
+            if fit_ranges is not None and fit_sample is not None and fit_sample(n):
+                v = np.asarray(values[name])
+                if v.ndim >= 1 and v.size:
+                    flat = v.reshape(-1, v.shape[-1])
+                    lo, hi = flat.min(axis=0), flat.max(axis=0)
+                    old = fit_ranges.get(name)
+                    fit_ranges[name] = (lo, hi) if old is None or old[0].shape != lo.shape else \
+                        (np.minimum(old[0], lo), np.maximum(old[1], hi))
         for name, m in (moments or {}).items():
             m.update(values[name])
         n += 1

@@ -149,6 +149,11 @@ def embedded_samples(pre: Preprocess, n: int, seed: int, photos: Sequence[str] =
         yield pre.random_crop(images[i % len(images)], rng)
 
 
+def embedded_photo_count(photos: Sequence[str] = CALIB_PHOTOS) -> int:
+    """How many photos ``embedded_samples`` cycles through: sample ``i`` is a crop of photo ``i % count``."""
+    return sum(open_image(p) is not None for p in photo_paths(photos))
+
+
 def image_files(folder: Path) -> list[Path]:
     """The image files under ``folder`` (recursive, sorted); other files are skipped with a warning.
 

@@ -52,8 +52,8 @@ class LinearChoice:
 def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], channel_min: np.ndarray,
                   channel_max: np.ndarray, *, bits: int = 8, symmetric: bool = True, per_channel_weight: bool = True,
                   alphas: Sequence[float | None] = ALPHAS, ratios: Sequence[float] = (1.0,),
-                  weight_mse_clip: bool = False, pair_safe: bool = False,
-                  center: bool = False) -> tuple[LinearChoice, np.ndarray | None]:
+                  weight_mse_clip: bool = False, pair_safe: bool = False, center: bool = False,
+                  fit_range: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[LinearChoice, np.ndarray | None]:
     """Pick (alpha, r) for a group of Gemms sharing the input X (rows: tokens). Returns the choice and s.
 
     With ``center`` (symmetric quantization only), each alpha is also tried with the input centred per channel,
@@ -62,7 +62,26 @@ def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], chann
     The activation range is the full calibration range (per-channel min/max over *all* samples, divided by s),
     times r; the reservoir only scores the candidates. Ratios below 1 fit the reservoir but clip unseen inputs,
     so the default grid is (1.0,).
+
+    ``fit_range`` (per-channel min/max of calibration inputs the reservoir does not show) scores the candidates as
+    they meet unseen inputs: each is built from those ranges (factors, centre, range) and measured on the
+    reservoir, so a strong migration or a centre that fits the reservoir's own extremes and clips elsewhere loses.
+    The winner's factors and centre are then computed from the full ranges.
     """
+    if fit_range is not None:
+        lo_f, hi_f = (np.asarray(a, np.float32) for a in fit_range)
+        if lo_f.shape == channel_min.shape and np.isfinite(lo_f).all() and np.isfinite(hi_f).all():
+            choice, _ = search_linear(xs, weights, lo_f, hi_f, bits=bits, symmetric=symmetric,
+                                      per_channel_weight=per_channel_weight, alphas=alphas, ratios=ratios,
+                                      weight_mse_clip=weight_mse_clip, pair_safe=pair_safe, center=center)
+            s = None if choice.alpha is None else smoothing_factors(
+                np.maximum(np.abs(channel_min), np.abs(channel_max)),
+                np.max([np.abs(w).max(axis=1) for w in weights], axis=0), choice.alpha)
+            c = None
+            if choice.center is not None:
+                inv = 1.0 if s is None else 1.0 / s
+                c = ((channel_min * inv + channel_max * inv) / 2).astype(np.float32)
+            return LinearChoice(choice.alpha, choice.ratio, choice.error, choice.baseline_error, c), s
     x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in xs]).astype(np.float32)
     ys = [x @ w for w in weights]
     ref = sum(float((y ** 2).sum()) for y in ys) or 1.0

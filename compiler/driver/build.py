@@ -113,6 +113,9 @@ class BuildConfig:
     migrate_alpha: float = 0.5  # fixed strength when the search is off
     search: bool = True  # pick migration strength and clipping per operator by its output error
     search_samples: int = 4
+    # score the search's candidates on the reservoir with ranges from calibration inputs it does not show (other
+    # embedded photos, other files or rows): strengths and centres that clip unseen inputs lose (range_search)
+    holdout_search: bool = False
     # subtract each quantized linear's mean output error from its bias; None: on, except for ORT artifacts built
     # without the saturation guard (a CPU with VNNI), where it costs fidelity (``uses_bias_correction``)
     bias_correction: bool | None = None
@@ -323,16 +326,26 @@ def calibration_runner(model: onnx.ModelProto, tensors, cc: CalibConfig, scratch
 def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_progress: bool,
                     label: str = "calibrating", reservoir: dict | None = None,
                     keep: int = 0, scratch: Path | None = None,
-                    moments: dict | None = None) -> tuple[CalibrationTable, dict]:
+                    moments: dict | None = None, fit_ranges: dict | None = None) -> tuple[CalibrationTable, dict]:
+    """Calibrate ``plan``'s activations. The first ``keep`` samples also go to ``reservoir``; ``fit_ranges`` gets the
+    per-channel ranges of the samples whose source is none of theirs (another embedded photo, another file or
+    array row), for the range search's held-out scoring."""
     tensors = plan.activation_tensors()
     run, (feeds, summary) = calibration_runner(model, tensors, cc, scratch, with_summary=True)
 
     def prog(it):
         return progress(it, cc.samples, label, show_progress)
 
+    fit_sample = None
+    if fit_ranges is not None and keep > 0:
+        if cc.source is None:  # embedded crops cycle through the photos: leave out every crop of the reservoir's
+            period = D.embedded_photo_count()
+            fit_sample = (lambda i: i % period >= keep) if period > keep else None
+        else:
+            fit_sample = (lambda i: i >= keep)
     table = calibrate(run, tensors, feeds, cc.observer, model_digest=_digest(model), progress=prog,
                       observer_overrides=plan.observer_overrides(), reservoir=reservoir, keep=keep,
-                      moments=moments)
+                      moments=moments, fit_ranges=fit_ranges, fit_sample=fit_sample)
     summary.update({"samples": table.samples, "observer": cc.observer.describe(), "tensors": len(tensors)})
     return table, summary
 
@@ -584,11 +597,13 @@ def _prefix_runner(graph: gs.Graph, outputs: list[str], source: onnx.ModelProto,
 
 
 def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoir: dict, policy: Policy,
-                  cfg: BuildConfig, dumps: Dumps | None = None, moments: dict | None = None):
+                  cfg: BuildConfig, dumps: Dumps | None = None, moments: dict | None = None,
+                  fit_ranges: dict | None = None):
     """Search migration strength / clipping per operator, apply the migration (``migrate_scales``, through
     run_passes: ``dumps`` as --dump-after asks; logged at debug level), GPTQ-round the weights the plan asks for
     (from the calibration ``moments``), correct the biases; return the graph, the final plan and table, the search
-    report, the migration's PassResult and the rounded weights (node -> (int8, scale))."""
+    report, the migration's PassResult and the rounded weights (node -> (int8, scale)). ``fit_ranges`` (from
+    ``run_calibration``) scores each site's candidates against ranges the reservoir did not set."""
     from vitc.compiler.calib.calibration import TensorRange
     from vitc.compiler.calib.range_search import capped_alphas, search_linear
     from vitc.passes.graphutil import const_value
@@ -629,8 +644,11 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
                                   per_channel_weight=spec.weight.value == "per-channel",
                                   alphas=capped_alphas(cap) if migrate else (None,),
                                   weight_mse_clip=cfg.weight_mse_clip, pair_safe=uses_pair_safe_weights(cfg),
-                                  center=cfg.center and spec.symmetric and migrate)
+                                  center=cfg.center and spec.symmetric and migrate,
+                                  fit_range=(fit_ranges or {}).get(x_name) if cfg.holdout_search else None)
         report["linear"][x_name] = {"nodes": [n.name for _, n in members], **choice.to_json()}
+        if cfg.holdout_search and x_name in (fit_ranges or {}):
+            report["linear"][x_name]["scored_on_held_out_ranges"] = True
         ratio[x_name] = choice.ratio
         if choice.center is not None:
             shifts[x_name] = choice.center

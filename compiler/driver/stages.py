@@ -77,6 +77,7 @@ class BuildContext:
     table: CalibrationTable | None = None
     calib_summary: dict = field(default_factory=dict)
     reservoir: dict[str, list[np.ndarray]] = field(default_factory=dict)  # a few samples' activations (the search)
+    fit_ranges: dict = field(default_factory=dict)  # per-channel ranges of the samples the reservoir does not show
     migration: Migration | None = None  # what the fixed-strength migration (--no-search) applied
     moments: dict | None = None  # second moments of the GPTQ-rounded linears' inputs (calibration)
     rounded: dict | None = None  # node -> (int8 weight, scale) of the GPTQ-rounded linears
@@ -240,17 +241,19 @@ def _calibrate(ctx: BuildContext) -> None:
     ctx.table, ctx.calib_summary = run_calibration(export(ctx.graph, ctx.source.model), plan, cfg.calib,
                                                    cfg.show_progress, reservoir=ctx.reservoir,
                                                    keep=cfg.search_samples if cfg.search else 0, scratch=ctx.scratch,
-                                                   moments=ctx.moments)
+                                                   moments=ctx.moments,
+                                                   fit_ranges=ctx.fit_ranges if cfg.holdout_search else None)
 
 
 def _search(ctx: BuildContext) -> None:
     ctx.graph, ctx.plan, ctx.table, search_report, mig_res, ctx.rounded = refine_ranges(
-        ctx.graph, ctx.plan, ctx.table, ctx.reservoir, ctx.policy, ctx.cfg, dumps=ctx.dumps, moments=ctx.moments)
+        ctx.graph, ctx.plan, ctx.table, ctx.reservoir, ctx.policy, ctx.cfg, dumps=ctx.dumps, moments=ctx.moments,
+        fit_ranges=ctx.fit_ranges)
     ctx.results.append(mig_res)
     if "weight_rounding" in search_report:
         ctx.report["weight_rounding"] = search_report.pop("weight_rounding")
     ctx.report["search"] = search_report
-    ctx.reservoir = {}  # not needed past the search
+    ctx.reservoir, ctx.fit_ranges = {}, {}  # not needed past the search
     ctx.moments = None
 
 

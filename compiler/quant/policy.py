@@ -263,7 +263,7 @@ def preset_names() -> list[str]:
 
 # the research's ablation order (vit-ptq-report Table 3 / Table 5), then the target layouts
 _PRESET_ORDER = ("all-per-tensor", "ln-per-channel", "ln-fc2-per-channel", "ln-fc2-b5-6-per-channel", "all-per-channel",
-                 "trt-int8-mha", "openvino-float-attention")
+                 "trt-int8-mha", "openvino-float-attention", "no-migration-caps")
 
 
 def load_policy(spec: str | Path, defaults: PolicyDefaults = PolicyDefaults()) -> Policy:

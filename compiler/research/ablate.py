@@ -87,6 +87,7 @@ def step_rows(target: str, observer) -> list[Row]:
         rows.append(Row("steps", "+ input centring", base, SimOptions(center=True)))
     rows.append(Row("steps", "+ MSE weight clipping", base, SimOptions(weight_mse_clip=True)))
     rows.append(Row("steps", "+ residual-stream rotation", base, rotate=True))
+    rows.append(Row("steps", "+ held-out range search", base, SimOptions(holdout_search=True)))
     fc2_cap = next((r for r in base.rules if r.roles == frozenset({"fc2"}) and r.spec.max_alpha is not None), None)
     if fc2_cap is not None:  # the ORT and OpenVINO defaults: what the capped migration into fc2 buys over none
         no_fc2 = Rule("fc2-no-migration", replace(fc2_cap.spec, migrate=False, max_alpha=None), roles=fc2_cap.roles)

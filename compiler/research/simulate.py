@@ -46,6 +46,7 @@ class SimOptions:
     pair_safe_weights: bool | None = None  # None: on for ORT
     center: bool = False  # symmetric activations: per-channel input centring (as BuildConfig.center: off)
     sequential: bool = False  # refit the GPTQ linears one input at a time on the quantized model's inputs
+    holdout_search: bool = False  # score the search on ranges the reservoir did not set (BuildConfig.holdout_search)
 
     def describe(self) -> str:
         off = [k for k, v in (("search", self.search), ("migration", self.migrate and self.search),
@@ -59,6 +60,8 @@ class SimOptions:
             extra.append("input centring")
         if self.sequential and self.search:
             extra.append("sequential refit")
+        if self.holdout_search and self.search:
+            extra.append("held-out range search")
         return ", ".join([f"no {k}" for k in off] + extra) or "vitc default"
 
 
@@ -106,9 +109,11 @@ class Simulator:
         self._float_graph = fe.graph  # read-only from here on (constants and attributes for cost models)
         self.roles = fe.roles
         self.reservoir: dict[str, list[np.ndarray]] = {}
+        self.fit_ranges: dict = {}  # per-channel ranges of the calibration inputs the reservoir does not show
         self._moments: dict = {}  # second moments of linear inputs, collected when a GPTQ policy first needs them
         self.table, self.calib_summary = run_calibration(self.float_model, fe.plan, calib, show_progress,
-                                                         reservoir=self.reservoir, keep=search_samples)
+                                                         reservoir=self.reservoir, keep=search_samples,
+                                                         fit_ranges=self.fit_ranges)
         batch = input_specs(self.source)[0].shape[0] if eval_source is None else 1  # whole batches of crops
         self.feeds, _ = held_out_feeds(self.source, eval_source, max(eval_samples, batch), calib, eval_seed)
         self._rt = OrtRuntime()
@@ -148,7 +153,8 @@ class Simulator:
                           migrate=opts.migrate, search=opts.search, search_samples=self.search_samples,
                           bias_correction=opts.bias_correction if opts.search else False,
                           weight_mse_clip=opts.weight_mse_clip, pair_safe_weights=opts.pair_safe_weights,
-                          center=opts.center, sequential=opts.sequential and opts.search, show_progress=False)
+                          center=opts.center, sequential=opts.sequential and opts.search,
+                          holdout_search=opts.holdout_search and opts.search, show_progress=False)
         table = self._table_for(plan)
         moments = self.moments(plan) if gptq_nodes(plan) else None
         report: dict = {}
@@ -159,7 +165,8 @@ class Simulator:
             rounded: dict = {}
             if opts.search:
                 graph, plan, table, report, _, rounded = refine_ranges(graph, plan, table, self.reservoir, policy,
-                                                                       cfg, moments=moments)
+                                                                       cfg, moments=moments,
+                                                                       fit_ranges=self.fit_ranges)
                 if opts.sequential and rounded:
                     rounded, report["sequential"] = sequential_weights(graph, plan, table, rounded, self.source, cfg)
             elif moments:
