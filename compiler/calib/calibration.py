@@ -65,6 +65,15 @@ def collect_moments(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]
     return out
 
 
+def merge_channel_range(old: tuple[np.ndarray, np.ndarray] | None, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (last axis) (min, max) of ``x`` merged into ``old``; a channel count that changed starts over."""
+    flat = x.reshape(-1, x.shape[-1])
+    lo, hi = flat.min(axis=0), flat.max(axis=0)
+    if old is None or old[0].shape != lo.shape:
+        return lo, hi
+    return np.minimum(old[0], lo), np.maximum(old[1], hi)
+
+
 class TensorObserver:
     """Streaming statistics of one tensor."""
 
@@ -92,13 +101,8 @@ class TensorObserver:
         a = np.abs(x)
         amax = float(a.max())
         if x.ndim >= 1:
-            flat = x.reshape(-1, x.shape[-1])
-            lo, hi = flat.min(axis=0), flat.max(axis=0)
-            if self.channel_min is None or self.channel_min.shape != lo.shape:
-                self.channel_min, self.channel_max = lo, hi
-            else:
-                self.channel_min = np.minimum(self.channel_min, lo)
-                self.channel_max = np.maximum(self.channel_max, hi)
+            self.channel_min, self.channel_max = merge_channel_range(
+                None if self.channel_min is None else (self.channel_min, self.channel_max), x)
             self.channel_absmax = np.maximum(np.abs(self.channel_min), np.abs(self.channel_max))
         if self.hmax == 0.0:
             self.hmax = amax if amax > 0 else 1e-8
@@ -201,13 +205,9 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
             if reservoir is not None and n < keep:
                 reservoir.setdefault(name, []).append(np.array(values[name], copy=True))
             if fit_ranges is not None and fit_sample is not None and fit_sample(n):
-                v = np.asarray(values[name])
+                v = np.asarray(values[name], dtype=np.float32)
                 if v.ndim >= 1 and v.size:
-                    flat = v.reshape(-1, v.shape[-1])
-                    lo, hi = flat.min(axis=0), flat.max(axis=0)
-                    old = fit_ranges.get(name)
-                    fit_ranges[name] = (lo, hi) if old is None or old[0].shape != lo.shape else \
-                        (np.minimum(old[0], lo), np.maximum(old[1], hi))
+                    fit_ranges[name] = merge_channel_range(fit_ranges.get(name), v)
         for name, m in (moments or {}).items():
             m.update(values[name])
         n += 1

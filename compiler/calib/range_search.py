@@ -43,10 +43,14 @@ class LinearChoice:
     # symmetric targets: per-channel centre c subtracted from the (migrated) input before quantization, folded back
     # exactly as bias += c @ W' (a one-sided GELU output otherwise wastes half of a zero-point-free int8 grid)
     center: np.ndarray | None = None
+    held_out: bool = False  # scored with ``fit_range``: the errors are the held-out ones
 
     def to_json(self) -> dict:
-        return {"alpha": self.alpha, "clip_ratio": self.ratio, "rel_error": self.error,
-                "rel_error_minmax_no_migration": self.baseline_error, "centered": self.center is not None}
+        out = {"alpha": self.alpha, "clip_ratio": self.ratio, "rel_error": self.error,
+               "rel_error_minmax_no_migration": self.baseline_error, "centered": self.center is not None}
+        if self.held_out:
+            out["scored_on_held_out_ranges"] = True
+        return out
 
 
 def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], channel_min: np.ndarray,
@@ -66,7 +70,8 @@ def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], chann
     ``fit_range`` (per-channel min/max of calibration inputs the reservoir does not show) scores the candidates as
     they meet unseen inputs: each is built from those ranges (factors, centre, range) and measured on the
     reservoir, so a strong migration or a centre that fits the reservoir's own extremes and clips elsewhere loses.
-    The winner's factors and centre are then computed from the full ranges.
+    The winner's factors and centre are then computed from the full ranges. A fit range that does not cover every
+    channel with finite values is ignored (the choice is then in-sample, ``held_out`` False).
     """
     if fit_range is not None:
         lo_f, hi_f = (np.asarray(a, np.float32) for a in fit_range)
@@ -81,7 +86,7 @@ def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], chann
             if choice.center is not None:
                 inv = 1.0 if s is None else 1.0 / s
                 c = ((channel_min * inv + channel_max * inv) / 2).astype(np.float32)
-            return LinearChoice(choice.alpha, choice.ratio, choice.error, choice.baseline_error, c), s
+            return LinearChoice(choice.alpha, choice.ratio, choice.error, choice.baseline_error, c, held_out=True), s
     x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in xs]).astype(np.float32)
     ys = [x @ w for w in weights]
     ref = sum(float((y ** 2).sum()) for y in ys) or 1.0

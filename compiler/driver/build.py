@@ -330,8 +330,10 @@ def holdout_feeds(keep: int, photos: int | None, batch: int):
     feed after the reservoir."""
     if photos is None:
         return lambda i: i >= keep
-    seen = {k % photos for k in range(keep * batch)} if photos else set()
-    return lambda i: all((i * batch + j) % photos not in seen for j in range(batch)) if photos else False
+    if not photos:
+        return lambda i: False
+    seen = {k % photos for k in range(keep * batch)}
+    return lambda i: all((i * batch + j) % photos not in seen for j in range(batch))
 
 
 def run_calibration(model: onnx.ModelProto, plan: Plan, cc: CalibConfig, show_progress: bool,
@@ -650,20 +652,14 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
         spec = members[0][0].spec
         migrate = cfg.migrate and all(np_.spec.migrate for np_, _ in members)  # a policy rule may turn it off
         cap = min((np_.spec.max_alpha for np_, _ in members if np_.spec.max_alpha is not None), default=None)
-        fit = (fit_ranges or {}).get(x_name) if cfg.holdout_search else None
-        if fit is not None and (fit[0].shape != np.shape(rng.channel_min) or not np.isfinite(fit[0]).all()
-                                or not np.isfinite(fit[1]).all()):
-            fit = None  # a site the held-out samples did not see whole: scored in-sample
         choice, s = search_linear(reservoir[x_name], ws, np.asarray(rng.channel_min, np.float32),
                                   np.asarray(rng.channel_max, np.float32), bits=spec.bits, symmetric=spec.symmetric,
                                   per_channel_weight=spec.weight.value == "per-channel",
                                   alphas=capped_alphas(cap) if migrate else (None,),
                                   weight_mse_clip=cfg.weight_mse_clip, pair_safe=uses_pair_safe_weights(cfg),
                                   center=cfg.center and spec.symmetric and migrate,
-                                  fit_range=fit)
+                                  fit_range=(fit_ranges or {}).get(x_name) if cfg.holdout_search else None)
         report["linear"][x_name] = {"nodes": [n.name for _, n in members], **choice.to_json()}
-        if fit is not None:  # its rel_error is then the one the search saw: on the held-out ranges
-            report["linear"][x_name]["scored_on_held_out_ranges"] = True
         ratio[x_name] = choice.ratio
         if choice.center is not None:
             shifts[x_name] = choice.center
