@@ -1,4 +1,4 @@
-"""--holdout-search: the range search scores its candidates on the reservoir with ranges it did not set."""
+"""The held-out range search: the range search scores each reservoir sample with ranges it did not set."""
 
 import numpy as np
 from conftest import photo_sqnr_db
@@ -9,17 +9,22 @@ from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
 from vitc.passes.migrate_scales import smoothing_factors
 
 
-def test_calibrate_collects_ranges_of_the_chosen_samples_only():
+def test_calibrate_collects_one_range_per_reservoir_sample_over_its_fold():
     rng = np.random.default_rng(0)
     samples = [rng.standard_normal((5, 3)).astype(np.float32) * (i + 1) for i in range(6)]
     fit: dict = {}
     reservoir: dict = {}
     calibrate(lambda f: {"x": f["x"]}, ["x"], [{"x": s} for s in samples], ObserverConfig(), model_digest="d",
-              reservoir=reservoir, keep=2, fit_ranges=fit, fit_sample=lambda i: i >= 2)
-    rest = np.concatenate(samples[2:])
-    np.testing.assert_array_equal(fit["x"][0], rest.min(0))
-    np.testing.assert_array_equal(fit["x"][1], rest.max(0))
-    assert len(reservoir["x"]) == 2
+              reservoir=reservoir, keep=2, fit_ranges=fit, fit_folds=lambda i: [k for k in range(2) if k != i])
+    assert len(fit["x"]) == 2 and len(reservoir["x"]) == 2
+    for k in range(2):  # fold k: every sample but k
+        rest = np.concatenate([s for i, s in enumerate(samples) if i != k])
+        np.testing.assert_array_equal(fit["x"][k][0], rest.min(0))
+        np.testing.assert_array_equal(fit["x"][k][1], rest.max(0))
+    empty: dict = {}
+    calibrate(lambda f: {"x": f["x"]}, ["x"], [{"x": s} for s in samples], ObserverConfig(), model_digest="d",
+              reservoir={}, keep=2, fit_ranges=empty, fit_folds=lambda i: [0] if i else [])
+    assert empty["x"][1] is None  # no sample in fold 1
 
 
 def _site(seed=1):
@@ -33,7 +38,8 @@ def _site(seed=1):
 def test_fit_range_equal_to_the_full_range_changes_nothing():
     xs, ws, lo, hi = _site()
     plain, s_plain = search_linear(xs, ws, lo, hi, symmetric=False)
-    held, s_held = search_linear(xs, ws, lo, hi, symmetric=False, fit_range=(lo.copy(), hi.copy()))
+    held, s_held = search_linear(xs, ws, lo, hi, symmetric=False, fit_ranges=[(lo.copy(), hi.copy())])
+    assert held.held_out and not plain.held_out
     assert (plain.alpha, plain.ratio) == (held.alpha, held.ratio) and plain.error == held.error
     assert (s_plain is None) == (s_held is None)
     if s_plain is not None:
@@ -45,7 +51,7 @@ def test_fit_range_scores_but_the_factors_come_from_the_full_range():
     from the full calibration ranges (what the build migrates with), and the centre, if any, from them too."""
     xs, ws, lo, hi = _site()
     narrow = (lo * 0.5, hi * 0.5)
-    choice, s = search_linear(xs, ws, lo, hi, symmetric=True, center=True, fit_range=narrow)
+    choice, s = search_linear(xs, ws, lo, hi, symmetric=True, center=True, fit_ranges=[narrow])
     if choice.alpha is None:
         assert s is None
     else:
@@ -56,14 +62,17 @@ def test_fit_range_scores_but_the_factors_come_from_the_full_range():
         np.testing.assert_allclose(choice.center, (lo * inv + hi * inv) / 2, rtol=1e-6)
     # a fit range of the wrong size is ignored: the in-sample choice
     plain, _ = search_linear(xs, ws, lo, hi, symmetric=True, center=True)
-    odd, _ = search_linear(xs, ws, lo, hi, symmetric=True, center=True, fit_range=(lo[:3], hi[:3]))
+    odd, _ = search_linear(xs, ws, lo, hi, symmetric=True, center=True, fit_ranges=[(lo[:3], hi[:3])])
+    assert not odd.held_out
+    missing, _ = search_linear(xs, ws, lo, hi, symmetric=True, center=True, fit_ranges=[None])  # an empty fold
+    assert (missing.alpha, missing.error, missing.held_out) == (plain.alpha, plain.error, False)
     assert (odd.alpha, odd.error) == (plain.alpha, plain.error)
 
 
 def test_holdout_search_build_scores_every_site_and_stays_faithful(vit_path, tmp_path):
     from vitc.compiler.quant.policy import PolicyDefaults, load_policy
 
-    pol = load_policy("no-migration-caps", PolicyDefaults.for_target("ort"))
+    pol = load_policy("default", PolicyDefaults.for_target("ort"))
     assert all(r.spec.max_alpha is None for r in pol.rules)
     res = {}
     for name, on in (("plain", False), ("holdout", True)):
@@ -77,16 +86,19 @@ def test_holdout_search_build_scores_every_site_and_stays_faithful(vit_path, tmp
     assert photo_sqnr_db(vit_path, res["holdout"].model_path) > 16.0
 
 
-def test_holdout_feeds_leave_out_every_photo_the_reservoir_shows():
-    from vitc.compiler.driver.build import holdout_feeds
+def test_holdout_folds_leave_out_every_photo_of_each_reservoir_sample():
+    from vitc.compiler.driver.build import holdout_folds
 
-    one = holdout_feeds(4, 10, 1)  # crops cycle through 10 photos, one per feed: photos 0-3 are the reservoir's
-    assert [i for i in range(32) if one(i)] == [i for i in range(32) if i % 10 >= 4]
-    two = holdout_feeds(4, 10, 2)  # two crops per feed: the reservoir's 4 feeds show photos 0-7
-    assert [i for i in range(20) if two(i)] == [4, 9, 14, 19]  # crops 8-9, 18-19, ...: photos 8 and 9 only
-    assert not any(holdout_feeds(4, 10, 3)(i) for i in range(40))  # the reservoir shows every photo
-    files = holdout_feeds(4, None, 2)
-    assert [i for i in range(7) if files(i)] == [4, 5, 6]
+    one = holdout_folds(4, 10, 1)  # crops cycle through 10 photos, one per feed: reservoir feed k shows photo k
+    assert [one(i) for i in (0, 1, 4, 10, 13, 19)] == [[1, 2, 3], [0, 2, 3], [0, 1, 2, 3], [1, 2, 3], [0, 1, 2],
+                                                      [0, 1, 2, 3]]
+    two = holdout_folds(4, 10, 2)  # two crops per feed: reservoir feed k shows photos 2k and 2k + 1
+    assert [two(i) for i in (0, 4, 5, 6)] == [[1, 2, 3], [0, 1, 2, 3], [1, 2, 3], [0, 2, 3]]
+    three = holdout_folds(4, 10, 3)  # feed k shows photos 3k..3k+2 (mod 10): feed 3 shows 9, 0 and 1
+    assert three(1) == [0, 2, 3] and three(3) == [1, 2]
+    assert holdout_folds(4, 0, 1)(5) == []
+    files = holdout_folds(4, None, 2)
+    assert [files(i) for i in (0, 3, 6)] == [[1, 2, 3], [0, 1, 2], [0, 1, 2, 3]]
 
 
 def test_fit_range_changes_what_the_search_measures():
@@ -94,5 +106,5 @@ def test_fit_range_changes_what_the_search_measures():
     held-out one, not the in-sample one."""
     xs, ws, lo, hi = _site()
     plain, _ = search_linear(xs, ws, lo, hi, symmetric=False)
-    held, _ = search_linear(xs, ws, lo, hi, symmetric=False, fit_range=(lo * 0.3, hi * 0.3))
+    held, _ = search_linear(xs, ws, lo, hi, symmetric=False, fit_ranges=[(lo * 0.3, hi * 0.3)])
     assert held.error > plain.error

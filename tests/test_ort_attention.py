@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto
 from onnx import helper as h
 
-from conftest import cli, ort_run, sqnr_db, with_max_alpha
+from conftest import cli, ort_run, sqnr_db
 from vitc.tools.tiny_models import GraphBuilder
 
 T, C, H = 9, 16, 2
@@ -100,13 +100,9 @@ def _fused_output(model):
 
 @pytest.mark.parametrize("style,batch", [("timm", 1), ("hf", 1), ("timm", 3)])
 def test_fusion_keeps_the_attention_output(capsys, tmp_path, style, batch):
-    from vitc.compiler.quant.policy import policy_to_toml, target_default_policy
-
-    # the ORT default without its proj cap (max_alpha), so the search migrates the proj input: the fold under test
-    pol = tmp_path / "uncapped.toml"
-    pol.write_text(policy_to_toml(with_max_alpha(target_default_policy("ort"), None)))
-    fused, rep = _build(capsys, tmp_path, attention_model(style, batch=batch), "f", "--policy", pol)
-    plain, _ = _build(capsys, tmp_path, attention_model(style, batch=batch), "p", "--policy", pol,
+    # the range search scored in-sample migrates the proj input here: the fold under test
+    fused, rep = _build(capsys, tmp_path, attention_model(style, batch=batch), "f", "--no-holdout-search")
+    plain, _ = _build(capsys, tmp_path, attention_model(style, batch=batch), "p", "--no-holdout-search",
                       "--no-fuse-attention")
     counts = _counts(rep)
     assert counts["QAttention fusions"] == 1

@@ -179,9 +179,12 @@ def test_ablate_cli_tables(capsys, vit_file, tmp_path):
     assert rows["LayerNorm + fc2"]["per_channel_activation_nodes"] == 11
     assert rows["all (every linear)"]["per_channel_activation_nodes"] == 13  # q, k, v, proj, fc1, fc2 x 2 + head
     assert rows["vitc default"]["simulated_nodes"] == 0
-    # the steps are not no-ops: vitc's default beats calibrated ranges used as they are on this outlier model
-    assert rows["vitc default"]["sqnr_db"] > rows["- range search (calibrated ranges, no migration/bias corr.)"][
-        "sqnr_db"] + 1.0
+    # the steps are not no-ops: the range search beats calibrated ranges used as they are on this outlier model
+    # (scored in-sample: on this random-weight model with 8 calibration photos, the held-out scoring of the default
+    # loses about 3 dB, docs/analysis.md)
+    in_sample = rows["- held-out range search (scored in-sample)"]["sqnr_db"]
+    assert in_sample > rows["- range search (calibrated ranges, no migration/bias corr.)"]["sqnr_db"] + 1.0
+    assert rows["vitc default"]["sqnr_db"] != in_sample
     assert "| LayerNorm + fc2 |" in stdout
     # the rotation row is quantized from the rotated graph: another model than the default's
     assert rows["+ residual-stream rotation"]["sqnr_db"] != rows["vitc default"]["sqnr_db"]
@@ -317,12 +320,14 @@ def test_a_float_upgrade_leaves_the_other_operators_alone(vit_file):
 
 
 def test_simulator_matches_build_with_holdout_search(sim, vit_file, tmp_path):
-    """The ablate row "+ held-out range search" is the model `vitc build --holdout-search` writes."""
-    pol = load_policy("no-migration-caps", PolicyDefaults.for_target("ort"))
-    simulated = sim.run(pol, SimOptions(holdout_search=True))
+    """The simulator's default (the held-out range search on ORT) is the model `vitc build` writes; the ablate row
+    "- held-out range search" differs."""
+    pol = load_policy("default", PolicyDefaults.for_target("ort"))
+    simulated = sim.run(pol)
     res = build(BuildConfig(model=vit_file, outdir=tmp_path / "b", calib=CalibConfig(samples=8), policy=pol,
-                            holdout_search=True, show_progress=False))
+                            show_progress=False))
     assert all(v.get("scored_on_held_out_ranges") for v in res.report["search"]["linear"].values())
     built = sim.measure(res.model_path.read_bytes())
     assert abs(built.sqnr_db - simulated.fidelity.sqnr_db) < 0.05
-    assert sim.run(pol).fidelity.sqnr_db != simulated.fidelity.sqnr_db  # the option reaches the simulator
+    # the option reaches the simulator
+    assert sim.run(pol, SimOptions(holdout_search=False)).fidelity.sqnr_db != simulated.fidelity.sqnr_db

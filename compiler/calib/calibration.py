@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -182,15 +182,16 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
               observer_overrides: dict[str, ObserverConfig] | None = None,
               reservoir: dict[str, list[np.ndarray]] | None = None, keep: int = 0,
               moments: dict[str, SecondMoments] | None = None,
-              fit_ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-              fit_sample: Callable[[int], bool] | None = None) -> CalibrationTable:
+              fit_ranges: dict[str, list[tuple[np.ndarray, np.ndarray] | None]] | None = None,
+              fit_folds: Callable[[int], Sequence[int]] | None = None) -> CalibrationTable:
     """Run ``run(feed) -> {tensor: value}`` over ``feeds`` and observe ``tensors``.
 
     With ``reservoir`` and ``keep`` > 0, the first ``keep`` values of every tensor are also kept there (for the
     output-error search); memory stays bounded by ``keep``. Tensors named in ``moments`` also get their second
-    moments accumulated there (GPTQ rounding). With ``fit_ranges`` and ``fit_sample``, the per-channel (min, max) of
-    every tensor over the samples ``i`` with ``fit_sample(i)`` go there: the range search scores its candidates on
-    the reservoir with ranges from inputs the reservoir does not show.
+    moments accumulated there (GPTQ rounding). With ``fit_ranges`` and ``fit_folds``, every tensor gets one
+    per-channel (min, max) per reservoir sample k there, over the samples ``i`` with k in ``fit_folds(i)`` (those
+    that show nothing of sample k; None while a fold is empty): the range search scores each reservoir sample with
+    ranges it did not set.
     """
     names = list(dict.fromkeys(tensors))
     observers = {n: TensorObserver() for n in names}
@@ -204,10 +205,12 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
             observers[name].update(values[name])
             if reservoir is not None and n < keep:
                 reservoir.setdefault(name, []).append(np.array(values[name], copy=True))
-            if fit_ranges is not None and fit_sample is not None and fit_sample(n):
+            if fit_ranges is not None and fit_folds is not None and keep > 0:
                 v = np.asarray(values[name], dtype=np.float32)
+                folds = fit_ranges.setdefault(name, [None] * keep)
                 if v.ndim >= 1 and v.size:
-                    fit_ranges[name] = merge_channel_range(fit_ranges.get(name), v)
+                    for k in fit_folds(n):
+                        folds[k] = merge_channel_range(folds[k], v)
         for name, m in (moments or {}).items():
             m.update(values[name])
         n += 1

@@ -57,7 +57,8 @@ def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], chann
                   channel_max: np.ndarray, *, bits: int = 8, symmetric: bool = True, per_channel_weight: bool = True,
                   alphas: Sequence[float | None] = ALPHAS, ratios: Sequence[float] = (1.0,),
                   weight_mse_clip: bool = False, pair_safe: bool = False, center: bool = False,
-                  fit_range: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[LinearChoice, np.ndarray | None]:
+                  fit_ranges: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None,
+                  ) -> tuple[LinearChoice, np.ndarray | None]:
     """Pick (alpha, r) for a group of Gemms sharing the input X (rows: tokens). Returns the choice and s.
 
     With ``center`` (symmetric quantization only), each alpha is also tried with the input centred per channel,
@@ -67,51 +68,58 @@ def search_linear(xs: Sequence[np.ndarray], weights: Sequence[np.ndarray], chann
     times r; the reservoir only scores the candidates. Ratios below 1 fit the reservoir but clip unseen inputs,
     so the default grid is (1.0,).
 
-    ``fit_range`` (per-channel min/max of calibration inputs the reservoir does not show) scores the candidates as
-    they meet unseen inputs: each is built from those ranges (factors, centre, range) and measured on the
-    reservoir, so a strong migration or a centre that fits the reservoir's own extremes and clips elsewhere loses.
-    The winner's factors and centre are then computed from the full ranges. A fit range that does not cover every
-    channel with finite values is ignored (the choice is then in-sample, ``held_out`` False).
+    ``fit_ranges`` (one per reservoir sample ``xs[k]``: the per-channel min/max of the calibration inputs that show
+    nothing of sample k) scores the candidates as they meet unseen inputs, leaving each sample out in turn: sample k
+    is quantized with the factors, centre and range built from its own fold, so a strong migration or a centre that
+    fits the reservoir's own extremes and clips elsewhere loses. The winner's factors and centre are then computed
+    from the full ranges. Fit ranges that do not give every sample a fold covering every channel with finite values
+    are ignored (the choice is then in-sample, ``held_out`` False).
     """
-    if fit_range is not None:
-        lo_f, hi_f = (np.asarray(a, np.float32) for a in fit_range)
-        if lo_f.shape == channel_min.shape and np.isfinite(lo_f).all() and np.isfinite(hi_f).all():
-            choice, _ = search_linear(xs, weights, lo_f, hi_f, bits=bits, symmetric=symmetric,
-                                      per_channel_weight=per_channel_weight, alphas=alphas, ratios=ratios,
-                                      weight_mse_clip=weight_mse_clip, pair_safe=pair_safe, center=center)
-            s = None if choice.alpha is None else smoothing_factors(
-                np.maximum(np.abs(channel_min), np.abs(channel_max)),
-                np.max([np.abs(w).max(axis=1) for w in weights], axis=0), choice.alpha)
-            c = None
-            if choice.center is not None:
-                inv = 1.0 if s is None else 1.0 / s
-                c = ((channel_min * inv + channel_max * inv) / 2).astype(np.float32)
-            return LinearChoice(choice.alpha, choice.ratio, choice.error, choice.baseline_error, c, held_out=True), s
-    x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in xs]).astype(np.float32)
-    ys = [x @ w for w in weights]
-    ref = sum(float((y ** 2).sum()) for y in ys) or 1.0
+    f32 = np.float32
+    channel_min, channel_max = np.asarray(channel_min, f32), np.asarray(channel_max, f32)
+    held = fit_ranges is not None and len(fit_ranges) == len(xs) and all(
+        r is not None and all(np.shape(a) == channel_min.shape and np.isfinite(a).all() for a in r)
+        for r in fit_ranges)
+    flat = [a.reshape(-1, a.shape[-1]).astype(f32) for a in xs]
+    # what each candidate is scored on: every sample with its own fold's ranges, or all samples with the full ranges
+    parts = [(x, (np.asarray(r[0], f32), np.asarray(r[1], f32))) for x, r in zip(flat, fit_ranges)] if held else \
+        [(np.concatenate(flat), (channel_min, channel_max))]
+    ys = [[x @ w for w in weights] for x, _ in parts]
+    ref = sum(float((y ** 2).sum()) for yk in ys for y in yk) or 1.0
     w_rowmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-    absmax = np.maximum(np.abs(channel_min), np.abs(channel_max))
     best: tuple | None = None
     baseline = None
     for alpha in alphas:
-        s = None if alpha is None else smoothing_factors(absmax, w_rowmax, alpha)
-        inv = 1.0 if s is None else 1.0 / s
-        wm = [w if s is None else w * s[:, None] for w in weights]
-        wq = [fake_quant_weight(w, bits, per_channel_weight, weight_mse_clip, pair_safe) for w in wm]
-        cmin, cmax = channel_min * inv, channel_max * inv
-        for c in ([None, ((cmin + cmax) / 2).astype(np.float32)] if center and symmetric else [None]):
-            xm = x * inv if c is None else x * inv - c
-            lo, hi = (float(np.min(cmin)), float(np.max(cmax))) if c is None else \
-                (float(np.min(cmin - c)), float(np.max(cmax - c)))
-            fold = [0.0 if c is None else c @ w for w in wm]  # exact float bias fold
+        prepared = []  # per part: migrated input and ranges, migrated and quantized weights
+        for x, (lo_c, hi_c) in parts:
+            s = None if alpha is None else smoothing_factors(np.maximum(np.abs(lo_c), np.abs(hi_c)), w_rowmax, alpha)
+            inv = 1.0 if s is None else 1.0 / s
+            wm = [w if s is None else w * s[:, None] for w in weights]
+            wq = [fake_quant_weight(w, bits, per_channel_weight, weight_mse_clip, pair_safe) for w in wm]
+            prepared.append((x * inv, lo_c * inv, hi_c * inv, wm, wq))
+        for centred in ((False, True) if center and symmetric else (False,)):
             for r in ratios:
-                xq = fake_quant(xm, max(-lo, hi) * r, bits) if symmetric else fake_quant_asym(xm, lo * r, hi * r, bits)
-                err = sum(float(((y - xq @ q - f) ** 2).sum()) for y, q, f in zip(ys, wq, fold)) / ref
-                if alpha is None and r == 1.0 and c is None:
+                err = 0.0
+                for (xm, cmin, cmax, wm, wq), yk in zip(prepared, ys):
+                    c = ((cmin + cmax) / 2).astype(f32) if centred else None
+                    lo, hi = (float(np.min(cmin)), float(np.max(cmax))) if c is None else \
+                        (float(np.min(cmin - c)), float(np.max(cmax - c)))
+                    fold = [0.0 if c is None else c @ w for w in wm]  # exact float bias fold
+                    xc = xm if c is None else xm - c
+                    xq = fake_quant(xc, max(-lo, hi) * r, bits) if symmetric else \
+                        fake_quant_asym(xc, lo * r, hi * r, bits)
+                    err += sum(float(((y - xq @ q - f) ** 2).sum()) for y, q, f in zip(yk, wq, fold))
+                err /= ref
+                if alpha is None and r == 1.0 and not centred:
                     baseline = err
                 if best is None or err < best[0]:
-                    best = (err, alpha, r, s, c)
+                    best = (err, alpha, r, centred)
     assert best is not None
-    err, alpha, r, s, c = best
-    return LinearChoice(alpha, r, err, baseline if baseline is not None else err, c), s
+    err, alpha, r, centred = best
+    s = None if alpha is None else smoothing_factors(np.maximum(np.abs(channel_min), np.abs(channel_max)), w_rowmax,
+                                                     alpha)
+    c = None
+    if centred:
+        inv = 1.0 if s is None else 1.0 / s
+        c = ((channel_min * inv + channel_max * inv) / 2).astype(f32)
+    return LinearChoice(alpha, r, err, baseline if baseline is not None else err, c, held_out=held), s

