@@ -43,7 +43,7 @@ class LinearChoice:
     # symmetric targets: per-channel centre c subtracted from the (migrated) input before quantization, folded back
     # exactly as bias += c @ W' (a one-sided GELU output otherwise wastes half of a zero-point-free int8 grid)
     center: np.ndarray | None = None
-    held_out: bool = False  # scored with ``fit_range``: the errors are the held-out ones
+    held_out: bool = False  # scored with ``fit_ranges``: the errors are the held-out ones
 
     def to_json(self) -> dict:
         out = {"alpha": self.alpha, "clip_ratio": self.ratio, "rel_error": self.error,
