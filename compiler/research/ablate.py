@@ -104,7 +104,7 @@ def step_rows(target: str, observer) -> list[Row]:
         rows.append(Row("steps", "- migration into fc2 (GELU output)",
                         Policy(base.name + "-fc2-migration", rules[:-1] + (no_fc2, rules[-1]))))
         if fc2_rule is not None and not fc2_rule.spec.symmetric and base.rules[-1].spec.symmetric:  # OpenVINO: uint8
-            sym = Rule("fc2-int8-mild-migration", replace(fc2_rule.spec, symmetric=True), roles=fc2_rule.roles)
+            sym = Rule("fc2-int8", replace(fc2_rule.spec, symmetric=True), roles=fc2_rule.roles)
             rows.append(Row("steps", "- uint8 fc2 input (symmetric int8 there too)",
                             Policy(base.name + "-fc2-int8", tuple(sym if r is fc2_rule else r for r in base.rules))))
     float_av_only = next((r for r in base.rules if r.spec.skip and r.roles == frozenset({"attn_av"})), None)
