@@ -127,7 +127,7 @@ def test_each_reservoir_sample_is_scored_with_its_own_fold():
     assert own.error < swapped.error / 10
 
 
-def test_cli_holdout_flags_reach_the_build_and_other_targets_score_in_sample(capsys, vit_path, tmp_path):
+def test_cli_holdout_flags_reach_the_build_and_tensorrt_scores_in_sample(capsys, vit_path, tmp_path):
     import json
 
     from conftest import cli

@@ -209,6 +209,12 @@ def test_ablate_openvino_steps_undo_each_choice_of_its_default():
     assert not base.lookup("n", "attn_qk", 0).spec.skip
     assert not rows["+ attention x V int8"].lookup("n", "attn_av", 0).spec.skip
     assert "- migration into fc2 (GELU output)" in rows
+    # held-out scoring is the default on ORT and OpenVINO (a row turns it off), opt-in on TensorRT (a row turns it on)
+    caps_row = "- held-out range search, + migration caps (fc2 0.65, proj 0.3)"
+    names = {t: {r.name for r in step_rows(t, ObserverConfig())} for t in ("ort", "trt", "openvino")}
+    assert "- held-out range search (scored in-sample)" in names["openvino"] and caps_row not in names["openvino"]
+    assert {"- held-out range search (scored in-sample)", caps_row} <= names["ort"]
+    assert "+ held-out range search" in names["trt"]
     for target in ("ort", "trt"):
         names = {r.name for r in step_rows(target, ObserverConfig())}
         assert not names & {"- uint8 fc2 input (symmetric int8 there too)",

@@ -128,7 +128,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "docs/tensorrt.md)")
     b.add_argument("--holdout-search", action=argparse.BooleanOptionalAction, default=None,
                    help="score the range search's migration strengths (and --center's centres) with ranges from the "
-                        "calibration photos its samples do not show (default: on for --target ort; see "
+                        "calibration photos its samples do not show (default: on for --target ort and openvino; see "
                         "docs/analysis.md); --no-holdout-search scores in-sample, as the preset migration-caps "
                         "expects")
     b.add_argument("--no-saturation-guard", action="store_true",
