@@ -641,8 +641,8 @@ def refine_ranges(graph: gs.Graph, plan: Plan, table: CalibrationTable, reservoi
         holdout = False
         log.warning("held-out range search: leaving out a search sample's photo leaves no calibration sample; the "
                     "search is scored in-sample (give more calibration samples or photos)")
-    report["scoring"] = "held-out: each reservoir sample with the ranges of the photos it does not show" if holdout \
-        else "in-sample: the reservoir with the ranges of every calibration sample"
+    report["scoring"] = ("held-out: each reservoir sample with the ranges of the calibration samples from other sources"
+                         if holdout else "in-sample: the reservoir with the ranges of every calibration sample")
     for x_name, members in groups.items():
         rng = table.ranges[x_name]
         if rng.channel_absmax is None:
