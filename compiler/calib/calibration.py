@@ -65,13 +65,18 @@ def collect_moments(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]
     return out
 
 
+def union_channel_range(old: tuple[np.ndarray, np.ndarray] | None,
+                        new: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (min, max) ``new`` merged into ``old``; a channel count that changed starts over."""
+    if old is None or old[0].shape != new[0].shape:
+        return new
+    return np.minimum(old[0], new[0]), np.maximum(old[1], new[1])
+
+
 def merge_channel_range(old: tuple[np.ndarray, np.ndarray] | None, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (last axis) (min, max) of ``x`` merged into ``old``; a channel count that changed starts over."""
+    """Per-channel (last axis) (min, max) of ``x`` merged into ``old`` (``union_channel_range``)."""
     flat = x.reshape(-1, x.shape[-1])
-    lo, hi = flat.min(axis=0), flat.max(axis=0)
-    if old is None or old[0].shape != lo.shape:
-        return lo, hi
-    return np.minimum(old[0], lo), np.maximum(old[1], hi)
+    return union_channel_range(old, (flat.min(axis=0), flat.max(axis=0)))
 
 
 class TensorObserver:
@@ -210,11 +215,9 @@ def calibrate(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], ten
                 v = np.asarray(values[name], dtype=np.float32)
                 folds = fit_ranges.setdefault(name, [None] * keep)
                 if in_folds and v.ndim >= 1 and v.size:
-                    lo, hi = merge_channel_range(None, v)  # this sample's range, merged into each fold it joins
+                    one = merge_channel_range(None, v)  # this sample's range, merged into each fold it joins
                     for k in in_folds:
-                        old = folds[k]
-                        folds[k] = (lo, hi) if old is None or old[0].shape != lo.shape else (
-                            np.minimum(old[0], lo), np.maximum(old[1], hi))
+                        folds[k] = union_channel_range(folds[k], one)
         for name, m in (moments or {}).items():
             m.update(values[name])
         n += 1
