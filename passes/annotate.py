@@ -40,6 +40,7 @@ import onnx_graphsurgeon as gs
 
 from vitc.passes.attention import LAYOUT_OPS, computed_inputs, find_cores, is_const
 from vitc.passes.base import PassResult
+from vitc.passes.graphutil import HADAMARD_SUFFIX
 
 QUANTIZABLE = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 ACTIVATION_FNS = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Relu"}
@@ -80,7 +81,7 @@ def _is_bias_add(n: gs.Node) -> bool:
 
 
 def _passes_through(n: gs.Node) -> bool:
-    return n.op in LAYOUT_OPS or _is_scaling(n) or _is_bias_add(n)
+    return n.op in LAYOUT_OPS or _is_scaling(n) or _is_bias_add(n) or n.name.endswith(HADAMARD_SUFFIX)
 
 
 def _upstream(t: gs.Tensor, stop: set[str], depth: int = 24) -> gs.Node | None:
@@ -218,7 +219,8 @@ def annotate(graph: gs.Graph) -> dict[str, Role]:
         return b if b >= 0 else None
 
     # 3. linears (constant weight)
-    linears = [n for n in nodes if n.op in ("MatMul", "Gemm") and has_const_weight(n)]
+    linears = [n for n in nodes if n.op in ("MatMul", "Gemm") and has_const_weight(n)
+               and not n.name.endswith(HADAMARD_SUFFIX)]
     stop |= {n.name for n in linears}
     act_names = {n.name for n in act_fns}
     for n in linears:

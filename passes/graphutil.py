@@ -9,6 +9,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import EncodeError
 
+# the name suffix of the float MatMul that passes/fc2_hadamard.py puts before fc2: part of an exact rewrite, not a
+# model layer, so annotate looks through it and the planner keeps it float
+HADAMARD_SUFFIX = ".hadamard"
+
 
 def const_value(t: gs.Tensor | None) -> np.ndarray | None:
     """The value of ``t`` if it is a constant (initializer or Constant-node output), else None."""

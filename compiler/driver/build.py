@@ -127,7 +127,10 @@ class BuildConfig:
     # rotate the residual stream by a seeded orthogonal matrix folded into its writers and readers (exact in float;
     # passes/rotate_residual.py), so LayerNorm outputs carry no outlier channels into their quantizers
     rotate: bool = False
-    rotate_seed: int = 0
+    rotate_seed: int = 0  # also the seed of the Hadamard's random signs
+    # multiply fc2's input by a block-diagonal randomized Hadamard matrix (float MatMul, this block size) and fold its
+    # transpose into fc2's weight (exact in float; passes/fc2_hadamard.py); 0: off, None: FC2_HADAMARD_DEFAULT[target]
+    fc2_hadamard: int | None = None
     # refit the GPTQ-rounded linears one input at a time on the inputs the quantized model gives them (a pass over
     # the calibration data per linear input: minutes); needs the range search
     sequential: bool = False
@@ -734,6 +737,15 @@ def uses_bias_correction(cfg: BuildConfig) -> bool:
 # OpenVINO, its policy uncapped against capped in-sample (its graph run in ORT): encoder 27.87 -> 28.89 dB (seeds
 # 0-3), whole model +1.02 / +1.54, DeiT-S -0.62 / -0.51 (seeds 0 / 1). TensorRT encoder +0.10 / 0.00 dB: off.
 HOLDOUT_DEFAULT = {Target.ORT: True, Target.TRT: False, Target.OPENVINO: True}
+# the Hadamard before fc2, block size (0: off), per target
+FC2_HADAMARD_DEFAULT = {Target.ORT: 0, Target.TRT: 32, Target.OPENVINO: 0}
+
+
+def fc2_hadamard_block(cfg: BuildConfig) -> int:
+    """The block size of the Hadamard before fc2 (0: none): as set, else FC2_HADAMARD_DEFAULT[target]."""
+    if cfg.precision is Precision.FP32:
+        return 0
+    return FC2_HADAMARD_DEFAULT[cfg.target] if cfg.fc2_hadamard is None else cfg.fc2_hadamard
 
 
 def uses_holdout_search(cfg: BuildConfig) -> bool:

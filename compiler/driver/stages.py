@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from vitc.compiler.driver.build import (CPU_METADATA_KEY, FP32_NAME, INT8_NAME, BuildConfig, CalibConfig, Precision,
                                  calibration_feeds, detect_cpu, gptq_weights, new_moments, node_roles, ort_session,
                                  plan_for, refine_ranges, sequential_weights,
-                                 resolve_cpu, run_calibration, save_and_check, uses_holdout_search,
+                                 fc2_hadamard_block, resolve_cpu, run_calibration, save_and_check, uses_holdout_search,
                                  uses_pair_safe_weights)
 from vitc.compiler.calib.calibration import CalibrationTable
 from vitc.compiler.errors import ModelLoadError, PassError, VitcError
@@ -43,6 +43,7 @@ from vitc.passes.annotate import AnnotatePass, Role
 from vitc.passes.base import GraphPass, PassResult
 from vitc.passes.canonicalize import CanonicalizePass
 from vitc.passes.dynamic_batch import DynamicBatch
+from vitc.passes.fc2_hadamard import Fc2Hadamard
 from vitc.passes.fold_channel_scale import ChannelScaleFold
 from vitc.passes.fuse_gelu import GeluFusion, GeluOp
 from vitc.passes.fuse_layernorm import LayerNormFusion
@@ -109,15 +110,19 @@ def run_stages(stages: Iterable[Stage], ctx: BuildContext) -> BuildContext:
 
 
 # -- the passes ---------------------------------------------------------------------------------------------------------
-def float_passes(target: Target, fuse: bool = True, rotate: bool = False, rotate_seed: int = 0) -> list[GraphPass]:
-    """canonicalize -> fusions (-> the residual-stream rotation with ``rotate``). Fusions are off with ``fuse=False``
-    (the --no-fuse comparison); the rotation needs them (it reads fused LayerNorms)."""
+def float_passes(target: Target, fuse: bool = True, rotate: bool = False, rotate_seed: int = 0,
+                 hadamard: int = 0) -> list[GraphPass]:
+    """canonicalize -> fusions (-> the residual-stream rotation with ``rotate``) (-> the Hadamard before fc2 with
+    block size ``hadamard`` > 0). Fusions are off with ``fuse=False`` (the --no-fuse comparison); the rotations need
+    them (they read fused LayerNorms and GELUs)."""
     passes: list[GraphPass] = [CanonicalizePass()]
     if fuse:
         gelu = GeluOp.ORT_CONTRIB if target is Target.ORT else GeluOp.ONNX20
         passes += [LayerNormFusion(), GeluFusion(gelu), MatMulAddFusion(), ChannelScaleFold()]
         if rotate:
             passes.append(ResidualRotation(rotate_seed))
+        if hadamard:
+            passes.append(Fc2Hadamard(hadamard, rotate_seed))
     return passes
 
 
@@ -137,7 +142,7 @@ def build_stages(cfg: BuildConfig) -> list[Stage]:
     """The stages `vitc build` runs for ``cfg``, in order."""
     stages = [Stage("load", _load, "load", front_end=True)]
     stages += [_pass_stage(p, "float passes", front_end=True)
-               for p in float_passes(cfg.target, cfg.fuse, cfg.rotate, cfg.rotate_seed)]
+               for p in float_passes(cfg.target, cfg.fuse, cfg.rotate, cfg.rotate_seed, fc2_hadamard_block(cfg))]
     stages.append(Stage("float check", _float_check, "float check"))
     if cfg.precision is Precision.FP32:
         if cfg.target is Target.ORT and cfg.fuse:  # the same 2-D token stream as the int8 lowering
@@ -168,10 +173,11 @@ def build_stages(cfg: BuildConfig) -> list[Stage]:
 def dump_names() -> list[str]:
     """Every name `vitc build --dump-after` accepts: what the stages of any configuration can dump, in build order."""
     names: list[str] = []
-    for target, precision, fuse, fuse_attention, search, migrate, rotate in itertools.product(
-            Target, Precision, (True, False), (True, False), (True, False), (True, False), (False, True)):
+    for target, precision, fuse, fuse_attention, search, migrate, rotate, hadamard in itertools.product(
+            Target, Precision, (True, False), (True, False), (True, False), (True, False), (False, True), (0, 32)):
         cfg = BuildConfig(model=Path(), outdir=Path(), target=target, precision=precision, fuse=fuse,
-                          fuse_attention=fuse_attention, search=search, migrate=migrate, rotate=rotate)
+                          fuse_attention=fuse_attention, search=search, migrate=migrate, rotate=rotate,
+                          fc2_hadamard=hadamard)
         prev = -1
         for name in (n for st in build_stages(cfg) for n in st.dumps):
             if name not in names:

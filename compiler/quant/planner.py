@@ -13,7 +13,7 @@ from vitc.compiler.calib.calibration import Observer, ObserverConfig
 from vitc.compiler.errors import PolicyError
 from vitc.compiler.quant.policy import Granularity, NodePlan, Plan, Policy, QuantSpec, simulation_reasons
 from vitc.passes.annotate import Role, block_count, has_const_weight
-from vitc.passes.graphutil import const_value
+from vitc.passes.graphutil import HADAMARD_SUFFIX, const_value
 from vitc.passes.rotate_residual import UNROTATE_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def resolve_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role]) -> Pla
             continue
         if _all_zero(node.inputs[1]):
             continue  # nothing to quantize, and a degenerate weight range breaks OpenVINO's int8 kernels
-        if node.name.endswith(UNROTATE_SUFFIX):
-            continue  # the residual rotation's way back to the original basis: exact only in float
+        if node.name.endswith((UNROTATE_SUFFIX, HADAMARD_SUFFIX)):
+            continue  # the residual rotation's way back to the original basis, the Hadamard before fc2: float parts
         rule = policy.lookup(node.name, r.role, r.block, r.inputs)
         spec = rule.spec
         if node.op in ("Conv", "ConvTranspose") and not spec.skip and spec.activation is Granularity.PER_CHANNEL:
@@ -156,6 +156,8 @@ def float_ops(graph: gs.Graph, plan: Plan, roles: dict[str, Role]) -> list[dict]
             why = "constant first operand (e.g. a learned query): float"
         elif node.name.endswith(UNROTATE_SUFFIX):
             why = "the residual-stream rotation's un-rotation (kept float)"
+        elif node.name.endswith(HADAMARD_SUFFIX):
+            why = "the online Hadamard before fc2 (kept float)"
         elif len(node.inputs) > 1 and _all_zero(node.inputs[1]):
             why = "all-zero weight (e.g. a zero-initialised branch): computes its bias in float"
         else:

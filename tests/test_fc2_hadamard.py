@@ -1,0 +1,112 @@
+"""The Hadamard before fc2 (passes/fc2_hadamard.py): exact in float, fc2 keeps its role and its int8 input, the
+Hadamard MatMul stays float, widths it cannot split are left as they are with a note, and the TensorRT default
+has it."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from conftest import cli, ort_run, photo_sqnr_db
+
+from vitc.compiler.driver.pipeline import Target, export, run_passes
+from vitc.compiler.driver.stages import float_passes
+from vitc.passes.annotate import annotate
+from vitc.passes.fc2_hadamard import Fc2Hadamard, hadamard_block
+from vitc.passes.graphutil import HADAMARD_SUFFIX
+from vitc.tools.tiny_models import TinyConfig, tiny_vit
+
+
+@pytest.mark.parametrize("b", [2, 16, 64])
+def test_block_is_orthogonal_signed_and_seeded(b):
+    r = hadamard_block(b, seed=4)
+    assert np.allclose(r @ r.T, np.eye(b), atol=1e-12)
+    assert np.allclose(np.abs(r), 1 / np.sqrt(b))
+    assert np.array_equal(r, hadamard_block(b, seed=4))
+    assert b < 16 or not np.array_equal(r, hadamard_block(b, seed=5))
+
+
+@pytest.mark.parametrize("b", [0, 1, 12, -4])
+def test_block_must_be_a_power_of_two(b):
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard_block(b, 0)
+
+
+def _fused(model: onnx.ModelProto, tmp_path) -> gs.Graph:
+    from vitc.compiler.driver.loader import load_model
+
+    p = tmp_path / "m.onnx"
+    onnx.save(model, p)
+    g = gs.import_onnx(load_model(p).model)
+    run_passes(g, float_passes(Target.ORT, True), quiet=True)
+    return g
+
+
+@pytest.mark.parametrize("cfg,block", [(TinyConfig(depth=2, dim=32), 16), (TinyConfig(depth=3, dim=64, gelu="tanh"), 64),
+                                       (TinyConfig(depth=2, dim=32, mlp_ratio=3), 32)])
+def test_hadamard_keeps_the_float_outputs_and_the_roles(cfg, block, tmp_path):
+    src = tiny_vit(cfg)
+    g = _fused(src, tmp_path)
+    before = export(g.copy(), src)
+    roles_before = {k: v.role for k, v in annotate(g).items()}
+    res = run_passes(g, [Fc2Hadamard(block, seed=2)], quiet=True)[0]
+    assert res.counts["fc2 inputs rotated"] == cfg.depth and res.counts["fc2 left as is"] == 0, res.notes
+    after = export(g, src)
+    name = src.graph.input[0].name
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        x = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+        a, b = ort_run(before, {name: x}, optimize=False)[0], ort_run(after, {name: x}, optimize=False)[0]
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max()), np.abs(a - b).max()
+    roles_after = annotate(g)
+    had = [n for n in g.nodes if n.name.endswith(HADAMARD_SUFFIX)]
+    assert len(had) == cfg.depth and all(n.name not in roles_after or roles_after[n.name].role != "fc2" for n in had)
+    assert {k: v.role for k, v in roles_after.items() if k in roles_before} == roles_before  # fc2 is still fc2
+
+
+def test_width_not_a_multiple_of_the_block_stays_as_is(tmp_path):
+    g = _fused(tiny_vit(TinyConfig(depth=2, dim=32, mlp_ratio=3)), tmp_path)  # fc2 input width 96
+    consts = {id(t): t.values.copy() for t in g.tensors().values() if isinstance(t, gs.Constant)}
+    n_nodes = len(g.nodes)
+    res = Fc2Hadamard(64).run(g)
+    assert not res.modified and res.counts["fc2 left as is"] == 2 and len(g.nodes) == n_nodes
+    assert all("not a multiple of the block size 64" in note for note in res.notes)
+    assert all(np.array_equal(t.values, consts[id(t)]) for t in g.tensors().values()
+               if isinstance(t, gs.Constant) and id(t) in consts)
+
+
+def test_build_keeps_the_hadamard_float_and_fc2_int8(tmp_path, capsys, vit_path):
+    rc, _, err = cli(capsys, "build", vit_path, "-o", tmp_path / "o", "--fc2-hadamard", "16", "--calib-samples", "8")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "o" / "build.json").read_text())
+    had = next(p for p in rep["passes"] if p["pass"] == "fc2_hadamard")
+    assert had["counts"]["fc2 inputs rotated"] == 2 and "block 16, seed 0" in had["notes"]
+    assert rep["float_check"]["max_abs_diff_relative"] < 1e-4
+    fl = [f for f in rep["float_ops"] if f["node"].endswith(HADAMARD_SUFFIX)]
+    assert len(fl) == 2 and all("Hadamard" in f["why"] for f in fl)
+    nodes = {n["node"]: n for n in rep["policy"]["nodes"]}
+    assert not any(k.endswith(HADAMARD_SUFFIX) for k in nodes)
+    fc2 = [n for n in nodes.values() if n["role"] == "fc2"]
+    assert len(fc2) == 2 and all(n["quant"].startswith("int8") and n["activations"][0].startswith(n["node"] + ".hadamard")
+                                 for n in fc2)
+    m = onnx.load(tmp_path / "o" / "model.int8.onnx")
+    prod = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:  # the Hadamard reads GELU's float output, not a dequantized tensor
+        if n.name.endswith(HADAMARD_SUFFIX):
+            assert prod[n.input[0]].op_type != "DequantizeLinear"
+    assert photo_sqnr_db(onnx.load(vit_path), m) > 20
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)  # the Reshapes keep any batch
+    assert ort_run(m, {m.graph.input[0].name: x})[0].shape[0] == 3
+
+
+def test_tensorrt_default_has_it_ort_default_not(tmp_path, capsys, vit_path):
+    from vitc.compiler.driver.frontend import front_end
+
+    for target, rotated in ((Target.TRT, 2), (Target.ORT, None)):
+        fe = front_end(vit_path, target)
+        res = next((r for r in fe.float_passes if r.name == "fc2_hadamard"), None)
+        assert (res.counts["fc2 inputs rotated"] if res else None) == rotated
+    with pytest.raises(SystemExit) as e:
+        cli(capsys, "build", vit_path, "-o", tmp_path / "o", "--fc2-hadamard", "12")
+    assert e.value.code == 2 and "power of two" in capsys.readouterr().err and not (tmp_path / "o").exists()
