@@ -383,6 +383,7 @@ def _log_plan_notes(plan: dict) -> None:
 def _cmd_explain(a) -> int:
     from vitc.compiler.driver.frontend import front_end
     from vitc.compiler.driver.pipeline import Target
+    from vitc.compiler.quant.planner import is_rewrite_part
     from vitc.runtimes.ort import quiet
 
     if not 0 < a.percentile <= 100:
@@ -393,7 +394,7 @@ def _cmd_explain(a) -> int:
     fe = front_end(a.model, Target(a.target), batch=a.batch, policy=policy, observer=ob)
     sys.stdout.write(format_plan(fe.plan, fe.roles, fe.graph) + "\n")
     for f in fe.float_ops:
-        if not f["why"].startswith("policy rule"):
+        if not f["why"].startswith("policy rule") and not is_rewrite_part(f["node"]):
             sys.stdout.write(f"# stays float: {f['node']} ({f['op']}): {f['why']}\n")
     _log_plan_notes(fe.plan.to_json())
     return 0

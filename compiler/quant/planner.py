@@ -71,7 +71,7 @@ def resolve_plan(graph: gs.Graph, policy: Policy, roles: dict[str, Role]) -> Pla
             continue
         if _all_zero(node.inputs[1]):
             continue  # nothing to quantize, and a degenerate weight range breaks OpenVINO's int8 kernels
-        if node.name.endswith((UNROTATE_SUFFIX, HADAMARD_SUFFIX)):
+        if is_rewrite_part(node.name):
             continue  # the residual rotation's way back to the original basis, the Hadamard before fc2: float parts
         rule = policy.lookup(node.name, r.role, r.block, r.inputs)
         spec = rule.spec
@@ -166,9 +166,16 @@ def float_ops(graph: gs.Graph, plan: Plan, roles: dict[str, Role]) -> list[dict]
     return out
 
 
+def is_rewrite_part(node_name: str) -> bool:
+    """A float MatMul an exact rewrite added (the residual rotation's un-rotation, the Hadamard before fc2): not a
+    model layer, float by design."""
+    return node_name.endswith((UNROTATE_SUFFIX, HADAMARD_SUFFIX))
+
+
 def unrecognised_summary(floats: list[dict]) -> str:
     """One line on the float weighted ops: how many the policy keeps float, how many nothing recognised (the first
-    ones named)."""
+    ones named). The float parts of exact rewrites are neither."""
+    floats = [f for f in floats if not is_rewrite_part(f["node"])]
     if not floats:
         return "no MatMul, Gemm or Conv node in the model"
     un = [f for f in floats if not f["why"].startswith("policy rule")]
