@@ -48,12 +48,14 @@ class FrontEnd:
 
 def front_end(model: Path, target: Target = Target.ORT, *, fuse: bool = True, batch: int = 1,
               input_shapes: dict[str, list[int]] | None = None, policy: Policy | None = None,
-              observer: ObserverConfig = ObserverConfig(), rotate: bool = False, rotate_seed: int = 0) -> FrontEnd:
+              observer: ObserverConfig = ObserverConfig(), rotate: bool = False, rotate_seed: int = 0,
+              fc2_hadamard: int | None = None) -> FrontEnd:
     """Load ``model`` (a dynamic batch fixed to ``batch``, ``input_shapes`` fixing other dims), run the float passes
     for ``target`` (fusions only with ``fuse``), annotate, and resolve ``policy`` (None: the target's default with
-    ``observer``, what `vitc build` uses) into a plan. ``rotate``: the residual-stream rotation (build --rotate)."""
+    ``observer``, what `vitc build` uses) into a plan. ``rotate``: the residual-stream rotation (build --rotate);
+    ``fc2_hadamard``: the Hadamard before fc2's block size (0: none, None: the target's default)."""
     cfg = BuildConfig(model=Path(model), outdir=Path(model), target=target, fuse=fuse, batch=batch,
                       input_shapes=dict(input_shapes or {}), calib=CalibConfig(observer=observer), policy=policy,
-                      rotate=rotate, rotate_seed=rotate_seed)
+                      rotate=rotate, rotate_seed=rotate_seed, fc2_hadamard=fc2_hadamard)
     ctx = run_stages([st for st in build_stages(cfg) if st.front_end], BuildContext(cfg))
     return FrontEnd(ctx.source, ctx.graph, ctx.results, ctx.roles, ctx.policy, ctx.plan, ctx.float_ops)

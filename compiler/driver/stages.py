@@ -231,7 +231,7 @@ def _plan(ctx: BuildContext) -> None:
 def _calibrate(ctx: BuildContext) -> None:
     """Refuses a plan with nothing to quantize (unless --allow-float), then collects the ranges; with the search on,
     also keeps a few samples' activations (the reservoir)."""
-    from vitc.compiler.quant.planner import unrecognised_summary
+    from vitc.compiler.quant.planner import is_rewrite_part, unrecognised_summary
 
     cfg, plan = ctx.cfg, ctx.plan
     if not plan.quantized():
@@ -240,10 +240,10 @@ def _calibrate(ctx: BuildContext) -> None:
             raise VitcError(f"{cfg.model}: nothing to quantize under policy {plan.policy!r} ({what})",
                             hint="pass --allow-float to write the float-equivalent model anyway, or --precision fp32")
         log.warning("nothing to quantize (%s): the model stays float (--allow-float)", what)
-    elif ctx.float_ops:
-        n_un = sum(not f["why"].startswith("policy rule") for f in ctx.float_ops)
+    elif layers := [f for f in ctx.float_ops if not is_rewrite_part(f["node"])]:
+        n_un = sum(not f["why"].startswith("policy rule") for f in layers)
         log.info("%d weighted op(s) stay float: %d by the policy, %d not recognised (build.json float_ops)",
-                 len(ctx.float_ops), len(ctx.float_ops) - n_un, n_un)
+                 len(layers), len(layers) - n_un, n_un)
     ctx.moments = new_moments(plan)
     ctx.table, ctx.calib_summary = run_calibration(export(ctx.graph, ctx.source.model), plan, cfg.calib,
                                                    cfg.show_progress, reservoir=ctx.reservoir,

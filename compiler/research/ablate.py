@@ -48,6 +48,7 @@ class Row:
     policy: Policy
     options: SimOptions = SimOptions()
     rotate: bool = False  # quantized from the residual-stream-rotated graph (build --rotate)
+    fc2_hadamard: int | None = None  # the Hadamard before fc2's block size (0: none; None: the target's default)
 
 
 def granularity_rows(observer, symmetric: bool) -> list[Row]:
@@ -70,7 +71,7 @@ def granularity_rows(observer, symmetric: bool) -> list[Row]:
 
 
 def step_rows(target: str, observer) -> list[Row]:
-    from vitc.compiler.driver.build import BuildConfig, uses_bias_correction, uses_holdout_search
+    from vitc.compiler.driver.build import BuildConfig, fc2_hadamard_block, uses_bias_correction, uses_holdout_search
     from vitc.compiler.driver.pipeline import Target
 
     base = target_default_policy(target, observer)
@@ -88,6 +89,10 @@ def step_rows(target: str, observer) -> list[Row]:
         rows.append(Row("steps", "+ input centring", base, SimOptions(center=True)))
     rows.append(Row("steps", "+ MSE weight clipping", base, SimOptions(weight_mse_clip=True)))
     rows.append(Row("steps", "+ residual-stream rotation", base, rotate=True))
+    if fc2_hadamard_block(default_cfg):
+        rows.append(Row("steps", "- Hadamard before fc2", base, fc2_hadamard=0))
+    else:
+        rows.append(Row("steps", "+ Hadamard before fc2 (block 32)", base, fc2_hadamard=32))
     if uses_holdout_search(default_cfg):
         rows.append(Row("steps", "- held-out range search (scored in-sample)", base, SimOptions(holdout_search=False)))
         if target == "ort":  # what the default would be without the held-out scoring
@@ -166,7 +171,7 @@ def ablate(sim: Simulator, cfg: AblateConfig, workdir: Path, show_progress: bool
                                "calibration": sim.calib_summary})
     paths: list[Path] = []
     for i, row in enumerate(progress(rows, len(rows), "ablation", show_progress)):
-        s = sim.rotated() if row.rotate else sim
+        s = sim.variant(rotate=row.rotate or None, fc2_hadamard=row.fc2_hadamard)
         model, plan, _ = s.quantize(row.policy, row.options)
         fid = s.measure(model)
         path = workdir / f"row{i:02d}.onnx"

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from vitc.compiler.driver.build import (BuildConfig, CalibConfig, calibration_runner, gptq_nodes, gptq_weights,
-                                        sequential_weights,
+from vitc.compiler.driver.build import (BuildConfig, CalibConfig, calibration_runner, fc2_hadamard_block, gptq_nodes,
+                                        gptq_weights, sequential_weights,
                                         held_out_feeds, input_specs, node_roles, plan_for, refine_ranges,
                                         run_calibration, silence_graphsurgeon, uses_pair_safe_weights)
 from vitc.compiler.calib.calibration import CalibrationTable
@@ -86,7 +86,7 @@ class Simulator:
     def __init__(self, model: Path, *, target: Target = Target.ORT, calib: CalibConfig = CalibConfig(),
                  fuse: bool = True, batch: int = 1, input_shapes: dict | None = None, eval_source: Path | None = None,
                  eval_samples: int = 8, search_samples: int = 4, show_progress: bool = True, threads: int = 0,
-                 eval_seed: int = 11, rotate: bool = False):
+                 eval_seed: int = 11, rotate: bool = False, fc2_hadamard: int | None = None):
         from vitc.runtimes.base import SessionOptions
         from vitc.runtimes.ort import OrtRuntime, quiet
 
@@ -96,14 +96,18 @@ class Simulator:
                           eval_source=eval_source, eval_samples=eval_samples, search_samples=search_samples,
                           show_progress=show_progress, threads=threads, eval_seed=eval_seed)
         self.rotate = rotate
-        self._rotated: Simulator | None = None
+        # the Hadamard before fc2: its block size (0: none), resolved against the target's default
+        self.fc2_hadamard = fc2_hadamard_block(BuildConfig(model=Path(model), outdir=Path(model), target=target,
+                                                           fc2_hadamard=fc2_hadamard))
+        self._variants: dict[tuple[bool, int], Simulator] = {(rotate, self.fc2_hadamard): self}
         self.path = Path(model)
         self.target = target
         self.calib = calib
         self.threads = threads
         self.search_samples = search_samples
         fe = front_end(self.path, target, fuse=fuse, batch=batch, input_shapes=input_shapes,
-                       policy=calibrate_everything_policy(target, calib), rotate=rotate)
+                       policy=calibrate_everything_policy(target, calib), rotate=rotate,
+                       fc2_hadamard=self.fc2_hadamard)
         self.source = fe.source.model
         self.float_passes = fe.float_passes
         self.float_model = fe.float_model()
@@ -123,14 +127,20 @@ class Simulator:
         self.reference = [ref.run(f) for f in self.feeds]
         self.output_names = ref.output_names
 
+    def variant(self, rotate: bool | None = None, fc2_hadamard: int | None = None) -> "Simulator":
+        """The same model, data and settings with another front end: the residual-stream rotation on or off, the
+        Hadamard before fc2 with another block size (0: none); None keeps this simulator's. Each front end has its
+        own calibration (a rewritten graph's tensors are other tensors); variants are built once and shared."""
+        key = (self.rotate if rotate is None else rotate, self.fc2_hadamard if fc2_hadamard is None else fc2_hadamard)
+        if key not in self._variants:
+            sim = Simulator(self.path, rotate=key[0], fc2_hadamard=key[1], **self._args)
+            sim._variants = self._variants
+            self._variants[key] = sim
+        return self._variants[key]
+
     def rotated(self) -> "Simulator":
-        """The same model, data and settings with the residual-stream rotation in the front end (its own
-        calibration: the rotated graph's tensors are other tensors)."""
-        if self.rotate:
-            return self
-        if self._rotated is None:
-            self._rotated = Simulator(self.path, rotate=True, **self._args)
-        return self._rotated
+        """The same model, data and settings with the residual-stream rotation in the front end."""
+        return self.variant(rotate=True)
 
     def constant(self, tensor: str) -> np.ndarray | None:
         """The value of a constant of the float model (None: not a constant)."""
