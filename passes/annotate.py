@@ -21,7 +21,8 @@ Float nodes (never quantized themselves; policies refer to them with ``input_fro
   i+1's ``norm1``.) ``final_norm``: a LayerNorm after the last attention that feeds no block (block None);
   ``norm``: any other LayerNorm.
 - ``softmax``, ``gelu`` (the MLP activation: GELU in any form, or ReLU/QuickGELU/SiLU), ``residual_add`` (the Add
-  of a skip connection and a ``proj``/``fc2`` output).
+  of a skip connection and a ``proj``/``fc2`` output), ``hadamard`` (the float MatMul passes/fc2_hadamard.py puts
+  before fc2; annotate looks through it, so fc2 keeps its role).
 
 Blocks are numbered from 0 in attention order: a node's block is the attention it feeds (q/k/v, norm1) or the one
 it follows (everything else). Nodes after the final norm (head, a convolutional decoder) and before the first
@@ -49,7 +50,7 @@ GATES = {"Erf", "Tanh", "Sigmoid"}
 # roles of quantizable nodes, and of the float nodes that are annotated for policy matching
 QUANTIZABLE_ROLES = ("patch_embed", "conv", "deconv", "qkv", "q", "k", "v", "attn_qk", "attn_av", "proj", "fc1", "fc2",
                      "head", "linear", "matmul")
-FLOAT_ROLES = ("norm1", "norm2", "final_norm", "norm", "softmax", "gelu", "residual_add")
+FLOAT_ROLES = ("norm1", "norm2", "final_norm", "norm", "softmax", "gelu", "residual_add", "hadamard")
 ROLES = QUANTIZABLE_ROLES + FLOAT_ROLES
 
 
@@ -278,7 +279,9 @@ def annotate(graph: gs.Graph) -> dict[str, Role]:
     for n in nodes:
         if n.op not in QUANTIZABLE or n.name in labels:
             continue
-        if n.op == "Conv":
+        if n.name.endswith(HADAMARD_SUFFIX):  # passes/fc2_hadamard.py's rotation: float by design
+            labels[n.name] = ("hadamard", block_of(n))
+        elif n.op == "Conv":
             if not has_const_weight(n):
                 continue
             labels[n.name] = ("patch_embed", None) if _from_graph_input(n.inputs[0], graph_inputs) else \

@@ -493,7 +493,7 @@ def test_explain(capsys, vit_path):
     assert lines[-1].startswith("# policy default: 13 quantized, 5 kept float, 0 simulated")
     rows = [ln.split() for ln in lines[1:-1]]
     # tiny_vit: patch Conv, per block q/k/v/proj/fc1/fc2 Gemms + 2 attention MatMuls, head Gemm; plus the float ops
-    quantizable = [r for r in rows if r[1] in ("Conv", "Gemm", "MatMul")]
+    quantizable = [r for r in rows if r[1] in ("Conv", "Gemm", "MatMul") and r[2] != "hadamard"]
     assert len(quantizable) == 1 + 2 * 8 + 1
     roles = [r[2] for r in quantizable]
     for role, n in (("patch_embed", 1), ("q", 2), ("k", 2), ("v", 2), ("attn_qk", 2), ("attn_av", 2), ("proj", 2),
@@ -501,7 +501,7 @@ def test_explain(capsys, vit_path):
         assert roles.count(role) == n, (role, roles)
     floats = [r[2] for r in rows if r not in quantizable]
     assert sorted(floats) == sorted(["norm1"] * 2 + ["norm2"] * 2 + ["final_norm"] + ["softmax"] * 2 + ["gelu"] * 2
-                                    + ["residual_add"] * 4)
+                                    + ["residual_add"] * 4 + ["hadamard"] * 2)
     assert err == ""
 
 

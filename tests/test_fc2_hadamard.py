@@ -100,13 +100,14 @@ def test_build_keeps_the_hadamard_float_and_fc2_int8(tmp_path, capsys, vit_path)
     assert ort_run(m, {m.graph.input[0].name: x})[0].shape[0] == 3
 
 
-def test_tensorrt_default_has_it_ort_default_not(tmp_path, capsys, vit_path):
+def test_target_defaults(tmp_path, capsys, vit_path):
     from vitc.compiler.driver.frontend import front_end
 
-    for target, rotated in ((Target.TRT, 2), (Target.ORT, None)):
+    for target, rotated in ((Target.TRT, 2), (Target.ORT, 2), (Target.OPENVINO, None)):
         fe = front_end(vit_path, target)
         res = next((r for r in fe.float_passes if r.name == "fc2_hadamard"), None)
         assert (res.counts["fc2 inputs rotated"] if res else None) == rotated
+    assert not any(r.name == "fc2_hadamard" for r in front_end(vit_path, Target.ORT, fc2_hadamard=0).float_passes)
     with pytest.raises(SystemExit) as e:
         cli(capsys, "build", vit_path, "-o", tmp_path / "o", "--fc2-hadamard", "12")
     assert e.value.code == 2 and "power of two" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -188,7 +188,7 @@ def test_ablate_cli_tables(capsys, vit_file, tmp_path):
     assert "| LayerNorm + fc2 |" in stdout
     # the rotation row is quantized from the rotated graph: another model than the default's
     assert rows["+ residual-stream rotation"]["sqnr_db"] != rows["vitc default"]["sqnr_db"]
-    assert rows["+ Hadamard before fc2 (block 32)"]["sqnr_db"] != rows["vitc default"]["sqnr_db"]
+    assert rows["- Hadamard before fc2"]["sqnr_db"] != rows["vitc default"]["sqnr_db"]
     # the sequential row refits the default's GPTQ linears: other weights, another output
     assert rows["+ sequential refit"]["sqnr_db"] != rows["vitc default"]["sqnr_db"]
 
@@ -216,8 +216,8 @@ def test_ablate_openvino_steps_undo_each_choice_of_its_default():
     assert "- held-out range search (scored in-sample)" in names["openvino"] and caps_row not in names["openvino"]
     assert {"- held-out range search (scored in-sample)", caps_row} <= names["ort"]
     assert "+ held-out range search" in names["trt"]
-    assert "- Hadamard before fc2" in names["trt"] and "- Hadamard before fc2" not in names["ort"]
-    assert "+ Hadamard before fc2 (block 32)" in names["ort"] & names["openvino"]
+    assert "- Hadamard before fc2" in names["trt"] & names["ort"]
+    assert "+ Hadamard before fc2 (block 64)" in names["openvino"]
     for target in ("ort", "trt"):
         names = {r.name for r in step_rows(target, ObserverConfig())}
         assert not names & {"- uint8 fc2 input (symmetric int8 there too)",
@@ -233,10 +233,11 @@ def test_rotated_simulator_runs_the_rotation(sim):
 
 
 def test_simulator_variants_are_shared_front_ends(sim):
-    had = sim.variant(fc2_hadamard=32)
-    assert had is sim.variant(fc2_hadamard=32) and had.fc2_hadamard == 32 and sim.fc2_hadamard == 0
-    assert had.variant(fc2_hadamard=0) is sim and sim.rotated().variant(fc2_hadamard=32) is not had
-    assert [r for r in had.float_passes if r.name == "fc2_hadamard"][0].counts["fc2 inputs rotated"] == 2
+    plain = sim.variant(fc2_hadamard=0)
+    assert plain is sim.variant(fc2_hadamard=0) and plain.fc2_hadamard == 0 and sim.fc2_hadamard == 64
+    assert plain.variant(fc2_hadamard=64) is sim and sim.rotated().variant(fc2_hadamard=0) is not plain
+    assert [r for r in sim.float_passes if r.name == "fc2_hadamard"][0].counts["fc2 inputs rotated"] == 2
+    assert not any(r.name == "fc2_hadamard" for r in plain.float_passes)
 
 
 def test_ablate_markdown_with_latency_and_labels():

@@ -69,8 +69,8 @@ def test_dump_after_migrate_scales_on_the_search_path(capsys, tmp_path, vit_path
     out = tmp_path / "out"
     rc, _, err = cli(capsys, "build", vit_path, "-o", out, "--dump-after", "migrate_scales", *FAST)
     assert rc == 0, err
-    assert os.listdir(out / "dumps") == ["after_06_migrate_scales.onnx"]
-    dumped = onnx.load(out / "dumps" / "after_06_migrate_scales.onnx")
+    assert os.listdir(out / "dumps") == ["after_07_migrate_scales.onnx"]  # after the fc2 Hadamard (ORT default)
+    dumped = onnx.load(out / "dumps" / "after_07_migrate_scales.onnx")
     ops = [n.op_type for n in dumped.graph.node]
     assert "QuantizeLinear" not in ops and "Mul" in ops  # migrated (a Mul before fc2), not yet quantized
 
@@ -93,10 +93,10 @@ def test_front_end_is_the_builds_first_stages(vit_path):
         names = [st.name for st in build_stages(cfg) if st.front_end]
         if precision is Precision.INT8:
             assert names == ["load", "canonicalize", "fuse_layernorm", "fuse_gelu", "fuse_matmul_add",
-                             "fold_channel_scale", "annotate", "plan"]
+                             "fold_channel_scale", "fc2_hadamard", "annotate", "plan"]
     fe = front_end(vit_path)
     assert [r.name for r in fe.results] == ["canonicalize", "fuse_layernorm", "fuse_gelu", "fuse_matmul_add",
-                                            "fold_channel_scale", "annotate"]
+                                            "fold_channel_scale", "fc2_hadamard", "annotate"]
     assert fe.roles == annotate(fe.graph) and fe.results[-1].artifacts == fe.roles
     assert fe.plan.quantized() and fe.float_passes == fe.results[:-1]
 

