@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,12 +144,14 @@ def _macs(op: str, attrs: dict, shapes_in: list[list[int]], shapes_out: list[lis
     return numel * int(k)
 
 
-def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int = 0) -> dict:
+def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int = 0,
+                  exclude: Callable[[str], bool] | None = None) -> dict:
     """What ORT's CPU provider runs for the weighted layers of ``model`` after its graph optimizations, with the
     real shapes of one inference (its profiler): every MatMul/Gemm/Conv-like kernel whose weight is a constant, its
     op, whether it is an int8 kernel, and its multiply-accumulates. Returns ``{"int8_macs", "float_macs",
-    "int8_share", "float_nodes": [(name, op, macs)], "ops": {op: count}}``; the attention core (two activations
-    multiplied) is not counted."""
+    "int8_share", "float_nodes": [(name, op, macs)], "ops": {op: count}, "excluded_macs"}``; the attention core
+    (two activations multiplied) is not counted, nor the nodes whose name ``exclude`` accepts (float parts of exact
+    rewrites, not model layers: their multiply-accumulates are ``excluded_macs``)."""
     import json
     import shutil
     import tempfile
@@ -176,7 +179,7 @@ def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int
     nodes = {n.name: n for n in opt.graph.node}
     producer = {o: n for n in opt.graph.node for o in n.output}
     dims = {t.name: list(t.dims) for t in opt.graph.initializer}
-    res = {"int8_macs": 0, "float_macs": 0, "float_nodes": [], "ops": {}}
+    res = {"int8_macs": 0, "float_macs": 0, "float_nodes": [], "ops": {}, "excluded_macs": 0}
     seen = set()
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
@@ -199,6 +202,9 @@ def kernel_census(model: str | bytes, feeds: dict[str, np.ndarray], threads: int
             dq = producer.get(node.input[wi])
             w = dims.get(dq.input[0], []) if dq is not None else []
         macs = _macs(op, attrs, shapes_in, shapes_out, w)
+        if exclude is not None and exclude(name):
+            res["excluded_macs"] += macs
+            continue
         res["int8_macs" if int8 else "float_macs"] += macs
         res["ops"][op] = res["ops"].get(op, 0) + 1
         if not int8:

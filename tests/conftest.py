@@ -71,18 +71,27 @@ def cli_in_empty_cwd(root: Path, *args) -> dict:
             "cwd": sorted(os.listdir(cwd))}
 
 
-def fused_and_annotated(tmp_path: Path, model: onnx.ModelProto):
-    """``model`` loaded as `vitc build` loads it, through the float pipeline and the annotate pass: (graph, roles)."""
+def fused(tmp_path: Path, model: onnx.ModelProto):
+    """``model`` loaded as `vitc build` loads it (shapes inferred), through canonicalize and the fusions (none of the
+    optional rewrites): a graphsurgeon graph."""
     import onnx_graphsurgeon as gs
 
     from vitc.compiler.driver.loader import load_model
     from vitc.compiler.driver.pipeline import PipelineConfig, float_pipeline, run_passes
-    from vitc.passes.annotate import AnnotatePass
 
     p = tmp_path / "m.onnx"
     onnx.save(model, p)
     g = gs.import_onnx(load_model(p).model)
-    run_passes(g, float_pipeline(PipelineConfig()))
+    run_passes(g, float_pipeline(PipelineConfig()), quiet=True)
+    return g
+
+
+def fused_and_annotated(tmp_path: Path, model: onnx.ModelProto):
+    """``model`` through :func:`fused` and the annotate pass: (graph, roles)."""
+    from vitc.compiler.driver.pipeline import run_passes
+    from vitc.passes.annotate import AnnotatePass
+
+    g = fused(tmp_path, model)
     return g, run_passes(g, [AnnotatePass()])[0].artifacts
 
 

@@ -8,13 +8,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import cli, ort_run, photo_sqnr_db
+from conftest import cli, fused, ort_run, photo_sqnr_db
 
 from vitc.compiler.driver.pipeline import Target, export, run_passes
-from vitc.compiler.driver.stages import float_passes
+from vitc.compiler.quant.planner import is_rewrite_part
 from vitc.passes.annotate import annotate
 from vitc.passes.fc2_hadamard import Fc2Hadamard, hadamard_block
 from vitc.passes.graphutil import HADAMARD_SUFFIX
+from vitc.runtimes.ort import kernel_census
 from vitc.tools.tiny_models import TinyConfig, tiny_vit
 
 
@@ -33,21 +34,11 @@ def test_block_must_be_a_power_of_two(b):
         hadamard_block(b, 0)
 
 
-def _fused(model: onnx.ModelProto, tmp_path) -> gs.Graph:
-    from vitc.compiler.driver.loader import load_model
-
-    p = tmp_path / "m.onnx"
-    onnx.save(model, p)
-    g = gs.import_onnx(load_model(p).model)
-    run_passes(g, float_passes(Target.ORT, True), quiet=True)
-    return g
-
-
 @pytest.mark.parametrize("cfg,block", [(TinyConfig(depth=2, dim=32), 16), (TinyConfig(depth=3, dim=64, gelu="tanh"), 64),
                                        (TinyConfig(depth=2, dim=32, mlp_ratio=3), 32)])
 def test_hadamard_keeps_the_float_outputs_and_the_roles(cfg, block, tmp_path):
     src = tiny_vit(cfg)
-    g = _fused(src, tmp_path)
+    g = fused(tmp_path, src)
     before = export(g.copy(), src)
     roles_before = {k: v.role for k, v in annotate(g).items()}
     res = run_passes(g, [Fc2Hadamard(block, seed=2)], quiet=True)[0]
@@ -65,13 +56,26 @@ def test_hadamard_keeps_the_float_outputs_and_the_roles(cfg, block, tmp_path):
     assert {k: v.role for k, v in roles_after.items() if k in roles_before} == roles_before  # fc2 is still fc2
 
 
-def test_width_not_a_multiple_of_the_block_stays_as_is(tmp_path):
-    g = _fused(tiny_vit(TinyConfig(depth=2, dim=32, mlp_ratio=3)), tmp_path)  # fc2 input width 96
+def test_width_not_a_multiple_of_the_block_takes_a_smaller_block(tmp_path):
+    src = tiny_vit(TinyConfig(depth=2, dim=32, mlp_ratio=3))  # fc2 input width 96 = 3 x 32
+    g = fused(tmp_path, src)
+    before = export(g.copy(), src)
+    res = Fc2Hadamard(64).run(g)
+    assert res.counts["fc2 inputs rotated"] == 2 and res.counts["with a smaller block"] == 2
+    assert sum("block 32 (its input width is not a multiple of 64)" in n for n in res.notes) == 2
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    name = src.graph.input[0].name
+    a, b = ort_run(before, {name: x}, optimize=False)[0], ort_run(export(g, src), {name: x}, optimize=False)[0]
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+
+
+def test_width_without_a_block_stays_as_is(tmp_path):
+    g = fused(tmp_path, tiny_vit(TinyConfig(depth=2, dim=36, heads=2, mlp_ratio=1)))  # fc2 input width 36 = 4 x 9
     consts = {id(t): t.values.copy() for t in g.tensors().values() if isinstance(t, gs.Constant)}
     n_nodes = len(g.nodes)
     res = Fc2Hadamard(64).run(g)
     assert not res.modified and res.counts["fc2 left as is"] == 2 and len(g.nodes) == n_nodes
-    assert all("not a multiple of the block size 64" in note for note in res.notes)
+    assert all("no power-of-two block >= 8 dividing it" in note for note in res.notes)
     assert all(np.array_equal(t.values, consts[id(t)]) for t in g.tensors().values()
                if isinstance(t, gs.Constant) and id(t) in consts)
 
@@ -98,6 +102,12 @@ def test_build_keeps_the_hadamard_float_and_fc2_int8(tmp_path, capsys, vit_path)
     assert photo_sqnr_db(onnx.load(vit_path), m) > 20
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)  # the Reshapes keep any batch
     assert ort_run(m, {m.graph.input[0].name: x})[0].shape[0] == 3
+    # ORT runs every model linear in int8; the census counts the Hadamards apart
+    census = kernel_census(str(tmp_path / "o" / "model.int8.onnx"), {m.graph.input[0].name: x[:1]},
+                           exclude=is_rewrite_part)
+    plain = kernel_census(str(tmp_path / "o" / "model.int8.onnx"), {m.graph.input[0].name: x[:1]})
+    assert census["excluded_macs"] > 0 and census["float_macs"] == plain["float_macs"] - census["excluded_macs"]
+    assert not any(n.endswith(HADAMARD_SUFFIX) for n, _, _ in census["float_nodes"])
 
 
 def test_target_defaults(tmp_path, capsys, vit_path):
@@ -111,3 +121,28 @@ def test_target_defaults(tmp_path, capsys, vit_path):
     with pytest.raises(SystemExit) as e:
         cli(capsys, "build", vit_path, "-o", tmp_path / "o", "--fc2-hadamard", "12")
     assert e.value.code == 2 and "power of two" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_gemm_with_transposed_weight(tmp_path):
+    """fc1 -> ReLU -> fc2 as Gemms with transB=1 (weights stored [N, K], as some exporters write them)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.standard_normal((64, 16)).astype(np.float32), rng.standard_normal((8, 64)).astype(np.float32)
+    b1, b2 = rng.standard_normal(64).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1),
+                           helper.make_node("Relu", ["h"], ["a"], "act"),
+                           helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], "fc2", transB=1)], "mlp",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 8])], inits)
+    m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    graph = gs.import_onnx(m)
+    assert annotate(graph)["fc2"].role == "fc2"
+    res = Fc2Hadamard(16, seed=1).run(graph)
+    assert res.counts["fc2 inputs rotated"] == 1, res.notes
+    after = gs.export_onnx(graph)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    a, b = ort_run(m, {"x": x}, optimize=False)[0], ort_run(after, {"x": x}, optimize=False)[0]
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+    assert not np.allclose(onnx.numpy_helper.to_array(next(i for i in after.graph.initializer if "folded" in i.name)), w2)

@@ -7,10 +7,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import cli, ort_run
+from conftest import cli, fused, ort_run
 
-from vitc.compiler.driver.pipeline import Target, export, run_passes
-from vitc.compiler.driver.stages import float_passes
+from vitc.compiler.driver.pipeline import export, run_passes
 from vitc.passes.rotate_residual import UNROTATE_SUFFIX, ResidualRotation, ones_fixing_rotation
 from vitc.tools.tiny_models import TinyConfig, tiny_bert, tiny_vit
 
@@ -24,21 +23,10 @@ def test_rotation_is_orthogonal_and_keeps_the_ones_direction(d):
     assert np.array_equal(q, ones_fixing_rotation(d, seed=3))  # seeded
 
 
-def _fused(model: onnx.ModelProto, tmp_path) -> gs.Graph:
-    """``model`` loaded as `vitc build` loads it (shapes inferred), through the float passes."""
-    from vitc.compiler.driver.loader import load_model
-
-    p = tmp_path / "m.onnx"
-    onnx.save(model, p)
-    g = gs.import_onnx(load_model(p).model)
-    run_passes(g, float_passes(Target.ORT, True), quiet=True)
-    return g
-
-
 @pytest.mark.parametrize("cfg", [TinyConfig(depth=2, dim=64, heads=2), TinyConfig(depth=3, dim=32, heads=4)])
 def test_rotation_keeps_the_float_outputs(cfg, tmp_path):
     src = tiny_vit(cfg)
-    g = _fused(src, tmp_path)
+    g = fused(tmp_path, src)
     before = export(g.copy(), src)
     res = run_passes(g, [ResidualRotation(seed=1)], quiet=True)[0]
     assert res.counts["streams rotated"] == 1 and res.counts["LayerNorm readers folded"] >= 4 * cfg.depth
@@ -58,7 +46,7 @@ def test_rotation_keeps_the_float_outputs(cfg, tmp_path):
 def test_rotated_stream_has_no_outlier_channel(tmp_path):
     """An outlier channel planted in the stream's writers ends up spread over all channels of the LayerNorm input."""
     src = tiny_vit(TinyConfig(depth=2, dim=64, heads=2))
-    g = _fused(src, tmp_path)
+    g = fused(tmp_path, src)
     for n in g.nodes:  # amplify channel 5 of the patch embedding
         if n.op == "Conv":
             w = n.inputs[1].values.copy()
@@ -85,7 +73,7 @@ def test_rotated_stream_has_no_outlier_channel(tmp_path):
 def test_refusals_leave_the_graph_unrotated_with_a_note(tmp_path):
     # a token model: the stream starts at a Gather from an embedding table, which the pass does not follow
     m = tiny_bert()
-    g = _fused(m, tmp_path)
+    g = fused(tmp_path, m)
     consts = {id(t): t.values.copy() for t in g.tensors().values() if isinstance(t, gs.Constant)}
     res = ResidualRotation().run(g)
     assert not res.modified and res.notes and res.notes[0].startswith("not rotated:")

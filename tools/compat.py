@@ -151,6 +151,7 @@ def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: fl
     from vitc.compiler.driver.build import BuildConfig, CalibConfig, build
     from vitc.compiler.driver.pipeline import Target
     from vitc.compiler.tensorrt.check import check_file
+    from vitc.compiler.quant.planner import is_rewrite_part
     from vitc.runtimes.ort import kernel_census
     from vitc.tools.compare_peers import fidelity_of
 
@@ -201,7 +202,8 @@ def check_model(spec: str, exporter: str, work: Path, threads: int, max_time: fl
                 r["sqnr_db"] = fidelity_of(ref, [s_art.run(f)[0] for f in feeds])["sqnr_db"]
                 r["batch"] = _batch_check(res.model_path, feeds[:4])
             if target is Target.ORT:
-                census = kernel_census(str(res.model_path), feeds[0] if feeds else {}, threads=threads)
+                census = kernel_census(str(res.model_path), feeds[0] if feeds else {}, threads=threads,
+                                       exclude=is_rewrite_part)  # the Hadamards before fc2 are no model layer
                 r["int8_mac_share"] = round(census["int8_share"], 4)
                 r["float_nodes"] = [{"node": n, "op": op, "macs": m} for n, op, m in census["float_nodes"][:5]]
                 from vitc.compiler.measure.bench import ort_candidate

@@ -233,7 +233,8 @@ def target_default_policy(target: str, observer: ObserverConfig | None = None) -
         # (72 held-out crops, nearest rounding) int8 there costs 0.25 dB (33.61 vs 33.36 dB), the decoder's convolutions
         # nothing.
         # GPTQ weight rounding as on ORT: the encoder's TensorRT graph (in ORT, 72 held-out crops, calibration seeds
-        # 0 / 1) 26.41 / 25.92 dB with nearest rounding, 27.33 / 26.64 dB with GPTQ (docs/tensorrt.md).
+        # 0 / 1) 26.41 / 25.92 dB with nearest rounding, 27.33 / 26.64 dB with GPTQ, 30.91 / 31.17 dB with GPTQ and the
+        # Hadamard before fc2 the build adds (fc2_hadamard_block; docs/tensorrt.md).
         return with_rounding(trt_policy(observer, attention=TrtAttention.FLOAT, quantize_residual=False,
                                         quantize_patch_embed=False), WeightRounding.GPTQ, name="trt")
     # ORT: asymmetric uint8 activations, GPTQ weight rounding (docs/analysis.md: about 5 s per ViT-S build for +0.2
