@@ -50,8 +50,10 @@ GATES = {"Erf", "Tanh", "Sigmoid"}
 # roles of quantizable nodes, and of the float nodes that are annotated for policy matching
 QUANTIZABLE_ROLES = ("patch_embed", "conv", "deconv", "qkv", "q", "k", "v", "attn_qk", "attn_av", "proj", "fc1", "fc2",
                      "head", "linear", "matmul")
-FLOAT_ROLES = ("norm1", "norm2", "final_norm", "norm", "softmax", "gelu", "residual_add", "hadamard")
-ROLES = QUANTIZABLE_ROLES + FLOAT_ROLES
+FLOAT_ROLES = ("norm1", "norm2", "final_norm", "norm", "softmax", "gelu", "residual_add")
+# float parts of exact rewrites (passes/fc2_hadamard.py): labelled for explain, never named by a policy rule
+REWRITE_ROLES = ("hadamard",)
+ROLES = QUANTIZABLE_ROLES + FLOAT_ROLES + REWRITE_ROLES
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class Fc2Hadamard:
     name: ClassVar[str] = "fc2_hadamard"
 
     def __init__(self, block: int = 32, seed: int = 0):
+        if block < MIN_BLOCK:
+            raise ValueError(f"Hadamard block size must be >= {MIN_BLOCK}, got {block}")
         hadamard_block(block, seed)  # a bad block size fails here, before any graph is touched
         self.block = block
         self.seed = seed
@@ -84,8 +86,12 @@ class Fc2Hadamard:
         w = const_value(fc2.inputs[1])
         if w is None or w.ndim != 2:
             return "no constant 2-D weight", 0
-        trans_b = fc2.op == "Gemm" and bool(fc2.attrs.get("transB", 0))
+        if not np.any(w):
+            return "all-zero weight", 0
         x = fc2.inputs[0]
+        if x.inputs and x.inputs[0].name.endswith(".hadamard_merge"):
+            return "already rotated", 0
+        trans_b = fc2.op == "Gemm" and bool(fc2.attrs.get("transB", 0))
         k = w.shape[1] if trans_b else w.shape[0]
         block = self.block
         while k % block and block > MIN_BLOCK:
@@ -105,7 +111,7 @@ class Fc2Hadamard:
         fc2.inputs[1] = gs.Constant(f"{fc2.name}.hadamard_folded_weight", folded)
         split = gs.Constant(f"{fc2.name}.hadamard_split", np.array([0] * (r - 1) + [groups, block], np.int64))
         merge = gs.Constant(f"{fc2.name}.hadamard_merge", np.array([0] * (r - 1) + [k], np.int64))
-        h = gs.Constant(f"{fc2.name}.hadamard_block", rot.astype(w.dtype))
+        h = gs.Constant(f"{fc2.name}.hadamard_block", rot.astype(x.dtype if x.dtype is not None else w.dtype))
         lead = list(x.shape[:-1])
         xs = gs.Variable(f"{fc2.name}.hadamard_in", x.dtype, lead + [groups, block])
         xr = gs.Variable(f"{fc2.name}.hadamard_out", x.dtype, lead + [groups, block])

@@ -32,6 +32,8 @@ def test_block_is_orthogonal_signed_and_seeded(b):
 def test_block_must_be_a_power_of_two(b):
     with pytest.raises(ValueError, match="power of two"):
         hadamard_block(b, 0)
+    with pytest.raises(ValueError, match="Hadamard block size"):
+        Fc2Hadamard(4 if b == 0 else b)
 
 
 @pytest.mark.parametrize("cfg,block", [(TinyConfig(depth=2, dim=32), 16), (TinyConfig(depth=3, dim=64, gelu="tanh"), 64),
@@ -52,8 +54,12 @@ def test_hadamard_keeps_the_float_outputs_and_the_roles(cfg, block, tmp_path):
         assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max()), np.abs(a - b).max()
     roles_after = annotate(g)
     had = [n for n in g.nodes if n.name.endswith(HADAMARD_SUFFIX)]
-    assert len(had) == cfg.depth and all(n.name not in roles_after or roles_after[n.name].role != "fc2" for n in had)
+    assert len(had) == cfg.depth and all(roles_after[n.name].role == "hadamard" for n in had)
     assert {k: v.role for k, v in roles_after.items() if k in roles_before} == roles_before  # fc2 is still fc2
+    n_nodes = len(g.nodes)
+    again = Fc2Hadamard(block, seed=2).run(g)  # a second run finds every fc2 rotated and leaves the graph alone
+    assert not again.modified and len(g.nodes) == n_nodes and again.counts["fc2 left as is"] == cfg.depth
+    assert all("already rotated" in n for n in again.notes)
 
 
 def test_width_not_a_multiple_of_the_block_takes_a_smaller_block(tmp_path):
@@ -118,31 +124,39 @@ def test_target_defaults(tmp_path, capsys, vit_path):
         res = next((r for r in fe.float_passes if r.name == "fc2_hadamard"), None)
         assert (res.counts["fc2 inputs rotated"] if res else None) == rotated
     assert not any(r.name == "fc2_hadamard" for r in front_end(vit_path, Target.ORT, fc2_hadamard=0).float_passes)
-    with pytest.raises(SystemExit) as e:
-        cli(capsys, "build", vit_path, "-o", tmp_path / "o", "--fc2-hadamard", "12")
-    assert e.value.code == 2 and "power of two" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    for bad in ("12", "4"):
+        with pytest.raises(SystemExit) as e:
+            cli(capsys, "build", vit_path, "-o", tmp_path / "o", "--fc2-hadamard", bad)
+        assert e.value.code == 2 and "power of two >= 8" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-def test_gemm_with_transposed_weight(tmp_path):
-    """fc1 -> ReLU -> fc2 as Gemms with transB=1 (weights stored [N, K], as some exporters write them)."""
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_gemm_with_transposed_weight_and_matmul_on_3d_input(op, tmp_path):
+    """fc1 -> ReLU -> fc2 as Gemms with transB=1 (weights stored [N, K], as some exporters write them) on a 2-D input,
+    or as MatMuls without bias on a 3-D input (the split Reshape copies two leading dims)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(3)
     w1, w2 = rng.standard_normal((64, 16)).astype(np.float32), rng.standard_normal((8, 64)).astype(np.float32)
     b1, b2 = rng.standard_normal(64).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    if op == "MatMul":
+        w1, w2 = w1.T.copy(), w2.T.copy()
     inits = [onnx.numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
-    g = helper.make_graph([helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1),
-                           helper.make_node("Relu", ["h"], ["a"], "act"),
-                           helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], "fc2", transB=1)], "mlp",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 8])], inits)
+    lin = ((lambda i, w, b, o, n: helper.make_node("Gemm", [i, w, b], [o], n, transB=1)) if op == "Gemm" else
+           (lambda i, w, b, o, n: helper.make_node("MatMul", [i, w], [o], n)))
+    shape_in, shape_out = ([5, 16], [5, 8]) if op == "Gemm" else ([2, 5, 16], [2, 5, 8])
+    g = helper.make_graph([lin("x", "w1", "b1", "h", "fc1"), helper.make_node("Relu", ["h"], ["a"], "act"),
+                           lin("a", "w2", "b2", "y", "fc2")], "mlp",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)],
+                          inits if op == "Gemm" else inits[0:1] + inits[2:3])
     m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     graph = gs.import_onnx(m)
     assert annotate(graph)["fc2"].role == "fc2"
     res = Fc2Hadamard(16, seed=1).run(graph)
     assert res.counts["fc2 inputs rotated"] == 1, res.notes
     after = gs.export_onnx(graph)
-    x = rng.standard_normal((5, 16)).astype(np.float32)
+    x = rng.standard_normal(shape_in).astype(np.float32)
     a, b = ort_run(m, {"x": x}, optimize=False)[0], ort_run(after, {"x": x}, optimize=False)[0]
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
     assert not np.allclose(onnx.numpy_helper.to_array(next(i for i in after.graph.initializer if "folded" in i.name)), w2)

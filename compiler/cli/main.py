@@ -49,8 +49,8 @@ def _hadamard_block(s: str) -> int:
         v = int(s)
     except ValueError:
         v = 0
-    if v < 2 or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"expected a power of two >= 2 or 'off', got {s!r}")
+    if v < 8 or v & (v - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two >= 8 or 'off', got {s!r}")
     return v
 
 

