@@ -741,7 +741,7 @@ HOLDOUT_DEFAULT = {Target.ORT: True, Target.TRT: False, Target.OPENVINO: True}
 # calibration seeds 0-3, 2-core AVX-512 VNNI EPYC) 30.05 -> 30.96 dB mean, lowest draw 29.27 -> 30.43, for 9% of the
 # latency; MiniLM-L6 mean-pooled cosine 0.99885 -> 0.99940. TensorRT: its encoder graph 26.91 -> 31.07 dB mean (block
 # 64: 30.66), whole model 35.05 -> 39.23. OpenVINO (its graph in ORT, fc2's input uint8 already): encoder +0.84 /
-# -0.12 dB (seeds 0 / 1) with block 64, and its IR speed with it unmeasured, so off there (docs/analysis.md)
+# -0.12 dB (seeds 0 / 1) with block 64 for 0.85x the IR's speed, so off there (docs/analysis.md)
 FC2_HADAMARD_DEFAULT = {Target.ORT: 64, Target.TRT: 32, Target.OPENVINO: 0}
 
 
