@@ -43,14 +43,16 @@ def _positive(s: str) -> int:
 
 
 def _hadamard_block(s: str) -> int:
+    from vitc.passes.fc2_hadamard import MIN_BLOCK
+
     if s == "off":
         return 0
     try:
         v = int(s)
     except ValueError:
         v = 0
-    if v < 8 or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"expected a power of two >= 8 or 'off', got {s!r}")
+    if v < MIN_BLOCK or v & (v - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two >= {MIN_BLOCK} or 'off', got {s!r}")
     return v
 
 

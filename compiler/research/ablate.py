@@ -71,7 +71,8 @@ def granularity_rows(observer, symmetric: bool) -> list[Row]:
 
 
 def step_rows(target: str, observer) -> list[Row]:
-    from vitc.compiler.driver.build import BuildConfig, fc2_hadamard_block, uses_bias_correction, uses_holdout_search
+    from vitc.compiler.driver.build import (FC2_HADAMARD_DEFAULT, BuildConfig, fc2_hadamard_block, uses_bias_correction,
+                                            uses_holdout_search)
     from vitc.compiler.driver.pipeline import Target
 
     base = target_default_policy(target, observer)
@@ -92,7 +93,8 @@ def step_rows(target: str, observer) -> list[Row]:
     if fc2_hadamard_block(default_cfg):
         rows.append(Row("steps", "- Hadamard before fc2", base, fc2_hadamard=0))
     else:
-        rows.append(Row("steps", "+ Hadamard before fc2 (block 64)", base, fc2_hadamard=64))
+        block = FC2_HADAMARD_DEFAULT[Target.ORT]
+        rows.append(Row("steps", f"+ Hadamard before fc2 (block {block})", base, fc2_hadamard=block))
     if uses_holdout_search(default_cfg):
         rows.append(Row("steps", "- held-out range search (scored in-sample)", base, SimOptions(holdout_search=False)))
         if target == "ort":  # what the default would be without the held-out scoring

@@ -98,7 +98,7 @@ class Simulator:
         self.rotate = rotate
         # the Hadamard before fc2: its block size (0: none), resolved against the target's default
         self.fc2_hadamard = fc2_hadamard_block(BuildConfig(model=Path(model), outdir=Path(model), target=target,
-                                                           fc2_hadamard=fc2_hadamard))
+                                                           fuse=fuse, fc2_hadamard=fc2_hadamard))
         self._variants: dict[tuple[bool, int], Simulator] = {(rotate, self.fc2_hadamard): self}
         self.path = Path(model)
         self.target = target
